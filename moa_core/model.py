@@ -1,0 +1,441 @@
+"""The mixture model: a frozen HF causal LM with `ExpertMixtureLinear` injected and one router per layer.
+
+`MixtureModel` owns the routing context. A forward pre-hook on every transformer layer reads the
+hidden states entering the layer, runs that layer's router and writes the layer's `Route` into the
+`LayerSlot` its wrapped projections share. How the route is chosen depends on the method and on what
+the caller asks for:
+
+| call                          | MoA (sequence)                           | MoSLD / MoDULA (token)            |
+|-------------------------------|------------------------------------------|-----------------------------------|
+| `forward(..., expert=gold)`   | gold expert per row, routers get CE loss | the given expert only (staged)    |
+| `forward(...)`                | each layer's own argmax                  | top-k / dense gates per token     |
+| `route(...)` (inference)      | last layer's (or voted) decision         | -                                 |
+| `adapters_off()` context      | base model only                          | base model only                   |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .experts import ExpertMixtureLinear, LayerSlot, Route
+from .routing import LayerRouter, load_balance_loss, pool, top_k_gates
+
+MIXTURE_WEIGHTS = "mixture.safetensors"
+MIXTURE_CONFIG = "mixture.json"
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+class MixtureError(ValueError):
+    """A mixture or adapter that does not fit the model it is loaded onto."""
+
+
+@dataclass
+class MixtureSpec:
+    """Everything needed to rebuild a mixture on a base model (saved as mixture.json).
+
+    routing: "sequence" (MoA top-1 per sequence), "topk" (MoSLD), "dense" (MoDULA softmax).
+    experts: expert names; for MoA/MoDULA these are the domains (MoDULA-Flan: "universal" first).
+    experts_per_layer: number of routed experts in each transformer layer (MoSLD varies it by layer).
+    """
+
+    method: str
+    experts: list[str]
+    experts_per_layer: list[int]
+    target_modules: list[str]
+    r: int
+    scaling: float
+    routing: str = "sequence"
+    dropout: float = 0.0
+    shared_a: bool = False
+    dropconnect_p: float = 0.0
+    top_k: int = 1
+    universal_r: int = 0
+    universal_scaling: float = 1.0
+    leaky_slope: float = 0.01
+    pooling: str = "mean"
+    inference: str = "last"
+    base_model: str = ""
+    base_config_hash: str = ""
+    domains: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+@dataclass
+class MixtureOutput:
+    """loss = lm_loss + aux_loss. router_logits: per layer [B, E] (sequence routing only)."""
+
+    loss: Tensor | None
+    lm_loss: Tensor | None
+    aux_loss: Tensor | None
+    logits: Tensor
+    router_logits: list[Tensor]
+
+
+@dataclass
+class _Context:
+    adapters_off: bool = False
+    experts_off: bool = False
+    forced: Tensor | None = None
+    pool_mask: Tensor | None = None
+    token_mask: Tensor | None = None
+    router_logits: list[Tensor] = field(default_factory=list)
+    balance: list[Tensor] = field(default_factory=list)
+
+
+def base_config_hash(config: Any) -> str:
+    """Hash of the architecture fields that decide whether adapters fit (not of the weights)."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+            "num_attention_heads", "num_key_value_heads", "head_dim")
+    d = config.to_dict()
+    return hashlib.sha256(json.dumps({k: d.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer block list of a HF causal LM (model.layers, transformer.h, ...)."""
+    best: nn.ModuleList | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and re.search(r"(?:^|\.)(layers|h|blocks|layer)$", name):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise MixtureError(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
+def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, tuple[int, nn.Linear]]:
+    """Map module path -> (layer index, nn.Linear) for every targeted projection; fail naming missing ones."""
+    found: dict[str, tuple[int, nn.Linear]] = {}
+    seen: set[str] = set()
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in target_modules and isinstance(mod, nn.Linear):
+            m = _LAYER_RE.search(name + ".")
+            if m:
+                found[name] = (int(m.group(1)), mod)
+                seen.add(leaf)
+    missing = sorted(set(target_modules) - seen)
+    if missing:
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise MixtureError(
+            f"target_modules {missing} not found in {type(model).__name__}; its linear layers are {have}. "
+            "Fix lora.target_modules in params.yaml."
+        )
+    return found
+
+
+class MixtureModel(nn.Module):
+    def __init__(self, base: nn.Module, spec: MixtureSpec) -> None:
+        super().__init__()
+        self.model = base
+        self.spec = spec
+        for p in base.parameters():
+            p.requires_grad_(False)
+        layers = decoder_layers(base)
+        n_layers = len(layers)
+        if len(spec.experts_per_layer) != n_layers:
+            raise MixtureError(f"spec has {len(spec.experts_per_layer)} layer entries, model has {n_layers} layers")
+        actual = base_config_hash(base.config)
+        if spec.base_config_hash and spec.base_config_hash != actual:
+            raise MixtureError(
+                f"this mixture was built for base model {spec.base_model!r} (config hash {spec.base_config_hash}); "
+                f"the model given has config hash {actual}. Load it onto the base model it was trained on."
+            )
+        spec.base_config_hash = actual
+        self.slots = [LayerSlot(i) for i in range(n_layers)]
+        hidden = base.config.hidden_size
+        self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer)
+        self._ctx = _Context()
+        self.wrapped: dict[str, ExpertMixtureLinear] = {}
+        for name, (layer, lin) in find_targets(base, spec.target_modules).items():
+            wrapper = ExpertMixtureLinear(
+                lin, self.slots[layer], spec.experts_per_layer[layer], spec.r, spec.scaling,
+                shared_a=spec.shared_a, dropout=spec.dropout, dropconnect_p=spec.dropconnect_p,
+                universal_r=spec.universal_r, universal_scaling=spec.universal_scaling,
+                leaky_slope=spec.leaky_slope,
+            )
+            parent_name, leaf = name.rsplit(".", 1)
+            setattr(base.get_submodule(parent_name), leaf, wrapper)
+            self.wrapped[name] = wrapper
+        self._hooks = [
+            layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+
+    # ----------------------------------------------------------------------------------- routing hook
+    def _make_hook(self, layer: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            self._route_layer(layer, h)
+        return hook
+
+    def _route_layer(self, layer: int, h: Tensor) -> None:
+        """h: [B, T, H] hidden states entering `layer`; sets the layer's route."""
+        ctx, slot = self._ctx, self.slots[layer]
+        slot.adapters_off = ctx.adapters_off
+        if ctx.adapters_off or ctx.experts_off:
+            slot.route = Route()
+            return
+        router = self.routers[layer]
+        if self.spec.routing == "sequence":
+            logits = None
+            if ctx.pool_mask is not None and ctx.pool_mask.shape[1] == h.shape[1]:
+                logits = router(pool(h, ctx.pool_mask, self.spec.pooling))  # [B, E]
+                ctx.router_logits.append(logits)
+            if ctx.forced is not None:
+                slot.route = Route(index=ctx.forced)
+            elif logits is not None:
+                slot.route = Route(index=logits.argmax(-1))
+            else:
+                raise RuntimeError("sequence routing needs a prompt mask or a forced expert (use generate())")
+            return
+        if ctx.forced is not None:  # staged training of one expert (MoDULA stages 1-2)
+            slot.route = Route(index=ctx.forced)
+            return
+        logits = router(h)  # [B, T, E]
+        if self.spec.routing == "topk":
+            gates, probs = top_k_gates(logits, self.spec.top_k)
+            if self.training and ctx.token_mask is not None:
+                ctx.balance.append(load_balance_loss(probs, gates, ctx.token_mask))
+        else:
+            gates = logits.softmax(-1)
+        slot.route = Route(gates=gates.to(h.dtype))
+
+    @contextlib.contextmanager
+    def _routing(self, **kw: Any) -> Iterator[_Context]:
+        self._ctx = _Context(**kw)
+        try:
+            yield self._ctx
+        finally:
+            self._ctx = _Context()
+            for s in self.slots:
+                s.route = Route()
+                s.adapters_off = False
+
+    # ------------------------------------------------------------------------------------------ API
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        expert: Tensor | None = None,
+        pool_mask: Tensor | None = None,
+        eta: float = 0.0,
+        balance_coef: float = 0.0,
+        adapters_off: bool = False,
+        experts_off: bool = False,
+    ) -> MixtureOutput:
+        """input_ids, attention_mask, labels: [B, T]; expert: [B] forced (gold) expert per row.
+
+        pool_mask [B, T] marks the prompt tokens the sequence router pools (default: labels == -100 and
+        attention_mask, i.e. the prompt of a training row). `eta` weights the MoA domain cross-entropy
+        (mean over layers); `balance_coef` the MoSLD balance loss (mean over layers)."""
+        if pool_mask is None and self.spec.routing == "sequence":
+            pool_mask = attention_mask if labels is None else attention_mask * (labels == -100)
+        with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert,
+                           pool_mask=pool_mask, token_mask=attention_mask) as ctx:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            aux = None
+            if expert is not None and ctx.router_logits and eta > 0:
+                ce = torch.stack([F.cross_entropy(lg.float(), expert) for lg in ctx.router_logits]).mean()
+                aux = eta * ce
+            if ctx.balance and balance_coef > 0:
+                bal = balance_coef * torch.stack(ctx.balance).mean()
+                aux = bal if aux is None else aux + bal
+            lm = out.loss
+            loss = None if lm is None else (lm if aux is None else lm + aux)
+            return MixtureOutput(loss, lm, aux, out.logits, list(ctx.router_logits))
+
+    @torch.no_grad()
+    def route(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """MoA inference routing from the prompt: -> (chosen expert [B], per-layer logits [L, B, E]).
+
+        Each layer routes with its own decision on the way up (as in training, where earlier layers
+        used the expert the later routers learned to predict); the last layer's router decides
+        (`inference: last`) or the layers vote (`inference: vote`)."""
+        if self.spec.routing != "sequence":
+            raise MixtureError(f"route() is for sequence-level routing; {self.spec.method} routes per token")
+        with self._routing(pool_mask=attention_mask) as ctx:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+            logits = torch.stack(ctx.router_logits)  # [L, B, E]
+        if self.spec.inference == "vote":
+            votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # [B, E]
+            return votes.argmax(-1), logits
+        return logits[-1].argmax(-1), logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
+                 adapters_off: bool = False, **gen_kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """Left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None).
+
+        Sequence routing decides once from the prompt and keeps the expert for every generated token."""
+        if self.spec.routing == "sequence" and expert is None and not adapters_off:
+            expert, _ = self.route(input_ids, attention_mask)
+        with self._routing(adapters_off=adapters_off, forced=expert):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        return out, expert
+
+    # ----------------------------------------------------------------------------------- parameters
+    def mixture_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters added by the mixture (experts, universal expert, routers), by name."""
+        return {n: p for n, p in self.named_parameters() if ".lora_" in n or ".universal_" in n or n.startswith("routers.")}
+
+    def set_trainable(self, experts: bool = False, routers: bool = False, universal: bool = False) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze the chosen groups; returns the trainable parameters."""
+        train: list[nn.Parameter] = []
+        for n, p in self.named_parameters():
+            on = (
+                (experts and ".lora_" in n)
+                or (universal and ".universal_" in n)
+                or (routers and n.startswith("routers."))
+            )
+            p.requires_grad_(on)
+            if on:
+                train.append(p)
+        return train
+
+    def mixture_state_dict(self) -> dict[str, Tensor]:
+        sd = self.state_dict()
+        keep = set(self.mixture_parameters()) | {n for n in sd if n.endswith(".scaling")}
+        return {k: v.detach().contiguous() for k, v in sd.items() if k in keep}
+
+    def expert_tensors(self, k: int) -> dict[str, Tensor]:
+        """Expert k's own slices (A, B of every wrapped projection), for hashing and comparison."""
+        out: dict[str, Tensor] = {}
+        for name, w in self.wrapped.items():
+            if not w.shared_a:
+                out[f"{name}.A"] = w.lora_A[k]
+            out[f"{name}.B"] = w.lora_B[k]
+        return out
+
+    def expert_hash(self, k: int) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.expert_tensors(k).items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------------------ adapters, domains
+    def load_peft_expert(self, k: int, adapter_dir: str | Path) -> None:
+        """Copy a stage-1 PEFT LoRA adapter into expert slot k of every wrapped projection."""
+        A, B, scaling = read_peft_adapter(adapter_dir)
+        for name, w in self.wrapped.items():
+            if name not in A:
+                raise MixtureError(f"adapter {adapter_dir} has no LoRA for {name}; it was trained with other target_modules")
+            a, b = A[name], B[name]
+            expected_a = (w.in_features,)
+            if a.shape[1:] != torch.Size(expected_a) or b.shape[0] != w.out_features:
+                raise MixtureError(
+                    f"adapter {adapter_dir} does not fit {name}: LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} vs "
+                    f"layer in={w.in_features} out={w.out_features}. It was trained on another base model."
+                )
+            w.load_expert(k, a.to(w.lora_A.dtype), b.to(w.lora_B.dtype), scaling)
+
+    def add_expert(self, name: str) -> int:
+        """Append one expert (and a router row) to every layer; existing experts stay bit-identical."""
+        for w in self.wrapped.values():
+            w.add_expert()
+        for r in self.routers:
+            r.add_expert()
+        self.spec.experts.append(name)
+        self.spec.experts_per_layer = [e + 1 for e in self.spec.experts_per_layer]
+        if self.spec.domains:
+            self.spec.domains.append(name)
+        return len(self.spec.experts) - 1
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------- PEFT I/O
+def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """Read a PEFT LoRA adapter (safetensors only, never pickle) -> (A by module path, B by module path, scaling)."""
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.exists() or not w_path.exists():
+        raise MixtureError(f"{d} is not a PEFT LoRA adapter (needs adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    A: dict[str, Tensor] = {}
+    B: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(w_path), framework="pt") as f:
+            for key in f.keys():
+                m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$", key)
+                if m:
+                    (A if m.group(2) == "A" else B)[m.group(1)] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise MixtureError(f"cannot read {w_path}: {exc}. The file is damaged; retrain or restore this adapter.") from None
+    return A, B, scaling
+
+
+# ------------------------------------------------------------------------------------ save / load
+def _atomic_dir_write(target: Path, write: Any) -> None:
+    """Write a directory via a temporary sibling and an atomic rename, so a crash never leaves a half-written one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    write(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def save_mixture(mm: MixtureModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write mixture.safetensors (experts, universal expert, routers) + mixture.json (spec) atomically."""
+    out = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        save_file(mm.mixture_state_dict(), str(tmp / MIXTURE_WEIGHTS), metadata={"format": "pt"})
+        meta = json.loads(mm.spec.to_json())
+        if extra:
+            meta["extra"] = extra
+        (tmp / MIXTURE_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    _atomic_dir_write(out, write)
+    return out
+
+
+def read_spec(mixture_dir: str | Path) -> MixtureSpec:
+    meta = json.loads((Path(mixture_dir) / MIXTURE_CONFIG).read_text())
+    meta.pop("extra", None)
+    return MixtureSpec(**meta)
+
+
+def load_mixture(base: nn.Module, mixture_dir: str | Path) -> MixtureModel:
+    """Rebuild a saved mixture on `base` (which must be the base it was trained on)."""
+    d = Path(mixture_dir)
+    if not (d / MIXTURE_CONFIG).exists() or not (d / MIXTURE_WEIGHTS).exists():
+        raise MixtureError(f"{d} holds no saved mixture ({MIXTURE_CONFIG} + {MIXTURE_WEIGHTS}); run the train_router stage")
+    mm = MixtureModel(base, read_spec(d))
+    try:
+        with safe_open(str(d / MIXTURE_WEIGHTS), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise MixtureError(f"cannot read {d / MIXTURE_WEIGHTS}: {exc}. The file is damaged; retrain.") from None
+    expected = set(mm.mixture_state_dict())
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise MixtureError(f"{d} does not match its spec: missing {missing}, unexpected {unexpected}")
+    mm.load_state_dict(state, strict=False)
+    return mm

@@ -1,0 +1,252 @@
+"""Training recipes: stage-1 PEFT LoRAs, MoA stage 2, MoSLD joint, MoDULA's three stages.
+
+All recipes share `train_loop`: AdamW, linear warm-up + cosine decay, gradient clipping, a checkpoint
+every `checkpoint_every` steps (trainable tensors, optimizer, scheduler, step, loss history) written
+atomically, automatic resume from it, and a hard stop on a non-finite loss that keeps the last good
+checkpoint. Batches are deterministic in (seed, step), so a resumed run sees the batches an
+uninterrupted run would have seen and ends at the same step count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batching import balanced_batches, encode
+from .config import MoAConfig, TrainConfig
+from .model import MixtureModel, MixtureSpec, base_config_hash, decoder_layers
+
+LogFn = Callable[[int, dict[str, float]], None]
+CKPT_FILE = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the job stops, the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per logged step
+    seconds: float = 0.0
+    tokens: int = 0
+    trainable_params: int = 0
+    resumed_from: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_loop(
+    params: dict[str, nn.Parameter],
+    batches: Callable[[int], Iterator[dict[str, Tensor]]],
+    step_fn: Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]],
+    steps: int,
+    lr: float,
+    cfg: TrainConfig,
+    ckpt_dir: Path | None = None,
+    on_log: LogFn | None = None,
+) -> TrainResult:
+    """Optimise `params` for `steps` steps. `batches(start_step)` yields the batches from that step on;
+    `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present."""
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_fraction * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    result = TrainResult(steps=steps, trainable_params=sum(p.numel() for p in params.values()))
+    ckpt = ckpt_dir / CKPT_FILE if ckpt_dir else None
+    start = 0
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and numbers only: no pickle code
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["params"][name])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = result.resumed_from = int(state["step"])
+        result.history = list(state["history"])
+        result.tokens = int(state["tokens"])
+        result.seconds = float(state["seconds"])
+    t0 = time.perf_counter() - result.seconds
+    it = batches(start)
+    for step in range(start, steps):
+        batch = next(it)
+        loss, extra = step_fn(batch)
+        if not torch.isfinite(loss):
+            where = f"the last good checkpoint ({ckpt}) is kept" if ckpt and ckpt.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {step + 1}; {where}. Lower train.lr or check the data, then re-run to resume."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        result.tokens += int(batch["attention_mask"].sum())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps or done == 1:
+            entry = {"step": float(done), "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], **extra}
+            result.history.append(entry)
+            if on_log:
+                on_log(done, entry)
+        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            result.seconds = time.perf_counter() - t0
+            _save_checkpoint(ckpt, {
+                "step": done, "params": {n: p.detach().clone() for n, p in params.items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "history": result.history, "tokens": result.tokens, "seconds": result.seconds,
+            })
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_length: int) -> list[list[dict[str, list[int]]]]:
+    return [[encode(tokenizer, r, max_length) for r in recs] for recs in records_by_domain]
+
+
+# ------------------------------------------------------------------------------------- stage 1: PEFT
+def train_peft_lora(
+    base: nn.Module, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, steps: int,
+    out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
+) -> TrainResult:
+    """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
+    batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from .model import _atomic_dir_write
+
+    torch.manual_seed(cfg.train.seed)
+    peft_model = get_peft_model(base, PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
+    ))
+    peft_model.train()
+    encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        return peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
+
+    result = train_loop(
+        params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
+        step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log,
+    )
+    peft_model.eval()
+    _atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
+    return result
+
+
+# ---------------------------------------------------------------------------------- mixture models
+def _groups(per_group: list[int], n_layers: int) -> list[int]:
+    """Spread expert-count groups over the layers in order: [8,6,4,2] on 32 layers -> 8 x 8, 8 x 6, ..."""
+    return [per_group[min(len(per_group) - 1, i * len(per_group) // n_layers)] for i in range(n_layers)]
+
+
+def spec_from_config(cfg: MoAConfig, method: str, base: nn.Module, model_id: str) -> MixtureSpec:
+    """The mixture a method needs on this base model, from params.yaml."""
+    L = len(decoder_layers(base))
+    doms = list(cfg.domain_names)
+    common = dict(method=method, base_model=model_id, base_config_hash=base_config_hash(base.config), domains=doms,
+                  scaling=cfg.lora.scaling, dropout=cfg.lora.dropout, pooling=cfg.router.pooling,
+                  inference=cfg.router.inference)
+    if method == "moa":
+        return MixtureSpec(experts=doms, experts_per_layer=[len(doms)] * L, target_modules=list(cfg.lora.target_modules),
+                           r=cfg.lora.r, routing="sequence", **common)
+    if method == "mosld":
+        per_layer = _groups(cfg.mosld.experts_per_layer, L)
+        return MixtureSpec(experts=[f"e{i}" for i in range(max(per_layer))], experts_per_layer=per_layer,
+                           target_modules=list(cfg.mosld.target_modules), r=cfg.lora.r, routing="topk",
+                           shared_a=True, dropconnect_p=cfg.mosld.dropconnect_p, top_k=cfg.mosld.top_k, **common)
+    if method == "modula-flan":
+        # The universal expert is expert 0 of the parallel stack; domain experts are zero-padded from
+        # domain_r to universal_r (padded rows/columns get exactly zero gradient, so they stay rank domain_r).
+        return MixtureSpec(experts=["universal", *doms], experts_per_layer=[len(doms) + 1] * L,
+                           target_modules=list(cfg.lora.target_modules),
+                           r=max(cfg.modula.universal_r, cfg.modula.domain_r), routing="dense", **common)
+    if method == "modula-res":
+        return MixtureSpec(experts=doms, experts_per_layer=[len(doms)] * L, target_modules=list(cfg.lora.target_modules),
+                           r=cfg.modula.domain_r, routing="dense", universal_r=cfg.modula.universal_r,
+                           universal_scaling=cfg.lora.alpha / cfg.modula.universal_r,
+                           leaky_slope=cfg.modula.leaky_slope, **common)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def build_mixture(cfg: MoAConfig, method: str, base: nn.Module, model_id: str) -> MixtureModel:
+    torch.manual_seed(cfg.train.seed)
+    mm = MixtureModel(base, spec_from_config(cfg, method, base, model_id))
+    if method == "modula-flan":
+        with torch.no_grad():
+            for w in mm.wrapped.values():
+                w.lora_A.data[1:, cfg.modula.domain_r:] = 0
+    return mm
+
+
+def train_mixture(
+    mm: MixtureModel, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, *, steps: int, lr: float,
+    train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
+    eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
+) -> TrainResult:
+    """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
+
+    route: "gold" = each row's own domain expert (MoA stage 2), "learned" = the routers decide
+    (MoSLD, MoDULA router stage), "experts_off" = universal expert only (MoDULA-Res stage 1), or an
+    int = that expert for every row (MoDULA stages 1-2)."""
+    mm.train()
+    mm.model.eval()  # keeps the frozen base deterministic; dropout lives in the experts
+    for w in mm.wrapped.values():
+        w.train()
+    chosen = {id(p) for p in mm.set_trainable(train_experts, train_routers, train_universal)}
+    params = {n: p for n, p in mm.named_parameters() if id(p) in chosen}
+    encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
+
+    def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        if route == "gold":
+            expert = b["expert"]
+        elif isinstance(route, int):
+            expert = torch.full_like(b["expert"], route)
+        else:
+            expert = None
+        out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=eta,
+                 balance_coef=balance_coef, experts_off=route == "experts_off")
+        extra = {"lm_loss": float(out.lm_loss.detach())}
+        if out.aux_loss is not None:
+            extra["aux_loss"] = float(out.aux_loss.detach())
+        if out.router_logits and route == "gold":
+            acc = torch.stack([lg.argmax(-1) == b["expert"] for lg in out.router_logits]).float()
+            extra["router_acc_last"] = float(acc[-1].mean())
+            extra["router_acc_mean"] = float(acc.mean())
+        return out.loss, extra
+
+    result = train_loop(
+        params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
+        step_fn, steps, lr, cfg.train, ckpt_dir, on_log,
+    )
+    mm.eval()
+    return result

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over moa_core that log to MLflow."""

@@ -175,6 +175,7 @@ class MixtureModel(nn.Module):
         self._hooks = [
             layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
+        self.eval()  # like from_pretrained: inference mode until a recipe calls train()
 
     # ----------------------------------------------------------------------------------- routing hook
     def _make_hook(self, layer: int):

@@ -73,17 +73,20 @@ def train_loop(
     cfg: TrainConfig,
     ckpt_dir: Path | None = None,
     on_log: LogFn | None = None,
+    fingerprint: str = "",
 ) -> TrainResult:
     """Optimise `params` for `steps` steps. `batches(start_step)` yields the batches from that step on;
-    `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present."""
+    `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present and
+    written for the same `fingerprint` (a hash of the settings and data); a stale one is ignored."""
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
     result = TrainResult(steps=steps, trainable_params=sum(p.numel() for p in params.values()))
     ckpt = ckpt_dir / CKPT_FILE if ckpt_dir else None
     start = 0
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and numbers only: no pickle code
+    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt is not None and ckpt.exists() else None
+    if state is not None and state.get("fingerprint") == fingerprint and set(state["params"]) == set(params):
+        # weights_only=True: tensors and plain containers only, no pickled code
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state["params"][name])
@@ -121,6 +124,7 @@ def train_loop(
                 "step": done, "params": {n: p.detach().clone() for n, p in params.items()},
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": result.history, "tokens": result.tokens, "seconds": result.seconds,
+                "fingerprint": fingerprint,
             })
     result.seconds = time.perf_counter() - t0
     return result
@@ -133,7 +137,7 @@ def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_lengt
 # ------------------------------------------------------------------------------------- stage 1: PEFT
 def train_peft_lora(
     base: nn.Module, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, steps: int,
-    out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
+    out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None, fingerprint: str = "",
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
     batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically."""
@@ -156,7 +160,7 @@ def train_peft_lora(
 
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
-        step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log,
+        step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint,
     )
     peft_model.eval()
     _atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
@@ -173,7 +177,7 @@ def spec_from_config(cfg: MoAConfig, method: str, base: nn.Module, model_id: str
     """The mixture a method needs on this base model, from params.yaml."""
     L = len(decoder_layers(base))
     doms = list(cfg.domain_names)
-    common = dict(method=method, base_model=model_id, base_config_hash=base_config_hash(base.config), domains=doms,
+    common = dict(method=method, base_model=model_id, base_config_hash=base_config_hash(base.config), domains=list(doms),
                   scaling=cfg.lora.scaling, dropout=cfg.lora.dropout, pooling=cfg.router.pooling,
                   inference=cfg.router.inference)
     if method == "moa":
@@ -212,6 +216,7 @@ def train_mixture(
     mm: MixtureModel, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, *, steps: int, lr: float,
     train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
     eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
+    fingerprint: str = "",
 ) -> TrainResult:
     """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
 
@@ -244,9 +249,69 @@ def train_mixture(
             extra["router_acc_mean"] = float(acc.mean())
         return out.loss, extra
 
+    # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
+    # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
+    tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) else cfg.train
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
-        step_fn, steps, lr, cfg.train, ckpt_dir, on_log,
+        step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
     )
     mm.eval()
     return result
+
+
+def fit_method(
+    cfg: MoAConfig, method: str, base: nn.Module, tokenizer: Any, model_id: str, train_by_domain: list[list[Any]],
+    expert_dirs: list[Path] | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
+    eta: float | None = None, fingerprint: str = "",
+) -> tuple[MixtureModel, dict[str, TrainResult]]:
+    """Build and train a method's mixture after stage 1. Returns the model and one TrainResult per phase.
+
+    - moa: load the stage-1 PEFT experts (`expert_dirs`, one per domain, in domain order), then stage 2:
+      experts + routers jointly on balanced mixed batches, gold routing, loss LM + eta * CE(router, domain).
+    - mosld: one joint stage from scratch (shared A with DropConnect, top-k routers, balance loss).
+    - modula-flan / modula-res: the universal expert on all domains, then each domain expert alone with
+      the universal frozen, then the routers alone with every expert frozen.
+    """
+    t = cfg.train
+    mm = build_mixture(cfg, method, base, model_id)
+    phases: dict[str, TrainResult] = {}
+
+    def ck(name: str) -> Path | None:
+        return ckpt_root / name if ckpt_root else None
+
+    def log(phase: str) -> LogFn | None:
+        return (lambda step, entry: on_log(step, {**entry, "phase": phase})) if on_log else None  # type: ignore[misc]
+
+    if method == "moa":
+        if not expert_dirs or len(expert_dirs) != len(train_by_domain):
+            raise ValueError("MoA stage 2 needs one stage-1 adapter per domain")
+        for k, d in enumerate(expert_dirs):
+            mm.load_peft_expert(k, d)
+        phases["joint"] = train_mixture(
+            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=True,
+            train_routers=True, route="gold", eta=cfg.router.eta if eta is None else eta, ckpt_dir=ck("moa-joint"),
+            on_log=log("joint"), fingerprint=fingerprint)
+    elif method == "mosld":
+        phases["joint"] = train_mixture(
+            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=True, train_routers=True,
+            route="learned", balance_coef=cfg.mosld.balance_coef, ckpt_dir=ck("mosld-joint"), on_log=log("joint"),
+            fingerprint=fingerprint)
+    elif method in ("modula-flan", "modula-res"):
+        res = method == "modula-res"
+        phases["universal"] = train_mixture(
+            mm, tokenizer, train_by_domain, cfg, steps=cfg.modula.universal_steps, lr=t.lr, train_experts=not res,
+            train_routers=False, train_universal=res, route="experts_off" if res else 0,
+            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint)
+        offset = 0 if res else 1  # Flan: expert 0 is the universal one
+        for k, recs in enumerate(train_by_domain):
+            phases[f"domain:{cfg.domain_names[k]}"] = train_mixture(
+                mm, tokenizer, [recs], cfg, steps=t.expert_steps, lr=t.lr, train_experts=True, train_routers=False,
+                route=k + offset, ckpt_dir=ck(f"{method}-domain-{k}"), on_log=log(f"domain:{k}"),
+                fingerprint=fingerprint)
+        phases["router"] = train_mixture(
+            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=False, train_routers=True,
+            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return mm, phases

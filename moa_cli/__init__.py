@@ -1,0 +1,1 @@
+"""moa command line (typer): `moa run`, stage commands for DVC, `moa ui`, `moa serve`."""

@@ -1,0 +1,158 @@
+"""`moa`: run the pipeline, run one stage (what dvc.yaml calls), check the config, open the UIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="moa: train one LoRA expert per domain and a router over them (MoA / MoSLD / MoDULA), "
+    "orchestrated by Prefect, tracked by MLflow and DVC. Configuration: params.yaml.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+stage_app = typer.Typer(help="Run one pipeline stage alone (dvc.yaml's commands). Reads params.yaml.", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+console = Console(stderr=True)
+
+Params = Annotated[Path, typer.Option("--params", "-p", help="path to params.yaml")]
+Profile = Annotated[Optional[str], typer.Option("--profile", help="merge profiles.<name> from params.yaml, e.g. quick")]
+
+
+def _env(params: Path) -> None:
+    from tasks.common import configure_env
+
+    configure_env(params.resolve().parent)
+
+
+def _ctx(params: Path, profile: str | None = None):
+    from moa_core.config import ConfigError
+    from tasks.common import StageContext
+
+    _env(params)
+    try:
+        return StageContext.load(params, profile)
+    except ConfigError as exc:
+        console.print(f"[red]config error[/red]: {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
+    """Check params.yaml and print the resolved settings."""
+    ctx = _ctx(params, profile)
+    t = Table(title=f"{params} ({profile or 'default'})")
+    t.add_column("setting")
+    t.add_column("value")
+    t.add_row("method", ctx.cfg.method)
+    t.add_row("base model", ctx.cfg.base_model.source)
+    t.add_row("domains", ", ".join(ctx.cfg.domain_names))
+    t.add_row("steps (expert / mixed / joint)", f"{ctx.cfg.train.expert_steps} / {ctx.cfg.train.mixed_steps} / {ctx.cfg.train.joint_steps}")
+    console.print(t)
+    console.print("[green]params OK[/green]")
+
+
+@app.command()
+def run(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
+    """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register)."""
+    ctx = _ctx(params, profile)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.pipeline import moa_pipeline
+
+    console.print(f"[bold]moa_pipeline[/bold]: method={ctx.cfg.method}, domains={ctx.cfg.domain_names}, "
+                  f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
+    flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
+    result = flow(params=str(params.resolve()), profile=profile)
+    console.print(result["evaluation"]["table"])
+    reg = result["registered"]
+    console.print(
+        f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
+        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
+        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000"
+    )
+
+
+@stage_app.command("curate")
+def stage_curate(domain: str, params: Params = Path("params.yaml")) -> None:
+    """Curate one domain -> data/curated/<domain>/."""
+    from tasks.curate import run_curate
+
+    console.print_json(json.dumps(run_curate(_ctx(params), domain)))
+
+
+@stage_app.command("train-expert")
+def stage_train_expert(domain: str, params: Params = Path("params.yaml")) -> None:
+    """Stage 1: a PEFT LoRA for one domain -> models/experts/<domain>/."""
+    from tasks.train_expert import run_train_expert
+
+    ctx = _ctx(params)
+    from tasks.common import set_torch_threads
+
+    set_torch_threads(ctx.cfg)
+    console.print_json(json.dumps(run_train_expert(ctx, domain)))
+
+
+@stage_app.command("train-mixed")
+def stage_train_mixed(params: Params = Path("params.yaml")) -> None:
+    """The LoRA-mixed baseline: one LoRA on all domains -> models/mixed/."""
+    from tasks.train_expert import run_train_mixed
+
+    console.print_json(json.dumps(run_train_mixed(_ctx(params))))
+
+
+@stage_app.command("train-router")
+def stage_train_router(params: Params = Path("params.yaml")) -> None:
+    """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/."""
+    from tasks.train_router import run_train_router
+
+    console.print_json(json.dumps(run_train_router(_ctx(params))))
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(params: Params = Path("params.yaml")) -> None:
+    """Evaluate every system on the test split -> metrics/eval.json, reports/eval.md."""
+    from tasks.evaluate import run_evaluate
+
+    console.print(run_evaluate(_ctx(params))["table"])
+
+
+@stage_app.command("register")
+def stage_register(params: Params = Path("params.yaml")) -> None:
+    """Register the mixture in the MLflow Model Registry; move @champion only if not worse."""
+    from tasks.register import run_register
+
+    console.print_json(json.dumps(run_register(_ctx(params))))
+
+
+@app.command()
+def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1",
+       prefect: Annotated[bool, typer.Option(help="also start the Prefect UI on port 4200")] = False) -> None:
+    """Start the MLflow UI (and optionally the Prefect UI) on loopback."""
+    from tasks.common import tracking_uri
+
+    ctx = _ctx(params)
+    procs = []
+    if prefect:
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", "4200"]))
+        console.print(f"Prefect UI: http://{host}:4200")
+    console.print(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
+                        "--backend-store-uri", tracking_uri(ctx)], env=env, check=False)
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,122 @@
+"""Evaluating one system (a mixture with a routing rule) on the held-out test split of every domain.
+
+A "system" is a `MixtureModel` plus how its expert is chosen:
+- "off":    adapters off, i.e. the base model;
+- "gold":   each row's own domain expert (Single-LoRA, label known; the MoA paper's oracle row);
+- int k:    expert k for every row (LoRA-mixed: a one-expert mixture);
+- "router": MoA inference: the router decides once per prompt, the label is unknown;
+- "token":  token-level routers (MoSLD, MoDULA) decide per token.
+
+Per domain: perplexity of the response given the prompt over the whole test split, and BLEU/ROUGE-L
+of greedy generations on the first `evaluate.max_samples` test rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import metrics
+from .batching import collate, encode, encode_prompt
+from .config import MoAConfig
+from .model import MixtureModel
+
+Routing = str | int
+
+
+@dataclass
+class SystemEval:
+    per_domain: dict[str, dict[str, float]]
+    gold: list[str] = field(default_factory=list)  # per test row, for router accuracy
+    routed: list[str] = field(default_factory=list)
+    samples: list[dict[str, str]] = field(default_factory=list)  # a few generations to read
+
+    @property
+    def router_accuracy(self) -> float | None:
+        return metrics.router_accuracy(self.gold, self.routed) if self.routed else None
+
+
+def _field(rec: Any, name: str) -> str:
+    return rec[name] if isinstance(rec, dict) else getattr(rec, name)
+
+
+@torch.no_grad()
+def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], routing: Routing, domain_idx: int,
+                batch_size: int) -> list[int] | None:
+    """Expert index per row, or None for "off"/"token"."""
+    if routing in ("off", "token"):
+        return None
+    if routing == "gold":
+        return [domain_idx] * len(prompts)
+    if isinstance(routing, int):
+        return [routing] * len(prompts)
+    chosen: list[int] = []
+    for i in range(0, len(prompts), batch_size):
+        b = collate([{"input_ids": p} for p in prompts[i:i + batch_size]], tokenizer.pad_token_id, left_pad=True)
+        idx, _ = mm.route(b["input_ids"], b["attention_mask"])
+        chosen.extend(idx.tolist())
+    return chosen
+
+
+@torch.no_grad()
+def evaluate_system(
+    mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, list[Any]], cfg: MoAConfig, routing: Routing,
+    progress: Callable[[str], None] | None = None,
+) -> SystemEval:
+    mm.eval()
+    ev = cfg.evaluate
+    max_len = cfg.train.max_length
+    result = SystemEval(per_domain={})
+    off = routing == "off"
+    for name, records in test_by_domain.items():
+        if progress:
+            progress(name)
+        dom_idx = mm.spec.experts.index(name) if name in mm.spec.experts else -1
+        if routing == "gold" and dom_idx < 0:
+            raise ValueError(f"domain {name!r} has no expert in this mixture ({mm.spec.experts})")
+        prompts = [encode_prompt(tokenizer, _field(r, "instruction"), max_len) for r in records]
+        experts = _route_rows(mm, tokenizer, prompts, routing, dom_idx, ev.batch_size)
+        if routing == "router" and experts is not None:
+            result.gold += [name] * len(records)
+            result.routed += [mm.spec.experts[e] for e in experts]
+        # perplexity of the response given the prompt
+        nll, ntok = 0.0, 0
+        enc = [encode(tokenizer, r, max_len) for r in records]
+        for i in range(0, len(enc), ev.batch_size):
+            b = collate(enc[i:i + ev.batch_size], tokenizer.pad_token_id, None if experts is None else experts[i:i + ev.batch_size])
+            out = mm(b["input_ids"], b["attention_mask"], expert=b.get("expert"), adapters_off=off,
+                     pool_mask=b["attention_mask"] * (b["labels"] == -100))
+            s, n = metrics.token_nll(out.logits, b["labels"])
+            nll += float(s.sum())
+            ntok += int(n.sum())
+        # generation
+        k = min(ev.max_samples, len(records))
+        preds: list[str] = []
+        for i in range(0, k, ev.batch_size):
+            j = min(k, i + ev.batch_size)
+            b = collate([{"input_ids": p} for p in prompts[i:j]], tokenizer.pad_token_id, left_pad=True)
+            expert = None if experts is None else torch.tensor(experts[i:j])
+            seqs, _ = mm.generate(
+                b["input_ids"], b["attention_mask"], expert=expert, adapters_off=off,
+                max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = seqs[:, b["input_ids"].shape[1]:]
+            preds += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        refs = [_field(r, "response") for r in records[:k]]
+        # references are cut to about the generation budget so BLEU's brevity penalty measures content,
+        # not the length cap
+        refs_cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"][: ev.max_new_tokens]) for r in refs]
+        result.per_domain[name] = {
+            "ppl": metrics.perplexity(nll, ntok),
+            "bleu": metrics.bleu(preds, refs_cut),
+            "rougeL": metrics.rouge_l(preds, refs_cut),
+        }
+        result.samples += [
+            {"domain": name, "instruction": _field(r, "instruction")[:300], "reference": ref[:300], "prediction": p[:300]}
+            for r, ref, p in list(zip(records, refs_cut, preds))[:2]
+        ]
+    return result

@@ -1,0 +1,152 @@
+"""What every stage shares: the validated config, where artifacts live, and the MLflow run to log into."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moa_core.config import MoAConfig, load_config
+from moa_core.data import Record, read_records
+from moa_core.layout import Layout
+
+# Offline, no telemetry, in every process that runs a stage (verified variable names, see README).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def configure_env(root: Path) -> None:
+    """Set offline/telemetry defaults and a project-local PREFECT_HOME, without overriding the user's."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Passed to every stage: config validated once, the artifact layout, and the parent MLflow run."""
+
+    cfg: MoAConfig
+    root: Path
+    parent_run_id: str | None = None
+    flow_run_id: str | None = None
+
+    @classmethod
+    def load(cls, params: str | Path = "params.yaml", profile: str | None = None, **kw: Any) -> "StageContext":
+        path = Path(params).resolve()
+        return cls(cfg=load_config(path, profile), root=path.parent, **kw)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.at(self.root)
+
+    def split(self, domain: str, split: str) -> list[Record]:
+        path = self.layout.curated(domain) / f"{split}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the curate stage for {domain!r} first (moa stage curate {domain})")
+        return read_records(path)
+
+    def splits(self, split: str, domains: list[str] | None = None) -> dict[str, list[Record]]:
+        return {d: self.split(d, split) for d in (domains or self.cfg.domain_names)}
+
+
+def set_torch_threads(cfg: MoAConfig) -> int:
+    import torch
+
+    n = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // cfg.train.parallel_jobs)
+    torch.set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+def tracking_uri(ctx: StageContext) -> str:
+    uri = ctx.cfg.tracking.mlflow_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = ctx.root / uri.removeprefix("sqlite:///")
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}"
+    return uri
+
+
+def mlflow_experiment(ctx: StageContext) -> str:
+    """Point MLflow at the project's store and return the experiment id (created on first use)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(ctx))
+    exp = mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    art = Path(ctx.cfg.tracking.artifact_root)
+    art = art if art.is_absolute() else ctx.root / art
+    art.mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.create_experiment(ctx.cfg.tracking.experiment, artifact_location=art.as_uri())
+    except Exception:  # another process created it between our check and create
+        return mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment).experiment_id
+
+
+def lineage_tags(ctx: StageContext) -> dict[str, str]:
+    tags: dict[str, str] = {"moa.method": ctx.cfg.method}
+    try:
+        tags["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ctx.root, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        tags["git_commit"] = "none"
+    lock = ctx.root / "dvc.lock"
+    tags["dvc_lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else "none"
+    if ctx.flow_run_id:
+        tags["prefect_flow_run_id"] = ctx.flow_run_id
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(ctx: StageContext, name: str, **tags: str) -> Iterator[Any]:
+    """A nested MLflow run under the pipeline's parent run (a standalone run when a stage runs alone,
+    e.g. from `dvc repro`). Safe from worker threads: each thread has its own active-run stack."""
+    import mlflow
+
+    exp_id = mlflow_experiment(ctx)
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, parent_run_id=ctx.parent_run_id,
+                          nested=ctx.parent_run_id is not None,
+                          tags={**lineage_tags(ctx), "moa.stage": name.split(":")[0], **tags}) as run:
+        yield run
+
+
+def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
+    """Per-step training metrics, batched into one MLflow call."""
+    import mlflow
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    ms = [Metric(f"{prefix}{k}", float(v), now, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
+    if ms:
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=ms)
+
+
+def fingerprint(ctx: StageContext, *sections: str, domains: list[str] | None = None) -> str:
+    """Hash of the config sections and curated train data a training job depends on: a checkpoint from
+    other settings or data is not resumed."""
+    h = hashlib.sha256()
+    dump = ctx.cfg.model_dump()
+    for s in sections:
+        h.update(repr(dump.get(s)).encode())
+    for d in domains or []:
+        path = ctx.layout.curated(d) / "train.jsonl"
+        h.update(path.read_bytes() if path.exists() else b"")
+    return h.hexdigest()[:16]

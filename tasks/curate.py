@@ -1,0 +1,39 @@
+"""curate stage: raw source rows -> cleaned, deduplicated, split records + quarantine + data card."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from moa_core.data import curate, require_rows, write_curated
+from moa_core.sources import load_source
+
+from .common import StageContext, stage_run
+
+
+def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
+    """Curate one domain into data/curated/<domain>/; returns its counts. Raises `EmptyDomainError`
+    (naming the domain) before anything downstream trains on nothing."""
+    dom = ctx.cfg.domain(domain)
+    src = load_source(dom.source)
+    result = curate(src.rows, domain, ctx.cfg.curate)
+    card = {
+        "domain": domain, "description": dom.description, "origin": src.origin,
+        "licence": dom.source.licence or src.licence, "attribution": dom.source.attribution or src.attribution,
+        "counts": result.counts, "settings": ctx.cfg.curate.model_dump(),
+    }
+    out = ctx.layout.curated(domain)
+    write_curated(out, result, card)
+    metrics_path = ctx.layout.metrics / f"curate_{domain}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(result.counts, indent=2, sort_keys=True))
+    with stage_run(ctx, f"curate:{domain}", domain=domain) as _run:
+        import mlflow
+
+        mlflow.log_params({"domain": domain, "source": dom.source.kind, **{f"curate.{k}": v for k, v in ctx.cfg.curate.model_dump().items()}})
+        mlflow.log_metrics({k: float(v) for k, v in result.counts.items() if isinstance(v, int | float)})
+        mlflow.log_artifact(str(out / "card.json"), "data")
+        if result.quarantine:
+            mlflow.log_artifact(str(out / "quarantine.jsonl"), "data")
+    require_rows(result, domain)
+    return result.counts

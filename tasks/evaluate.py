@@ -1,0 +1,112 @@
+"""evaluate stage: the MoA paper's Table 2 on our domains (held-out test split), as markdown + JSON + plots."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from moa_core import metrics
+from moa_core.base_model import load_base
+from moa_core.evaluate import SystemEval, evaluate_system
+from moa_core.model import load_mixture
+from moa_core.train import build_mixture
+
+from .common import StageContext, stage_run
+
+# Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
+SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
+
+
+def _read(ctx: StageContext, name: str) -> dict[str, Any]:
+    p = ctx.layout.metrics / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, SystemEval]:
+    """base, single-lora and lora-mixed share one model: the stage-1 experts, plus the mixed LoRA as one
+    more expert, on one copy of the base (the base row switches the adapters off)."""
+    wanted = set(ctx.cfg.evaluate.baselines)
+    out: dict[str, SystemEval] = {}
+    if not wanted & {"base", "single", "mixed"}:
+        return out
+    base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+    mm = build_mixture(ctx.cfg, "moa", base, model_id)
+    for k, d in enumerate(ctx.cfg.domain_names):
+        mm.load_peft_expert(k, ctx.layout.expert(d))
+    if "base" in wanted:
+        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off")
+    if "single" in wanted:
+        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold")
+    if "mixed" in wanted and ctx.layout.mixed.exists():
+        k = mm.add_expert("__mixed__")
+        mm.load_peft_expert(k, ctx.layout.mixed)
+        out["mixed"] = evaluate_system(mm, tok, test, ctx.cfg, k)
+    return out
+
+
+def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) -> SystemEval:
+    base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
+    mm = load_mixture(base, ctx.layout.mixture(name))
+    return evaluate_system(mm, tok, test, ctx.cfg, "router" if mm.spec.routing == "sequence" else "token")
+
+
+def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
+    """(trainable parameters, training seconds) of a system, from the training stages' metrics files."""
+    doms = ctx.cfg.domain_names
+    experts = [_read(ctx, f"train_expert_{d}") for d in doms]
+    if system == "base":
+        return 0, 0.0
+    if system == "single":
+        return (experts[0].get("trainable_params"), sum(e.get("train_seconds", 0.0) for e in experts)) if experts[0] else (None, None)
+    if system == "mixed":
+        m = _read(ctx, "train_mixed")
+        return m.get("trainable_params"), m.get("train_seconds")
+    r = _read(ctx, f"train_router_{system}")
+    if not r:
+        return None, None
+    seconds = r["train_seconds"] + (sum(e.get("train_seconds", 0.0) for e in experts) if r["method"] == "moa" else 0.0)
+    return r["trainable_params"], seconds
+
+
+def run_evaluate(ctx: StageContext) -> dict[str, Any]:
+    import mlflow
+
+    from .plots import confusion_heatmap, metric_bars
+
+    lay, doms = ctx.layout, ctx.cfg.domain_names
+    test = ctx.splits("test")
+    systems = _baselines(ctx, test)
+    mixtures = [ctx.cfg.method] + (["moa-no-routing-loss"] if "moa_no_routing_loss" in ctx.cfg.evaluate.baselines else [])
+    for name in mixtures:
+        systems[name] = _mixture_system(ctx, name, test)
+    rows = []
+    for name, ev in systems.items():
+        params, seconds = _costs(ctx, name)
+        rows.append(metrics.EvalRow(system=SYSTEM_LABELS.get(name, name), per_domain=ev.per_domain,
+                                    router_accuracy=ev.router_accuracy, trainable_params=params, train_seconds=seconds))
+    table = metrics.results_table_markdown(rows, doms)
+    data = metrics.results_to_json(rows)
+    routed = systems[ctx.cfg.method]
+    confusion = metrics.confusion_matrix(routed.gold, routed.routed, doms) if routed.routed else None
+    lay.metrics.mkdir(parents=True, exist_ok=True)
+    lay.reports.mkdir(parents=True, exist_ok=True)
+    (lay.metrics / "eval.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    samples = "\n".join(
+        f"| {s['domain']} | {s['instruction'][:80]!r} | {s['reference'][:80]!r} | {s['prediction'][:80]!r} |"
+        for s in routed.samples
+    )
+    report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n"
+              + (f"Router confusion (rows = gold domain, columns = routed expert, order {doms}): {confusion}\n\n" if confusion else "")
+              + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
+    (lay.reports / "eval.md").write_text(report)
+    with stage_run(ctx, "evaluate"):
+        flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
+        mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+        mlflow.log_text(report, "eval.md")
+        mlflow.log_dict(data, "eval.json")
+        for metric in metrics.METRICS:
+            mlflow.log_figure(metric_bars(rows, doms, metric), f"plots/{metric}_by_domain.png")
+        if confusion:
+            mlflow.log_figure(confusion_heatmap(confusion, doms, f"{ctx.cfg.method} router (test split)"),
+                              "plots/router_confusion.png")
+    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion}

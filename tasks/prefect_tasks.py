@@ -1,0 +1,45 @@
+"""The stages as Prefect tasks: coarse (one task = one curation / training / evaluation job), retried
+only on errors a retry can fix, never cached by Prefect (DVC is the cache; two caches would disagree)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from moa_core.base_model import BaseModelError
+from moa_core.config import ConfigError
+from moa_core.model import MixtureError
+from moa_core.train import NonFiniteLossError
+
+from .curate import run_curate
+from .evaluate import run_evaluate
+from .register import run_register
+from .train_expert import run_train_expert, run_train_mixed
+from .train_router import run_train_router
+
+# Bad input, bad config, damaged artifacts and diverged training fail the same way on every try.
+NOT_RETRYABLE = (ConfigError, MixtureError, BaseModelError, NonFiniteLossError, FileNotFoundError, KeyError, ValueError)
+
+
+def _retryable(_task: Any, _run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except NOT_RETRYABLE:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+_opts: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": _retryable}
+
+curate_task = task(run_curate, name="curate", task_run_name="curate[{domain}]", **_opts)
+train_expert_task = task(run_train_expert, name="train_expert", task_run_name="train_expert[{domain}]",
+                         retries=1, retry_delay_seconds=2, **_opts)
+train_mixed_task = task(run_train_mixed, name="train_mixed", retries=1, retry_delay_seconds=2, **_opts)
+train_router_task = task(run_train_router, name="train_router", task_run_name="train_router[{name}]",
+                         retries=1, retry_delay_seconds=2, **_opts)
+evaluate_task = task(run_evaluate, name="evaluate", **_opts)
+register_task = task(run_register, name="register", retries=2, retry_delay_seconds=1, **_opts)

@@ -1,0 +1,66 @@
+"""train_expert stage (MoA stage 1): one PEFT LoRA per domain; and the LoRA-mixed baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moa_core.base_model import load_base
+from moa_core.train import TrainResult, train_peft_lora
+
+import shutil
+
+from .common import StageContext, fingerprint, log_history, stage_run
+
+
+def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str) -> dict[str, Any]:
+    import mlflow
+
+    from .plots import loss_curve
+
+    summary = {
+        "final_loss": result.final_loss, "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "tokens": result.tokens, "tokens_per_second": round(result.tokens_per_second, 1),
+        "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
+    }
+    log_history(result.history, "train/")
+    mlflow.log_metrics({k: float(v) for k, v in summary.items()})
+    mlflow.log_figure(loss_curve([int(h["step"]) for h in result.history], [h["loss"] for h in result.history], title),
+                      "plots/loss.png")
+    mlflow.log_artifacts(str(out_dir), "adapter")
+    path = ctx.layout.metrics / f"{metrics_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
+           metrics_name: str) -> dict[str, Any]:
+    base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+    records = [ctx.split(d, "train") for d in domains]
+    with stage_run(ctx, run_name, base_model=model_id) as _run:
+        import mlflow
+
+        mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
+                           **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
+                           **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
+        fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
+        result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, fingerprint=fp)
+        summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss")
+    shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
+    return summary
+
+
+def run_train_expert(ctx: StageContext, domain: str) -> dict[str, Any]:
+    """Stage 1 for one domain -> models/experts/<domain>/ (PEFT adapter, safetensors)."""
+    lay = ctx.layout
+    return _train(ctx, [domain], ctx.cfg.train.expert_steps, lay.expert(domain), lay.checkpoints / f"expert-{domain}",
+                  f"train_expert:{domain}", f"train_expert_{domain}")
+
+
+def run_train_mixed(ctx: StageContext) -> dict[str, Any]:
+    """The LoRA-mixed baseline: one LoRA on all domains (balanced batches) -> models/mixed/."""
+    lay = ctx.layout
+    return _train(ctx, ctx.cfg.domain_names, ctx.cfg.train.mixed_steps, lay.mixed, lay.checkpoints / "mixed",
+                  "train_mixed", "train_mixed")

@@ -1,0 +1,59 @@
+"""train_router stage: the method's mixture after stage 1 (MoA stage 2, MoSLD joint, MoDULA stages)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+from moa_core.base_model import load_base
+from moa_core.model import save_mixture
+from moa_core.train import fit_method
+
+from .common import StageContext, fingerprint, log_history, stage_run
+
+
+def run_train_router(ctx: StageContext, method: str | None = None, eta: float | None = None,
+                     name: str | None = None) -> dict[str, Any]:
+    """Train `method` (default: params.yaml's) -> models/mixture/<name>/. `eta=0.0` with name
+    'moa-no-routing-loss' gives the routing-loss ablation."""
+    import mlflow
+
+    from .plots import loss_curve
+
+    method = method or ctx.cfg.method
+    name = name or method
+    lay, doms = ctx.layout, ctx.cfg.domain_names
+    base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+    train = [ctx.split(d, "train") for d in doms]
+    ckpt = lay.checkpoints / f"mixture-{name}"
+    fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
+    with stage_run(ctx, f"train_router:{name}", method=method, base_model=model_id):
+        mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,
+                           **{f"router.{k}": v for k, v in ctx.cfg.router.model_dump().items()},
+                           "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})
+        mm, phases = fit_method(
+            ctx.cfg, method, base, tok, model_id, train,
+            expert_dirs=[lay.expert(d) for d in doms] if method == "moa" else None,
+            ckpt_root=ckpt, eta=eta, fingerprint=fp,
+        )
+        summary: dict[str, Any] = {
+            "method": method,
+            "train_seconds": round(sum(r.seconds for r in phases.values()), 2),
+            "trainable_params": sum(p.numel() for p in mm.mixture_parameters().values()),
+            "phases": {k: {"final_loss": r.final_loss, "steps": r.steps, "seconds": round(r.seconds, 2),
+                           "tokens_per_second": round(r.tokens_per_second, 1)} for k, r in phases.items()},
+        }
+        for phase, r in phases.items():
+            tag = phase.replace(":", "_")
+            log_history(r.history, f"{tag}/")
+            mlflow.log_figure(loss_curve([int(h["step"]) for h in r.history], [h["loss"] for h in r.history],
+                                         f"{name} {phase}"), f"plots/loss_{tag}.png")
+        mlflow.log_metrics({"train_seconds": summary["train_seconds"], "trainable_params": summary["trainable_params"]})
+        out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
+        mlflow.log_artifacts(str(out), "mixture")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    path = lay.metrics / f"train_router_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

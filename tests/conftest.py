@@ -1,0 +1,62 @@
+"""Shared fixtures: offline env, a tiny config-built Llama (SmolLM2's architecture) and a small config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from moa_core.base_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def tiny_base(tiny_model_dir: Path):
+    """A fresh copy of the tiny base model (mixtures inject into the model they wrap)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def tiny_raw_params(model_dir: Path, domains: list[dict] | None = None) -> dict:
+    """params.yaml contents for tests: the project's params with the tiny model and the quick profile."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["base_model"]["source"] = str(model_dir)
+    if domains is not None:
+        raw["domains"] = domains
+    return raw
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir: Path):
+    from moa_core.config import parse_config
+
+    return parse_config(tiny_raw_params(tiny_model_dir), profile="quick")
+
+
+def toy_records(n_domains: int = 3, n: int = 12) -> list[list[dict]]:
+    words = ["alpha", "beta", "gamma", "delta"]
+    return [[{"instruction": f"{words[k]} question {i}", "response": f"{words[k]} answer " * (1 + i % 3)}
+             for i in range(n)] for k in range(n_domains)]

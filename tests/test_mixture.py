@@ -1,0 +1,316 @@
+"""moa_core's expert-mixture layer, routers and recipes on a tiny config-built Llama."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from conftest import toy_records
+from moa_core.batching import collate, encode
+from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
+from moa_core.model import MixtureError, load_mixture, save_mixture
+from moa_core.routing import load_balance_loss, pool, top_k_gates
+from moa_core.train import NonFiniteLossError, build_mixture, train_loop, train_mixture
+
+
+def _random_peft_adapter(base, out: Path, seed: int, r: int = 4, alpha: float = 8.0,
+                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) -> Path:
+    """A PEFT LoRA adapter with non-zero B (as after training), saved as safetensors."""
+    torch.manual_seed(seed)
+    pm = get_peft_model(base, PeftLoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    pm.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture
+def adapters(tmp_path: Path, tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return [_random_peft_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / f"a{k}", seed=k)
+            for k in range(3)]
+
+
+def _batch(tok, n_domains: int = 3):
+    recs = toy_records(n_domains, 2)
+    return collate([encode(tok, recs[k][0], 64) for k in range(n_domains)], tok.pad_token_id, list(range(n_domains)))
+
+
+def test_gold_routed_moa_reproduces_each_peft_adapter(tiny_cfg, tiny_base, tiny_tok, tiny_model_dir, adapters):
+    from transformers import AutoModelForCausalLM
+
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    mm.eval()
+    b = _batch(tiny_tok)
+    mixed = mm(b["input_ids"], b["attention_mask"], expert=b["expert"]).logits
+    for k, a in enumerate(adapters):
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), a).eval()
+        ref = pm(input_ids=b["input_ids"][k:k + 1], attention_mask=b["attention_mask"][k:k + 1]).logits
+        base_only = mm(b["input_ids"][k:k + 1], b["attention_mask"][k:k + 1], adapters_off=True).logits
+        assert (ref - base_only).abs().max() > 1e-3, "the adapter must change the output for the test to mean anything"
+        torch.testing.assert_close(mixed[k:k + 1], ref, atol=1e-5, rtol=0)
+
+
+def test_mixed_batch_equals_one_expert_batches_row_by_row(tiny_cfg, tiny_base, tiny_tok, adapters):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    mm.eval()
+    b = _batch(tiny_tok)
+    expert = torch.tensor([2, 0, 1])
+    mixed = mm(b["input_ids"], b["attention_mask"], expert=expert).logits
+    for i in range(3):
+        single = mm(b["input_ids"][i:i + 1], b["attention_mask"][i:i + 1], expert=expert[i:i + 1]).logits
+        torch.testing.assert_close(mixed[i:i + 1], single, atol=1e-5, rtol=0)
+
+
+def test_gated_path_equals_weighted_sum_of_experts():
+    """Token-level gates through the rank-concatenated matmul == explicit sum_k g_k s_k B_k A_k x."""
+    torch.manual_seed(0)
+    slot = LayerSlot(0)
+    lin = torch.nn.Linear(6, 5)
+    w = ExpertMixtureLinear(lin, slot, num_experts=3, r=2, scaling=1.5)
+    torch.nn.init.normal_(w.lora_B)
+    x = torch.randn(2, 4, 6)
+    gates = torch.rand(2, 4, 3)
+    slot.route = Route(gates=gates)
+    got = w(x)
+    want = lin(x) + sum(gates[..., k:k + 1] * 1.5 * (x @ w.lora_A[k].t() @ w.lora_B[k].t()) for k in range(3))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # an index route is the same as a one-hot gate
+    idx = torch.tensor([2, 0])
+    slot.route = Route(index=idx)
+    by_index = w(x)
+    slot.route = Route(gates=torch.nn.functional.one_hot(idx, 3).float()[:, None, :].expand(2, 4, 3))
+    torch.testing.assert_close(by_index, w(x), atol=1e-5, rtol=1e-5)
+
+
+def test_modula_res_formula_on_a_non_square_projection():
+    torch.manual_seed(0)
+    slot = LayerSlot(0)
+    lin = torch.nn.Linear(6, 10)  # d_in != d_out
+    w = ExpertMixtureLinear(lin, slot, num_experts=2, r=3, scaling=2.0, universal_r=4, universal_scaling=0.5)
+    for p in (w.lora_B, w.universal_B):
+        torch.nn.init.normal_(p)
+    assert w.lora_A.shape == (2, 3, 10), "domain experts read h, which lives in d_out"
+    x = torch.randn(2, 3, 6)
+    s = torch.softmax(torch.randn(2, 3, 2), -1)
+    slot.route = Route(gates=s)
+    h = 0.5 * (x @ w.universal_A.t() @ w.universal_B.t())
+    want = lin(x) + h + sum(s[..., k:k + 1] * 2.0 * (torch.nn.functional.leaky_relu(h @ w.lora_A[k].t(), 0.01) @ w.lora_B[k].t())
+                            for k in range(2))
+    torch.testing.assert_close(w(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_gates_and_balance_loss_on_hand_made_inputs():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    gates, probs = top_k_gates(logits, 2)
+    assert (gates > 0).sum() == 2 and torch.isclose(gates.sum(), torch.tensor(1.0))
+    p = probs[0, 0]
+    torch.testing.assert_close(gates[0, 0, :2], p[:2] / p[:2].sum())
+    mask = torch.ones(1, 4)
+    # perfectly balanced: uniform probabilities, each expert picked by one token -> loss 1
+    uniform = torch.full((1, 4, 4), 0.25)
+    one_each = torch.eye(4)[None]
+    assert torch.isclose(load_balance_loss(uniform, one_each, mask), torch.tensor(1.0))
+    # collapsed: every token sends everything to expert 0 -> loss E
+    collapsed = torch.zeros(1, 4, 4)
+    collapsed[..., 0] = 1.0
+    assert torch.isclose(load_balance_loss(collapsed, collapsed, mask), torch.tensor(4.0))
+    # masked tokens do not count
+    half = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert torch.isclose(load_balance_loss(collapsed, collapsed, half), torch.tensor(4.0))
+
+
+def test_pooling_mean_and_last():
+    h = torch.arange(12.0).view(1, 4, 3)
+    m = torch.tensor([[0, 1, 1, 0]])
+    torch.testing.assert_close(pool(h, m, "mean"), h[:, 1:3].mean(1))
+    torch.testing.assert_close(pool(h, m, "last"), h[:, 2])
+
+
+def test_route_shapes_and_last_layer_decision(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    b = _batch(tiny_tok)
+    chosen, logits = mm.route(b["input_ids"], b["attention_mask"])
+    L = tiny_base.config.num_hidden_layers
+    assert logits.shape == (L, 3, len(tiny_cfg.domain_names)) and chosen.shape == (3,)
+    assert torch.equal(chosen, logits[-1].argmax(-1))
+
+
+def test_moa_stage2_gradients_only_on_routers_and_gold_experts(tiny_cfg, tiny_base, tiny_tok, adapters):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    mm.set_trainable(experts=True, routers=True)
+    mm.train()
+    b = _batch(tiny_tok, 3)
+    expert = torch.tensor([0, 0, 2])  # expert 1 gets no rows
+    out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=0.1)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.loss.backward()
+    assert all(p.grad is None for n, p in mm.model.named_parameters() if ".lora_" not in n), "base must stay frozen"
+    w = next(iter(mm.wrapped.values()))
+    assert w.lora_B.grad[1].abs().sum() == 0
+    assert w.lora_B.grad[0].abs().sum() > 0 and w.lora_B.grad[2].abs().sum() > 0
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in mm.routers)
+
+
+def test_modula_router_stage_trains_only_routers(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "modula-res", tiny_base, "tiny")
+    before = {n: p.detach().clone() for n, p in mm.mixture_parameters().items() if not n.startswith("routers.")}
+    train_mixture(mm, tiny_tok, toy_records(3, 6), tiny_cfg, steps=2, lr=1e-2, train_experts=False,
+                  train_routers=True, route="learned")
+    after = mm.mixture_parameters()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(not p.requires_grad for n, p in after.items() if not n.startswith("routers."))
+
+
+def test_modula_flan_domain_experts_keep_their_rank(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "modula-flan", tiny_base, "tiny")
+    train_mixture(mm, tiny_tok, toy_records(1, 6), tiny_cfg, steps=2, lr=1e-2, train_experts=True,
+                  train_routers=False, route=1)
+    dr = tiny_cfg.modula.domain_r
+    for w in mm.wrapped.values():
+        assert w.lora_A[1:, dr:].abs().sum() == 0 and w.lora_B[1:, :, dr:].abs().sum() == 0
+        assert w.lora_B[1].abs().sum() > 0  # the trained domain expert moved
+
+
+def test_mosld_shares_a_and_dropconnect_only_in_training(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "mosld", tiny_base, "tiny")
+    w = next(iter(mm.wrapped.values()))
+    assert w.lora_A.shape[0] == 1 and w.dropconnect_p == pytest.approx(0.1)
+    assert set(mm.spec.target_modules) == {"q_proj", "v_proj"}
+    torch.nn.init.normal_(w.lora_B)
+    w.train()
+    assert not torch.equal(w._expert_A(), w._expert_A())
+    w.eval()
+    assert torch.equal(w._expert_A(), w.lora_A)
+    res = train_mixture(mm, tiny_tok, toy_records(3, 6), tiny_cfg, steps=2, lr=1e-3, train_experts=True,
+                        train_routers=True, route="learned", balance_coef=0.01)
+    assert "aux_loss" in res.history[-1] and res.history[-1]["aux_loss"] > 0
+
+
+def test_save_load_round_trip_and_errors(tmp_path, tiny_cfg, tiny_base, tiny_tok, tiny_model_dir, adapters):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    out = save_mixture(mm, tmp_path / "mix")
+    b = _batch(tiny_tok)
+    ref = mm(b["input_ids"], b["attention_mask"], expert=b["expert"]).logits
+    again = load_mixture(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), out)
+    torch.testing.assert_close(again(b["input_ids"], b["attention_mask"], expert=b["expert"]).logits, ref)
+    assert again.spec.experts == mm.spec.experts
+    # another base model: clear error naming the base it was trained on
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(MixtureError, match="trained on|built for"):
+        load_mixture(other, out)
+    # a truncated weights file is rejected, not half-loaded
+    w = out / "mixture.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(MixtureError, match="damaged"):
+        load_mixture(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+
+
+def test_adapter_from_another_base_is_rejected(tmp_path, tiny_cfg, tiny_base):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    a = _random_peft_adapter(other, tmp_path / "other", seed=0)
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with pytest.raises(MixtureError, match="another base model"):
+        mm.load_peft_expert(0, a)
+
+
+def test_adding_a_domain_leaves_old_experts_bit_identical(tiny_cfg, tiny_base, tiny_tok, adapters):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    n = len(mm.spec.experts)
+    old = [mm.expert_hash(k) for k in range(3)]
+    k_new = mm.add_expert("law")
+    assert k_new == n and mm.spec.experts[-1] == "law" and all(r.num_experts == n + 1 for r in mm.routers)
+    assert [mm.expert_hash(k) for k in range(3)] == old
+    train_mixture(mm, tiny_tok, toy_records(1, 6), tiny_cfg, steps=3, lr=1e-2, train_experts=True,
+                  train_routers=False, route=k_new)
+    assert [mm.expert_hash(k) for k in range(3)] == old
+    assert next(iter(mm.wrapped.values())).lora_B[k_new].abs().sum() > 0
+
+
+def test_target_module_the_model_lacks_is_named(tiny_cfg, tiny_base):
+    bad = tiny_cfg.model_copy(update={"lora": tiny_cfg.lora.model_copy(update={"target_modules": ["q_proj", "c_attn"]})})
+    with pytest.raises(MixtureError, match="c_attn"):
+        build_mixture(bad, "moa", tiny_base, "tiny")
+
+
+def _toy_loop(steps, ckpt, fail_at=None, nan_at=None, cfg=None):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(3))
+    target = torch.tensor([1.0, -2.0, 0.5])
+
+    def batches(start):
+        step = start
+        while True:
+            g = torch.Generator().manual_seed(step)
+            yield {"x": torch.randn(4, 3, generator=g), "attention_mask": torch.ones(4, 3)}
+            step += 1
+
+    calls = {"n": 0}
+
+    def step_fn(b):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        loss = ((b["x"] @ w - b["x"] @ target) ** 2).mean()
+        if nan_at is not None and calls["n"] == nan_at:
+            loss = loss * float("nan")
+        return loss, {}
+
+    res = train_loop({"w": w}, batches, step_fn, steps, 0.1, cfg, ckpt)
+    return w, res
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.train.model_copy(update={"checkpoint_every": 2, "log_every": 1})
+    w_ref, ref = _toy_loop(6, None, cfg=cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_loop(6, tmp_path / "ck", fail_at=4, cfg=cfg)  # killed during step 4; checkpoint at step 2
+    w, res = _toy_loop(6, tmp_path / "ck", cfg=cfg)
+    assert res.resumed_from == 2 and res.steps == 6 and len(res.history) == len(ref.history)
+    torch.testing.assert_close(w, w_ref)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.train.model_copy(update={"checkpoint_every": 2})
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        _toy_loop(6, tmp_path / "ck", nan_at=3, cfg=cfg)
+    state = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and torch.isfinite(state["params"]["w"]).all()
+
+
+def test_generate_routes_once_from_the_prompt(tiny_cfg, tiny_base, tiny_tok, adapters):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    for k, a in enumerate(adapters):
+        mm.load_peft_expert(k, a)
+    b = collate([{"input_ids": tiny_tok("alpha question", add_special_tokens=False)["input_ids"]}] * 2,
+                tiny_tok.pad_token_id, left_pad=True)
+    seqs, chosen = mm.generate(b["input_ids"], b["attention_mask"], max_new_tokens=3, do_sample=False,
+                               pad_token_id=tiny_tok.pad_token_id)
+    assert seqs.shape[1] == b["input_ids"].shape[1] + 3 or seqs.shape[1] <= b["input_ids"].shape[1] + 3
+    forced, _ = mm.generate(b["input_ids"], b["attention_mask"], expert=chosen, max_new_tokens=3, do_sample=False,
+                            pad_token_id=tiny_tok.pad_token_id)
+    assert torch.equal(seqs, forced)

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# Imported eagerly: transformers' lazy module loading is not thread-safe, and the pipeline loads models
+# from several task threads at once ("cannot import name 'AutoModelForCausalLM'" otherwise).
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from .config import BaseModelConfig
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -48,8 +52,6 @@ def convert_smollm2(target: Path) -> Path:
     """GGUF -> plain HF checkpoint (fp32 safetensors + tokenizer) in `target`, atomically, once."""
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -91,8 +93,6 @@ def resolve_base_path(cfg: BaseModelConfig, root: Path) -> tuple[str, str]:
 
 def load_base(cfg: BaseModelConfig, root: str | Path = "."):
     """-> (causal LM in eval mode with frozen weights, tokenizer with a pad token, model id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path, model_id = resolve_base_path(cfg, Path(root))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)

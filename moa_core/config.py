@@ -201,6 +201,16 @@ class MoAConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _domain_mapping(cls, raw: Any) -> Any:
+        """params.yaml lists domains as a mapping `name: {source: ..., description: ...}` (so DVC can
+        track each domain's params as `domains.<name>`); a list of {name: ...} entries is accepted too."""
+        if isinstance(raw, dict) and isinstance(raw.get("domains"), dict):
+            raw = {**raw, "domains": [{"name": k, **(v or {})} if isinstance(v, dict | None) else v
+                                      for k, v in raw["domains"].items()]}
+        return raw
+
     @model_validator(mode="after")
     def _domains(self) -> "MoAConfig":
         if len(self.domains) < 1:
@@ -284,12 +294,26 @@ def parse_config(raw: dict[str, Any], source: str = "params.yaml", profile: str 
         raise ConfigError(_explain(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a repeated domain name must be an error instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); each key, "
+                                  "and each domain name, must be unique. Rename or remove one.")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> MoAConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found; run from the project root or pass --params PATH")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return parse_config(raw or {}, str(path), profile)

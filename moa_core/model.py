@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -386,7 +387,7 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Tensor], dict[
 
 
 # ------------------------------------------------------------------------------------ save / load
-def _atomic_dir_write(target: Path, write: Any) -> None:
+def atomic_dir_write(target: Path, write: Any) -> None:
     """Write a directory via a temporary sibling and an atomic rename, so a crash never leaves a half-written one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -395,8 +396,6 @@ def _atomic_dir_write(target: Path, write: Any) -> None:
         old = target.with_name(f".{target.name}.old.{os.getpid()}")
         os.replace(target, old)
         os.replace(tmp, target)
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
@@ -413,7 +412,7 @@ def save_mixture(mm: MixtureModel, out_dir: str | Path, extra: dict[str, Any] | 
             meta["extra"] = extra
         (tmp / MIXTURE_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-    _atomic_dir_write(out, write)
+    atomic_dir_write(out, write)
     return out
 
 

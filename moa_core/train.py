@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 from torch import Tensor, nn
 
 from .batching import balanced_batches, encode
 from .config import MoAConfig, TrainConfig
-from .model import MixtureModel, MixtureSpec, base_config_hash, decoder_layers
+from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"
@@ -141,11 +143,6 @@ def train_peft_lora(
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
     batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    from .model import _atomic_dir_write
-
     torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(base, PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -163,7 +160,7 @@ def train_peft_lora(
         step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint,
     )
     peft_model.eval()
-    _atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
+    atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
     return result
 
 

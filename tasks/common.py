@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ def configure_env(root: Path) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+
+# Torch work of tasks that share one process runs one job at a time. Two trainings in two threads of one
+# process produced a NaN loss on the second step here (each alone is finite), and on a 2-core machine
+# they would only split the same cores anyway. Parallel training = separate processes (a work pool).
+TORCH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import mlflow
+
 from moa_core.data import curate, require_rows, write_curated
 from moa_core.sources import load_source
 
@@ -28,8 +30,6 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(result.counts, indent=2, sort_keys=True))
     with stage_run(ctx, f"curate:{domain}", domain=domain) as _run:
-        import mlflow
-
         mlflow.log_params({"domain": domain, "source": dom.source.kind, **{f"curate.{k}": v for k, v in ctx.cfg.curate.model_dump().items()}})
         mlflow.log_metrics({k: float(v) for k, v in result.counts.items() if isinstance(v, int | float)})
         mlflow.log_artifact(str(out / "card.json"), "data")

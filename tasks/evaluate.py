@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import mlflow
+
 from moa_core import metrics
 from moa_core.base_model import load_base
 from moa_core.evaluate import SystemEval, evaluate_system
 from moa_core.model import load_mixture
 from moa_core.train import build_mixture
 
-from .common import StageContext, stage_run
+from .common import TORCH_LOCK, StageContext, stage_run
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -69,16 +71,15 @@ def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
-    import mlflow
-
     from .plots import confusion_heatmap, metric_bars
 
     lay, doms = ctx.layout, ctx.cfg.domain_names
     test = ctx.splits("test")
-    systems = _baselines(ctx, test)
     mixtures = [ctx.cfg.method] + (["moa-no-routing-loss"] if "moa_no_routing_loss" in ctx.cfg.evaluate.baselines else [])
-    for name in mixtures:
-        systems[name] = _mixture_system(ctx, name, test)
+    with TORCH_LOCK:
+        systems = _baselines(ctx, test)
+        for name in mixtures:
+            systems[name] = _mixture_system(ctx, name, test)
     rows = []
     for name, ev in systems.items():
         params, seconds = _costs(ctx, name)

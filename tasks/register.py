@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import mlflow
+from mlflow import MlflowClient
+
 from moa_core.base_model import resolve_base_path
 
 from .common import StageContext, stage_run
@@ -33,8 +36,6 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 
 
 def run_register(ctx: StageContext) -> dict[str, Any]:
-    import mlflow
-    from mlflow import MlflowClient
 
     from moa_cli.pyfunc import MoAPyfunc
 
@@ -68,5 +69,7 @@ def run_register(ctx: StageContext) -> dict[str, Any]:
             client.set_model_version_tag(reg.model_name, version, "moa.not_promoted_reason", why)
         mlflow.log_metric(reg.promote_metric, value)
         mlflow.set_tags({"moa.registered_version": version, "moa.promoted": str(promote)})
-    return {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
-            "metric": value, "run_id": run.info.run_id}
+    result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
+              "metric": value, "run_id": run.info.run_id}
+    (ctx.layout.metrics / "registered.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result

@@ -6,17 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
 from moa_core.base_model import load_base
 from moa_core.train import TrainResult, train_peft_lora
 
 import shutil
 
-from .common import StageContext, fingerprint, log_history, stage_run
+from .common import TORCH_LOCK, StageContext, fingerprint, log_history, stage_run
 
 
 def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str) -> dict[str, Any]:
-    import mlflow
-
     from .plots import loss_curve
 
     summary = {
@@ -37,11 +37,10 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
 
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
            metrics_name: str) -> dict[str, Any]:
-    base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
     records = [ctx.split(d, "train") for d in domains]
-    with stage_run(ctx, run_name, base_model=model_id) as _run:
-        import mlflow
-
+    with TORCH_LOCK, stage_run(ctx, run_name) as _run:
+        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+        mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
                            **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                            **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})

@@ -6,29 +6,30 @@ import json
 import shutil
 from typing import Any
 
+import mlflow
+
 from moa_core.base_model import load_base
 from moa_core.model import save_mixture
 from moa_core.train import fit_method
 
-from .common import StageContext, fingerprint, log_history, stage_run
+from .common import TORCH_LOCK, StageContext, fingerprint, log_history, stage_run
 
 
 def run_train_router(ctx: StageContext, method: str | None = None, eta: float | None = None,
                      name: str | None = None) -> dict[str, Any]:
     """Train `method` (default: params.yaml's) -> models/mixture/<name>/. `eta=0.0` with name
     'moa-no-routing-loss' gives the routing-loss ablation."""
-    import mlflow
-
     from .plots import loss_curve
 
     method = method or ctx.cfg.method
     name = name or method
     lay, doms = ctx.layout, ctx.cfg.domain_names
-    base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
     train = [ctx.split(d, "train") for d in doms]
     ckpt = lay.checkpoints / f"mixture-{name}"
     fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
-    with stage_run(ctx, f"train_router:{name}", method=method, base_model=model_id):
+    with TORCH_LOCK, stage_run(ctx, f"train_router:{name}", method=method):
+        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+        mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,
                            **{f"router.{k}": v for k, v in ctx.cfg.router.model_dump().items()},
                            "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})

@@ -72,7 +72,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
                   f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
     result = flow(params=str(params.resolve()), profile=profile)
-    console.print(result["evaluation"]["table"])
+    print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
     reg = result["registered"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "

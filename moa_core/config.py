@@ -134,6 +134,7 @@ class RouterConfig(_Strict):
     """MoA router: one bias-free linear per transformer layer over the pooled hidden state."""
 
     eta: float = Field(0.1, ge=0, description="weight of the domain cross-entropy (0 = ablation)")
+    lr: float = Field(5e-3, gt=0, description="router learning rate (routers start from scratch; experts use train.joint_lr)")
     pooling: Literal["mean", "last"] = "mean"
     inference: Literal["last", "vote"] = "last"
 

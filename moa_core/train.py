@@ -76,11 +76,15 @@ def train_loop(
     ckpt_dir: Path | None = None,
     on_log: LogFn | None = None,
     fingerprint: str = "",
+    lr_for: Callable[[str], float] | None = None,
 ) -> TrainResult:
-    """Optimise `params` for `steps` steps. `batches(start_step)` yields the batches from that step on;
+    """Optimise `params` for `steps` steps (`lr_for(name)` may give some parameters their own rate). `batches(start_step)` yields the batches from that step on;
     `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present and
     written for the same `fingerprint` (a hash of the settings and data); a stale one is ignored."""
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
+    rates: dict[float, list[nn.Parameter]] = {}
+    for name, p in params.items():
+        rates.setdefault(lr_for(name) if lr_for else lr, []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": r} for r, ps in rates.items()], lr=lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_fraction * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
     result = TrainResult(steps=steps, trainable_params=sum(p.numel() for p in params.values()))
@@ -252,6 +256,7 @@ def train_mixture(
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
         step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
+        lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr,
     )
     mm.eval()
     return result

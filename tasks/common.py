@@ -36,6 +36,29 @@ def configure_env(root: Path) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the stage logs
+    hf_logging.set_verbosity_error()
+
+
+def progress(name: str, total: int):
+    """An `on_log` callback for training loops: `name step 10/40 loss 2.31 ...` in the Prefect task's
+    log (visible in the Prefect UI) or, outside a task run, on the standard logger."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        log = get_run_logger()
+    except Exception:  # not inside a Prefect run (a DVC stage, a test)
+        log = logging.getLogger("moa")
+
+    def on_log(step: int, entry: dict[str, float]) -> None:
+        extra = " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss") and isinstance(v, float))
+        log.info("%s step %d/%d loss %.4f %s", name, step, total, entry["loss"], extra)
+
+    return on_log
 
 
 # Torch work of tasks that share one process runs one job at a time. Two trainings in two threads of one

@@ -13,7 +13,7 @@ from moa_core.train import TrainResult, train_peft_lora
 
 import shutil
 
-from .common import TORCH_LOCK, StageContext, fingerprint, log_history, stage_run
+from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
 
 
 def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
                            **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                            **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
         fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
-        result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, fingerprint=fp)
+        result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, progress(run_name, steps), fp)
         summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss")
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
     return summary

@@ -12,7 +12,7 @@ from moa_core.base_model import load_base
 from moa_core.model import save_mixture
 from moa_core.train import fit_method
 
-from .common import TORCH_LOCK, StageContext, fingerprint, log_history, stage_run
+from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
 
 
 def run_train_router(ctx: StageContext, method: str | None = None, eta: float | None = None,
@@ -36,7 +36,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         mm, phases = fit_method(
             ctx.cfg, method, base, tok, model_id, train,
             expert_dirs=[lay.expert(d) for d in doms] if method == "moa" else None,
-            ckpt_root=ckpt, eta=eta, fingerprint=fp,
+            ckpt_root=ckpt, eta=eta, fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps),
         )
         summary: dict[str, Any] = {
             "method": method,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+
+# One PREFECT_HOME for the whole session: Prefect's ephemeral server costs 8-20 s per new home/process.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="moa-prefect-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,116 @@
+"""The real flow end to end through Prefect, MLflow (sqlite store + registry) and the stage functions,
+on the tiny model and small slices of the real offline domains."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_raw_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    raw = tiny_raw_params(tiny_model_dir)
+    raw["profiles"]["quick"]["curate"] = {"max_rows": 40}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline_result(project: Path) -> dict:
+    from flows.pipeline import moa_pipeline
+
+    return moa_pipeline(params=str(project / "params.yaml"), profile="quick")
+
+
+def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipeline_result: dict):
+    import mlflow
+    from mlflow import MlflowClient
+
+    domains = ["code", "medicine", "finance", "sports"]
+    # artifacts on disk
+    for d in domains:
+        assert (project / "data/curated" / d / "test.jsonl").stat().st_size > 0
+        assert (project / "models/experts" / d / "adapter_model.safetensors").exists()
+    assert (project / "models/mixture/moa/mixture.safetensors").exists()
+    assert not (project / "models/checkpoints" / "expert-code").exists(), "checkpoints are removed after success"
+    ev = json.loads((project / "metrics/eval.json").read_text())
+    assert set(ev) >= {"base", "single-lora", "lora-mixed", "moa"}
+    for system, vals in ev.items():
+        assert 1.0 < vals["avg_ppl"] < 1e6 and 0.0 <= vals["avg_rougeL"] <= 100.0, system
+    assert 0.0 <= ev["moa"]["router_accuracy"] <= 1.0
+    assert "| moa |" in (project / "reports/eval.md").read_text()
+
+    # MLflow: a parent run with one nested run per stage/domain, lineage tags, plots
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns/mlflow.db'}")
+    client = MlflowClient()
+    parent = client.get_run(pipeline_result["mlflow_run_id"])
+    assert parent.data.tags["prefect_flow_run_id"] == pipeline_result["flow_run_id"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
+    names = {r.info.run_name for r in children}
+    assert names >= {*(f"curate:{d}" for d in domains), *(f"train_expert:{d}" for d in domains),
+                     "train_mixed", "train_router:moa", "evaluate", "register"}
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    assert math.isfinite(evaluate_run.data.metrics["moa.avg_ppl"])
+    arts = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "plots")}
+    assert "plots/router_confusion.png" in arts and "plots/rougeL_by_domain.png" in arts
+    train_run = next(r for r in children if r.info.run_name == "train_expert:code")
+    assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2
+
+    # registry: version 1 is the champion and answers through pyfunc
+    reg = pipeline_result["registered"]
+    assert reg["promoted"] is True
+    champion = client.get_model_version_by_alias("moa-model", "champion")
+    assert champion.version == reg["version"]
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/moa-model@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["What is fever?", "def add(a, b):"]}))
+    assert list(out.columns) == ["text", "expert"] and set(out["expert"]) <= set(domains)
+    forced = model.predict(pd.DataFrame({"prompt": ["What is fever?"], "domain": ["medicine"]}))
+    assert forced["expert"].tolist() == ["medicine"]
+
+
+def test_every_stage_is_a_prefect_task_run(pipeline_result: dict):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_runs():
+        async with get_client() as c:
+            return await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[pipeline_result["flow_run_id"]])))
+
+    runs = asyncio.run(task_runs())
+    by_name = {r.name: r.state.type.value for r in runs}
+    for name in ["curate[code]", "train_expert[sports]", "train_router[moa]"]:
+        assert by_name.get(name) == "COMPLETED", by_name
+    assert any(n.startswith("evaluate") for n in by_name) and any(n.startswith("register") for n in by_name)
+
+
+def test_a_worse_model_does_not_take_champion(project: Path, pipeline_result: dict):
+    from mlflow import MlflowClient
+
+    from tasks.common import StageContext
+    from tasks.register import run_register
+
+    ctx = StageContext.load(project / "params.yaml", "quick")
+    path = project / "metrics/eval.json"
+    ev = json.loads(path.read_text())
+    champion_version = pipeline_result["registered"]["version"]
+    ev["moa"]["avg_rougeL"] = ev["moa"]["avg_rougeL"] - 50.0  # clearly worse on the gate metric
+    path.write_text(json.dumps(ev))
+    worse = run_register(ctx)
+    assert worse["promoted"] is False and "worse than champion" in worse["reason"]
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("moa-model", "champion").version == champion_version
+    assert "worse than champion" in client.get_model_version("moa-model", worse["version"]).tags["moa.not_promoted_reason"]

@@ -70,7 +70,7 @@ def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipelin
     reg = pipeline_result["registered"]
     assert reg["promoted"] is True
     champion = client.get_model_version_by_alias("moa-model", "champion")
-    assert champion.version == reg["version"]
+    assert str(champion.version) == reg["version"]
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/moa-model@champion")
@@ -112,5 +112,5 @@ def test_a_worse_model_does_not_take_champion(project: Path, pipeline_result: di
     worse = run_register(ctx)
     assert worse["promoted"] is False and "worse than champion" in worse["reason"]
     client = MlflowClient()
-    assert client.get_model_version_by_alias("moa-model", "champion").version == champion_version
+    assert str(client.get_model_version_by_alias("moa-model", "champion").version) == champion_version
     assert "worse than champion" in client.get_model_version("moa-model", worse["version"]).tags["moa.not_promoted_reason"]

@@ -1,0 +1,192 @@
+"""Mixed-domain batched generation: base model vs PEFT mixed batches vs moa_core's routed MoA layer.
+
+For each N in --experts, one batch whose rows belong to N domains (row i -> domain i % N) is generated
+greedily (prompt --prompt-len tokens, exactly --new-tokens new tokens) by
+
+  (a) base      the model without adapters (the limit);
+  (b) peft      one PeftModel holding N LoRA adapters (random non-zero B), `generate(adapter_names=...)`;
+  (c) moa       moa_core's MixtureModel (method moa, N experts holding the same N LoRAs), router
+                included: `mm.generate(...)` with expert=None, so it routes from the prompt first.
+
+and, to attribute the cost of (c):
+
+  moa_off       the same MixtureModel with adapters_off=True (wrappers and hooks, no LoRA math);
+  moa_forced    `mm.generate(expert=row_domain)` (no routing pass; same rows->experts as (b)).
+
+Every variant is warmed up once, then the variants are timed in turn, --repeats times (interleaved, so
+clock drift hits them alike); each time is the median. CUDA is synchronised around each timed call.
+`match` is the share of generated tokens where moa_forced equals peft (same LoRA weights, same
+assignment): 1.0 expected in fp32, close to 1 in bf16 (greedy decoding can flip on near-ties).
+
+Example:  python bench/bench_inference.py --shape smollm2 --device cpu --experts 1,4,16 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    LORA_ALPHA, LORA_R, SHAPES, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
+    parse_int_list, pick_device, pick_dtype, timed, write_json,
+)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+VARIANTS = ["base", "peft", "moa", "moa_off", "moa_forced"]
+
+
+def build_peft(base: nn.Module, n: int, seed: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05, target_modules=list(TARGETS),
+                     task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    pm = get_peft_model(clone(base), cfg, adapter_name="d0")
+    for k in range(1, n):
+        pm.add_adapter(f"d{k}", cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)  # random non-zero B: every adapter changes the output
+    pm.eval()
+    return pm
+
+
+def build_moa(base: nn.Module, pm: nn.Module, n: int, seed: int):
+    """A MoA MixtureModel with N experts holding exactly the PEFT model's N adapters."""
+    from moa_core.model import MixtureModel
+
+    torch.manual_seed(seed)
+    mm = MixtureModel(clone(base), moa_spec(base, n, dropout=0.05))
+    loaded = 0
+    for name, mod in pm.named_modules():
+        if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and "d0" in mod.lora_A:
+            key = name.removeprefix("base_model.model.")
+            w = mm.wrapped[key]
+            for k in range(n):
+                a = f"d{k}"
+                w.load_expert(k, mod.lora_A[a].weight.data, mod.lora_B[a].weight.data, float(mod.scaling[a]))
+            loaded += 1
+    assert loaded == len(mm.wrapped), f"loaded {loaded} of {len(mm.wrapped)} projections"
+    mm.eval()
+    return mm
+
+
+def run_shape(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = build_base(args.shape, device, dtype, seed=0)
+    V = SHAPES[args.shape]["vocab_size"]
+    B, P, G = args.batch, args.prompt_len, args.new_tokens
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (B, P), generator=g).to(device)
+    mask = torch.ones(B, P, dtype=torch.long, device=device)
+    gen = dict(max_new_tokens=G, min_new_tokens=G, do_sample=False, pad_token_id=0)
+    results = []
+    for n in args.experts:
+        rows = torch.arange(B, device=device) % n
+        names = [f"d{int(k)}" for k in rows]
+        pm = build_peft(base, n, seed=n)
+        mm = build_moa(base, pm, n, seed=n)
+        outs: dict[str, torch.Tensor] = {}
+        chosen: list[torch.Tensor] = []
+
+        def call(v: str):
+            with torch.inference_mode():
+                if v == "base":
+                    return base.generate(input_ids=ids, attention_mask=mask, **gen)
+                if v == "peft":
+                    return pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen)
+                if v == "moa":
+                    seqs, exp = mm.generate(ids, mask, **gen)
+                    chosen.append(exp)
+                    return seqs
+                if v == "moa_off":
+                    return mm.generate(ids, mask, adapters_off=True, **gen)[0]
+                if v == "moa_forced":
+                    return mm.generate(ids, mask, expert=rows, **gen)[0]
+            raise ValueError(v)
+
+        variants = [v for v in VARIANTS if v in args.variants]
+        for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches)
+            for _ in range(args.warmup):
+                outs[v] = call(v)
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:
+                t, out = timed(lambda: call(v), device)
+                times[v].append(t)
+                assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
+        med = {v: median(ts) for v, ts in times.items()}
+        rec = {"experts": n, "median_s": med, "all_s": times,
+               "gen_tokens_per_s": {v: B * G / s for v, s in med.items()}}
+        if "peft" in outs and "moa_forced" in outs:
+            rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
+        if chosen:
+            rec["routed_distinct_experts"] = int(torch.unique(chosen[-1]).numel())
+        if "base" in med and "moa" in med:
+            rec["moa_over_base"] = med["moa"] / med["base"]
+        if "peft" in med and "moa" in med:
+            rec["peft_over_moa"] = med["peft"] / med["moa"]
+        results.append(rec)
+        print(f"  N={n}: " + ", ".join(f"{v} {med[v] * 1e3:.1f} ms" for v in variants), file=sys.stderr, flush=True)
+        del pm, mm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"shape": args.shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "batch": B, "prompt_len": P, "new_tokens": G, "repeats": args.repeats, "warmup": args.warmup,
+            "machine": machine_info(device), "results": results}
+
+
+def render(payload: dict) -> str:
+    variants = [v for v in VARIANTS if v in payload["results"][0]["median_s"]]
+    head = (f"### Inference: shape `{payload['shape']}`, {payload['device']} {payload['dtype']}, batch {payload['batch']}, "
+            f"prompt {payload['prompt_len']}, {payload['new_tokens']} new tokens, median of {payload['repeats']}\n")
+    headers = ["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in ("base", "peft", "moa") if v in variants]
+    headers += ["moa/base time", "peft/moa time", "routed experts", "match"]
+    rows = []
+    for r in payload["results"]:
+        row = [r["experts"]] + [r["median_s"][v] * 1e3 for v in variants]
+        row += [r["gen_tokens_per_s"][v] for v in ("base", "peft", "moa") if v in variants]
+        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), r.get("routed_distinct_experts", "-"),
+                r.get("match_moa_forced_vs_peft", "-")]
+        rows.append(row)
+    return head + "\n" + markdown_table(headers, rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", help=f"comma-separated, of {sorted(SHAPES)}")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--experts", default="1,2,4,8,16", type=parse_int_list)
+    ap.add_argument("--repeats", default=5, type=int)
+    ap.add_argument("--warmup", default=1, type=int)
+    ap.add_argument("--batch", default=16, type=int)
+    ap.add_argument("--prompt-len", default=128, type=int)
+    ap.add_argument("--new-tokens", default=32, type=int)
+    ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args(argv)
+    payloads = []
+    for shape in args.shape.split(","):
+        a = argparse.Namespace(**{**vars(args), "shape": shape})
+        print(f"[bench_inference] shape={shape}", file=sys.stderr, flush=True)
+        p = run_shape(a)
+        payloads.append(p)
+        print(render(p), flush=True)
+    write_json(args.json, {"benchmark": "inference", "runs": payloads})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -64,3 +64,21 @@ def toy_records(n_domains: int = 3, n: int = 12) -> list[list[dict]]:
     words = ["alpha", "beta", "gamma", "delta"]
     return [[{"instruction": f"{words[k]} question {i}", "response": f"{words[k]} answer " * (1 + i % 3)}
              for i in range(n)] for k in range(n_domains)]
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A project directory whose params.yaml uses the tiny model on the four real builtin domains."""
+    root = tmp_path_factory.mktemp("project")
+    raw = tiny_raw_params(tiny_model_dir)
+    raw["profiles"]["quick"]["curate"] = {"max_rows": 40}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline_result(project: Path) -> dict:
+    """One real run of the moa_pipeline flow (Prefect + MLflow + all stages), shared by the e2e tests."""
+    from flows.pipeline import moa_pipeline
+
+    return moa_pipeline(params=str(project / "params.yaml"), profile="quick")

@@ -8,27 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
-
-from conftest import tiny_raw_params
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    raw = tiny_raw_params(tiny_model_dir)
-    raw["profiles"]["quick"]["curate"] = {"max_rows": 40}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return root
-
-
-@pytest.fixture(scope="module")
-def pipeline_result(project: Path) -> dict:
-    from flows.pipeline import moa_pipeline
-
-    return moa_pipeline(params=str(project / "params.yaml"), profile="quick")
 
 
 def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipeline_result: dict):

@@ -4,11 +4,13 @@ evaluate -> register, as Prefect task runs under one flow run and one parent MLf
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.dispatch import dispatch_experts
 from tasks.common import StageContext, configure_env, mlflow_experiment, lineage_tags, set_torch_threads
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, register_task, train_expert_task, train_mixed_task, train_router_task,
@@ -16,8 +18,11 @@ from tasks.prefect_tasks import (
 
 
 @flow(name="moa_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def moa_pipeline(params: str = "params.yaml", profile: str | None = None) -> dict[str, Any]:
-    """Train and register a multi-domain mixture from params.yaml (optionally a `profiles:` entry)."""
+def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
+                 expert_deployment: str | None = None) -> dict[str, Any]:
+    """Train and register a multi-domain mixture from params.yaml (optionally a `profiles:` entry).
+    `expert_deployment` (e.g. moa_train_expert/process): train each domain's expert as its own flow run of that
+    deployment on its work pool (flows/dispatch.py) instead of as a task thread of this run."""
     import mlflow
     from prefect.runtime import flow_run
 
@@ -41,10 +46,16 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None) -> dic
         for d, c in counts.items():
             log.info("curated %s: %s", d, c)
 
-        experts = [train_expert_task.submit(ctx, d) for d in cfg.domain_names]
-        upstream = list(experts)
-        if "mixed" in cfg.evaluate.baselines:
-            upstream.append(train_mixed_task.submit(ctx))
+        if expert_deployment:  # one flow run per domain on a work pool; the adapters land in the shared project dir
+            upstream = [train_mixed_task.submit(ctx)] if "mixed" in cfg.evaluate.baselines else []
+            dispatch_experts(params=str(Path(params).resolve()), profile=profile, deployment_name=expert_deployment,
+                             parent_run_id=parent.info.run_id)
+            experts = []
+        else:
+            experts = [train_expert_task.submit(ctx, d) for d in cfg.domain_names]
+            upstream = list(experts)
+            if "mixed" in cfg.evaluate.baselines:
+                upstream.append(train_mixed_task.submit(ctx))
         router = train_router_task.submit(ctx, name=cfg.method, wait_for=experts if cfg.method == "moa" else [])
         upstream.append(router)
         if "moa_no_routing_loss" in cfg.evaluate.baselines:

@@ -61,7 +61,10 @@ def validate(params: Params = Path("params.yaml"), profile: Profile = None) -> N
 
 
 @app.command()
-def run(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
+def run(params: Params = Path("params.yaml"), profile: Profile = None,
+        expert_deployment: Annotated[Optional[str], typer.Option(
+            help="train each domain's expert as its own flow run of this deployment on its work pool, e.g. "
+                 "moa_train_expert/process (python -m flows.dispatch deploy; infra/README.md)")] = None) -> None:
     """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register)."""
     ctx = _ctx(params, profile)
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -71,13 +74,75 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
     console.print(f"[bold]moa_pipeline[/bold]: method={ctx.cfg.method}, domains={ctx.cfg.domain_names}, "
                   f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
-    result = flow(params=str(params.resolve()), profile=profile)
+    result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
     print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
     reg = result["registered"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
         f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
         f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000"
+    )
+
+
+def _field_map(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        ours, sep, theirs = v.partition("=")
+        if not sep or not ours or not theirs:
+            raise typer.BadParameter(f"--field {v!r}: write it as OURS=THEIRS, e.g. --field instruction=question")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
+@app.command()
+def onboard(
+    domain: Annotated[str, typer.Option("--domain", "-d", help="name of the new domain (lowercase, digits, _)")],
+    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, or a dataset id in the local HF cache")],
+    field: Annotated[list[str], typer.Option("--field", "-f", help="column mapping OURS=THEIRS (instruction, response, input, id); repeatable")] = [],  # noqa: B006
+    description: Annotated[str, typer.Option(help="one line for the data card and params.yaml")] = "",
+    params: Params = Path("params.yaml"),
+    profile: Profile = None,
+) -> None:
+    """Add a domain to the trained mixture without retraining the others (one more expert + a router update).
+
+    The old experts stay bit-identical; every old domain is re-evaluated, and the new model version becomes
+    @champion (and the domain is written into params.yaml) only if none regressed beyond onboard.tolerance.
+    Example: moa onboard -d law -s data/raw/law.jsonl -f instruction=question -f response=answer"""
+    from moa_core.config import ConfigError
+    from moa_core.data import EmptyDomainError
+    from moa_core.onboard import OnboardError
+    from moa_core.sources import SourceError
+
+    _ctx(params, profile)  # params.yaml itself must be valid first
+    fields = _field_map(field)
+    from flows.onboard import onboard_domain
+
+    try:
+        result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
+                                params=str(params.resolve()), profile=profile)
+    except (OnboardError, ConfigError, SourceError, EmptyDomainError) as exc:
+        console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {exc}\n"
+                      "params.yaml and the model registry are unchanged.")
+        raise typer.Exit(2) from None
+    ev, reg, cost = result["evaluation"], result["registered"], result["cost"]
+    t = Table(title=f"onboard {domain}: {ev['metric']} per domain, before -> after (test split)")
+    for col in ("domain", "before", "after", "router acc"):
+        t.add_column(col)
+    acc = ev["router_accuracy_by_domain"]
+    for d, vals in ev["after"].items():
+        before = ev["before"].get(d, {}).get(ev["metric"])
+        t.add_row(d, "-" if before is None else f"{before:.3f}", f"{vals[ev['metric']]:.3f}",
+                  f"{acc[d]:.0%}" if d in acc else "-")
+    console.print(t)
+    console.print(
+        f"cost: {cost['onboard_train_seconds']} s and {cost['onboard_trainable_params']:,} trainable parameters "
+        f"(the last full pipeline trained {cost['pipeline_train_seconds_old_domains']} s; the whole mixture has "
+        f"{cost['full_mixture_trainable_params']:,})\n"
+        + (f"[green]promoted[/green]: {reg['model']} v{reg['version']} is @champion and params.yaml lists {domain!r}; "
+           "`dvc repro` and scheduled retrains include it from now on."
+           if reg["promoted"] else
+           f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {ev['reason']}. "
+           "params.yaml and @champion are unchanged; try more data or onboard.router_steps, then onboard again.")
     )
 
 
@@ -135,15 +200,16 @@ def stage_register(params: Params = Path("params.yaml")) -> None:
 
 @app.command()
 def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1",
-       prefect: Annotated[bool, typer.Option(help="also start the Prefect UI on port 4200")] = False) -> None:
+       prefect: Annotated[bool, typer.Option(help="also start the Prefect UI (server) on --prefect-port")] = False,
+       prefect_port: int = 4200) -> None:
     """Start the MLflow UI (and optionally the Prefect UI) on loopback."""
     from tasks.common import tracking_uri
 
     ctx = _ctx(params)
     procs = []
     if prefect:
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", "4200"]))
-        console.print(f"Prefect UI: http://{host}:4200")
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)]))
+        console.print(f"Prefect UI: http://{host}:{prefect_port}")
     console.print(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     try:
@@ -153,6 +219,10 @@ def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.
         for p in procs:
             p.terminate()
 
+
+from moa_cli import deploy_cmd  # noqa: E402  `moa deploy`
+
+deploy_cmd.register(app)
 
 if __name__ == "__main__":
     app()

@@ -7,6 +7,7 @@ Validation errors name the offending key and say how to fix it (`ConfigError`).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -179,6 +180,14 @@ class RegistryConfig(_Strict):
     tolerance: float = Field(0.0, ge=0)
 
 
+class OnboardConfig(_Strict):
+    """Adding one domain to a trained mixture (`moa onboard`): the router update and the regression gate."""
+
+    router_steps: int = Field(8, ge=1, description="MoA: joint steps (new expert + routers); MoDULA: router-only steps")
+    regression_metric: Literal["ppl", "bleu", "rougeL"] = "ppl"
+    tolerance: float = Field(0.05, ge=0, description="relative: an old domain may get this much worse, no more")
+
+
 class TrackingConfig(_Strict):
     mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_root: str = "mlruns/artifacts"
@@ -199,6 +208,7 @@ class MoAConfig(_Strict):
     modula: MoDULAConfig = Field(default_factory=MoDULAConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    onboard: OnboardConfig = Field(default_factory=OnboardConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -309,12 +319,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> MoAConfig:
+def load_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as a mapping (repeated keys rejected), before validation."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found; run from the project root or pass --params PATH")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(raw or {}, str(path), profile)
+
+
+def load_config(path: str | Path = "params.yaml", profile: str | None = None) -> MoAConfig:
+    return parse_config(load_raw(path), str(path), profile)
+
+
+def add_domain_to_params(path: str | Path, name: str, entry: dict[str, Any]) -> None:
+    """Append `name: entry` to the `domains:` mapping of params.yaml, keeping every other line (and its
+    comments) as it is; the result is validated before it atomically replaces the file."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if re.match(r"^domains:\s*(#.*)?$", ln)), None)
+    if start is None:
+        raise ConfigError(f"{path} has no block-style 'domains:' mapping to add {name!r} to; add it by hand")
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"^[^\s#]", lines[i])), len(lines))
+    last = max((i for i in range(start + 1, end) if lines[i].strip() and not lines[i].lstrip().startswith("#")),
+               default=start)
+    block = yaml.safe_dump({name: entry}, sort_keys=False, default_flow_style=None, width=200)
+    new_lines = ["  " + ln + "\n" for ln in block.splitlines()]
+    text = "".join(lines[:last + 1] + new_lines + lines[last + 1:])
+    raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
+    cfg = parse_config(raw, str(path))
+    if name not in cfg.domain_names:
+        raise ConfigError(f"could not add domain {name!r} to {path}; add it by hand")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

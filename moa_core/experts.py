@@ -17,8 +17,10 @@ which lives in d_out, so their A is sized [r, d_out] (d_a = d_out). That keeps t
 on every projection instead of restricting Res to square ones.
 
 Two routing forms, set per forward by the owning transformer layer through a shared `LayerSlot`:
-- `Route.index` [B]: one expert per sequence (MoA top-1, forced/gold routing). Each row's A_k, B_k are
-  gathered and applied with `bmm`, so the cost is that of one LoRA, whatever E is.
+- `Route.index` [B]: one expert per sequence (MoA top-1, forced/gold routing). Each row's A_k and s_k B_k
+  are gathered and applied with `bmm`, the second product accumulating into W0 x (`baddbmm`), so the
+  cost is that of one LoRA, whatever E is. Without autograd (generation) the gathered weights are kept
+  on the `Route` and reused while the same route stays set (every decode step of one generate call).
 - `Route.gates` [B, T, E]: per-token weights (MoSLD top-k, MoDULA dense softmax). The experts are
   concatenated along the rank axis, so the mixture is two matmuls of rank E*r; unselected experts
   have gate 0.
@@ -44,6 +46,8 @@ class Route:
 
     index: Tensor | None = None
     gates: Tensor | None = None
+    # gathered (A, s*B) per wrapped projection, filled only when autograd is off; lives as long as the route
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -137,21 +141,33 @@ class ExpertMixtureLinear(nn.Module):
             xd = h  # the domain experts read the universal expert's output
         route = self.slot.route
         if route.index is not None:
-            return y + self._indexed(xd, route.index)
+            return self._indexed(xd, route, y)
         if route.gates is not None:
             return y + self._gated(xd, route.gates)
         return y
 
-    def _indexed(self, x: Tensor, index: Tensor) -> Tensor:
-        """Sequence-level top-1: x [B, T, d_a], index [B] -> delta [B, T, d_out]."""
+    def _indexed(self, x: Tensor, route: Route, y: Tensor) -> Tensor:
+        """Sequence-level top-1: x [B, T, d_a], route.index [B], y = W0 x [B, T, d_out] -> y + delta."""
+        A_g, B_g = self._gathered(route)
+        h = x @ A_g if self.shared_a else torch.bmm(x, A_g)  # [B, T, r]
+        return torch.baddbmm(y, self._act(h), B_g)  # y + h (s B)^T, one kernel
+
+    def _gathered(self, route: Route) -> tuple[Tensor, Tensor]:
+        """Each row's expert, ready for bmm: A_g [B, d_a, r] ([d_a, r] when A is shared), B_g [B, r, d_out]
+        with the expert's scaling folded in. Reused from `route.cache` while autograd is off and the
+        weights are unchanged (their version counters), so decode steps skip the gathers."""
+        grad = torch.is_grad_enabled()
         A = self._expert_A()
-        if self.shared_a:
-            h = x @ A[0].t()  # [B, T, r]
-        else:
-            h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [B, T, r]
-        h = self._act(h)
-        delta = torch.bmm(h, self.lora_B.index_select(0, index).transpose(1, 2))  # [B, T, d_out]
-        return delta * self.scaling.index_select(0, index).view(-1, 1, 1)
+        key = (A._version, self.lora_B._version, self.scaling._version)
+        hit = None if grad or self.training else route.cache.get(id(self))
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        index = route.index
+        A_g = A[0].t() if self.shared_a else A.index_select(0, index).transpose(1, 2)
+        B_g = (self.lora_B.index_select(0, index) * self.scaling.index_select(0, index).view(-1, 1, 1)).transpose(1, 2)
+        if not grad and not self.training:
+            route.cache[id(self)] = (key, A_g, B_g)
+        return A_g, B_g
 
     def _gated(self, x: Tensor, gates: Tensor) -> Tensor:
         """Token-level mixture: x [B, T, d_a], gates [B, T, E] -> delta [B, T, d_out]."""

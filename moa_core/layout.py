@@ -33,6 +33,10 @@ class Layout:
         """The trained expert mixture (mixture.safetensors + mixture.json)."""
         return self.root / "models" / "mixture" / method
 
+    def onboarded(self, domain: str) -> Path:
+        """The candidate mixture of `moa onboard <domain>` (old experts + the new one, updated routers)."""
+        return self.root / "models" / "onboard" / domain
+
     @property
     def checkpoints(self) -> Path:
         return self.root / "models" / "checkpoints"

@@ -199,7 +199,8 @@ class MixtureModel(nn.Module):
                 logits = router(pool(h, ctx.pool_mask, self.spec.pooling))  # [B, E]
                 ctx.router_logits.append(logits)
             if ctx.forced is not None:
-                slot.route = Route(index=ctx.forced)
+                if slot.route.index is not ctx.forced:  # keep the route (and its gathered weights) across decode steps
+                    slot.route = Route(index=ctx.forced)
             elif logits is not None:
                 slot.route = Route(index=logits.argmax(-1))
             else:

@@ -35,6 +35,7 @@ BBC_CATEGORIES: dict[str, str] = {
 }
 _DATASETS_FORMATS: dict[str, str] = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _MIN_LEAD_CHARS = 80  # a BBC lead paragraph shorter than this is a teaser; the next paragraph joins it
+FILE_SUFFIXES: tuple[str, ...] = (".jsonl", *_DATASETS_FORMATS)  # what a `kind: file` source can read
 
 
 class SourceError(ValueError):
@@ -232,7 +233,7 @@ def _load_file(source: SourceConfig) -> SourceRows:
     if not path.is_file():
         raise SourceError(
             f"source file {str(path)!r} not found (resolved to {path.resolve()}); relative paths are read "
-            "from the directory the pipeline runs in (the project root); fix `source.path` in params.yaml or "
+            "from the directory of params.yaml (the project root); fix `source.path` in params.yaml or "
             "create the file"
         )
     suffix = path.suffix.lower()

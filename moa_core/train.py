@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,13 +217,15 @@ def train_mixture(
     mm: MixtureModel, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, *, steps: int, lr: float,
     train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
     eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
-    fingerprint: str = "",
+    fingerprint: str = "", frozen_experts: Sequence[int] = (),
 ) -> TrainResult:
     """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
 
     route: "gold" = each row's own domain expert (MoA stage 2), "learned" = the routers decide
     (MoSLD, MoDULA router stage), "experts_off" = universal expert only (MoDULA-Res stage 1), or an
-    int = that expert for every row (MoDULA stages 1-2)."""
+    int = that expert for every row (MoDULA stages 1-2).
+    frozen_experts: expert slots whose A/B slices must stay bit-identical although they share the stacked
+    tensors with trained experts (onboarding a domain): their gradients are zeroed before the optimizer."""
     mm.train()
     mm.model.eval()  # keeps the frozen base deterministic; dropout lives in the experts
     for w in mm.wrapped.values():
@@ -252,14 +254,37 @@ def train_mixture(
 
     # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
     # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
-    tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) else cfg.train
-    result = train_loop(
-        params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
-        step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
-        lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr,
-    )
+    frozen = sorted(set(frozen_experts))
+    hooks = _zero_expert_grads(mm, frozen) if frozen and train_experts else []
+    tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) or frozen else cfg.train
+    try:
+        result = train_loop(
+            params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
+            step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
+            lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr,
+        )
+    finally:
+        for h in hooks:
+            h.remove()
     mm.eval()
     return result
+
+
+def _zero_expert_grads(mm: MixtureModel, frozen: list[int]) -> list[Any]:
+    """Gradient hooks that zero the frozen experts' slices of every stacked A [E, r, d] / B [E, d_out, r]."""
+    idx = torch.tensor(frozen)
+
+    def mask(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        grad[idx.to(grad.device)] = 0
+        return grad
+
+    hooks = []
+    for w in mm.wrapped.values():
+        if w.shared_a:
+            raise ValueError("experts with a shared A (MoSLD) cannot be frozen one by one: the A matrix is common")
+        hooks += [w.lora_A.register_hook(mask), w.lora_B.register_hook(mask)]
+    return hooks
 
 
 def fit_method(

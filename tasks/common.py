@@ -105,7 +105,9 @@ def set_torch_threads(cfg: MoAConfig) -> int:
 
 # ------------------------------------------------------------------------------------------ MLflow
 def tracking_uri(ctx: StageContext) -> str:
-    uri = ctx.cfg.tracking.mlflow_uri
+    """params.yaml's tracking.mlflow_uri; `MOA_TRACKING_URI` overrides it where the same server has another
+    address (a worker container reaches http://mlflow:5000, the host http://127.0.0.1:5000: infra/README.md)."""
+    uri = os.environ.get("MOA_TRACKING_URI") or ctx.cfg.tracking.mlflow_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = ctx.root / uri.removeprefix("sqlite:///")
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +123,16 @@ def mlflow_experiment(ctx: StageContext) -> str:
     exp = mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
-    art = Path(ctx.cfg.tracking.artifact_root)
-    art = art if art.is_absolute() else ctx.root / art
-    art.mkdir(parents=True, exist_ok=True)
+    location: str | None = None
+    if "://" in ctx.cfg.tracking.artifact_root:  # e.g. s3://bucket/path
+        location = ctx.cfg.tracking.artifact_root
+    elif not tracking_uri(ctx).startswith(("http://", "https://")):  # a tracking server picks its own (S3, proxied)
+        art = Path(ctx.cfg.tracking.artifact_root)
+        art = art if art.is_absolute() else ctx.root / art
+        art.mkdir(parents=True, exist_ok=True)
+        location = art.as_uri()
     try:
-        return mlflow.create_experiment(ctx.cfg.tracking.experiment, artifact_location=art.as_uri())
+        return mlflow.create_experiment(ctx.cfg.tracking.experiment, artifact_location=location)
     except Exception:  # another process created it between our check and create
         return mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment).experiment_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -17,7 +18,10 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
     """Curate one domain into data/curated/<domain>/; returns its counts. Raises `EmptyDomainError`
     (naming the domain) before anything downstream trains on nothing."""
     dom = ctx.cfg.domain(domain)
-    src = load_source(dom.source)
+    source = dom.source
+    if source.kind == "file" and source.path and not Path(source.path).is_absolute():
+        source = source.model_copy(update={"path": str(ctx.root / source.path)})  # relative to params.yaml
+    src = load_source(source)
     result = curate(src.rows, domain, ctx.cfg.curate)
     card = {
         "domain": domain, "description": dom.description, "origin": src.origin,

@@ -33,13 +33,13 @@ def _retryable(_task: Any, _run: Any, state: Any) -> bool:
     return False
 
 
-_opts: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": _retryable}
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": _retryable}
 
-curate_task = task(run_curate, name="curate", task_run_name="curate[{domain}]", **_opts)
+curate_task = task(run_curate, name="curate", task_run_name="curate[{domain}]", **TASK_OPTIONS)
 train_expert_task = task(run_train_expert, name="train_expert", task_run_name="train_expert[{domain}]",
-                         retries=1, retry_delay_seconds=2, **_opts)
-train_mixed_task = task(run_train_mixed, name="train_mixed", retries=1, retry_delay_seconds=2, **_opts)
+                         retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+train_mixed_task = task(run_train_mixed, name="train_mixed", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
 train_router_task = task(run_train_router, name="train_router", task_run_name="train_router[{name}]",
-                         retries=1, retry_delay_seconds=2, **_opts)
-evaluate_task = task(run_evaluate, name="evaluate", **_opts)
-register_task = task(run_register, name="register", retries=2, retry_delay_seconds=1, **_opts)
+                         retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+evaluate_task = task(run_evaluate, name="evaluate", **TASK_OPTIONS)
+register_task = task(run_register, name="register", retries=2, retry_delay_seconds=1, **TASK_OPTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -35,40 +36,51 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
     return True, f"candidate {candidate:.4f} is not worse than champion {champion:.4f}"
 
 
-def run_register(ctx: StageContext) -> dict[str, Any]:
-
+def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
+    """Inside an active MLflow run: log `mixture_dir` as the pyfunc model, register a version, tag it."""
     from moa_cli.pyfunc import MoAPyfunc
 
+    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
+    info = mlflow.pyfunc.log_model(
+        name="moa-model", python_model=MoAPyfunc(),
+        artifacts={"mixture": str(mixture_dir)},
+        model_config={"base_path": str(base_path), "base_model": model_id,
+                      "max_new_tokens": ctx.cfg.evaluate.max_new_tokens, "max_length": ctx.cfg.train.max_length},
+        pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "safetensors", "pandas"],
+        registered_model_name=ctx.cfg.registry.model_name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(ctx.cfg.registry.model_name, version, k, v)
+    return version
+
+
+def set_promotion(ctx: StageContext, version: str, promote: bool, why: str) -> None:
+    """Move @champion to `version`, or tag the version with why it was not promoted."""
+    client, name = MlflowClient(), ctx.cfg.registry.model_name
+    client.set_model_version_tag(name, version, "moa.promotion", why)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    else:
+        client.set_model_version_tag(name, version, "moa.not_promoted_reason", why)
+    mlflow.set_tags({"moa.registered_version": version, "moa.promoted": str(promote)})
+
+
+def run_register(ctx: StageContext) -> dict[str, Any]:
     reg = ctx.cfg.registry
     value = _metric_of(ctx)
-    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
     with stage_run(ctx, "register") as run:
-        info = mlflow.pyfunc.log_model(
-            name="moa-model", python_model=MoAPyfunc(),
-            artifacts={"mixture": str(ctx.layout.mixture(ctx.cfg.method))},
-            model_config={"base_path": str(base_path), "base_model": model_id,
-                          "max_new_tokens": ctx.cfg.evaluate.max_new_tokens, "max_length": ctx.cfg.train.max_length},
-            pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "safetensors", "pandas"],
-            registered_model_name=reg.model_name,
-        )
-        client = MlflowClient()
-        version = str(info.registered_model_version)
+        version = log_mixture_version(ctx, ctx.layout.mixture(ctx.cfg.method), {
+            reg.promote_metric: str(value), "moa.method": ctx.cfg.method, "moa.domains": ",".join(ctx.cfg.domain_names)})
         try:
-            champ = client.get_model_version_by_alias(reg.model_name, CHAMPION)
+            champ = MlflowClient().get_model_version_by_alias(reg.model_name, CHAMPION)
             champ_value = float(champ.tags[reg.promote_metric]) if reg.promote_metric in champ.tags else None
         except Exception:  # no alias yet
-            champ, champ_value = None, None
+            champ_value = None
         promote, why = should_promote(value, champ_value, reg.higher_is_better, reg.tolerance)
-        client.set_model_version_tag(reg.model_name, version, reg.promote_metric, str(value))
-        client.set_model_version_tag(reg.model_name, version, "moa.method", ctx.cfg.method)
-        client.set_model_version_tag(reg.model_name, version, "moa.domains", ",".join(ctx.cfg.domain_names))
-        client.set_model_version_tag(reg.model_name, version, "moa.promotion", why)
-        if promote:
-            client.set_registered_model_alias(reg.model_name, CHAMPION, version)
-        else:
-            client.set_model_version_tag(reg.model_name, version, "moa.not_promoted_reason", why)
+        set_promotion(ctx, version, promote, why)
         mlflow.log_metric(reg.promote_metric, value)
-        mlflow.set_tags({"moa.registered_version": version, "moa.promoted": str(promote)})
     result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
               "metric": value, "run_id": run.info.run_id}
     (ctx.layout.metrics / "registered.json").write_text(json.dumps(result, indent=2, sort_keys=True))

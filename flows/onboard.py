@@ -1,0 +1,87 @@
+"""onboard_domain: add one domain to the trained mixture without retraining the other experts.
+
+check (before anything trains) -> curate[new] -> train_expert[new] (MoA stage 1) -> extend (new expert +
+router update, old experts frozen and hash-checked) -> evaluate (old mixture on old domains vs candidate on
+all) -> register (a new version; @champion, the project's mixture and params.yaml move only if no old
+domain regressed). One Prefect flow run, one parent MLflow run with a nested run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import configure_env, lineage_tags, mlflow_experiment, set_torch_threads
+from tasks.curate import run_curate
+from tasks.onboard import (
+    OnboardPlan, onboarding_cost, plan_onboarding, run_extend, run_onboard_evaluate, run_onboard_register, with_parent,
+)
+from tasks.prefect_tasks import TASK_OPTIONS
+from tasks.train_expert import run_train_expert
+
+
+@task(name="onboard_curate", task_run_name="curate[{plan.domain}]", **TASK_OPTIONS)
+def curate_new(plan: OnboardPlan) -> dict[str, Any]:
+    return run_curate(plan.new, plan.domain)
+
+
+@task(name="onboard_train_expert", task_run_name="train_expert[{plan.domain}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+def train_new_expert(plan: OnboardPlan) -> dict[str, Any]:
+    return run_train_expert(plan.new, plan.domain)
+
+
+@task(name="onboard_extend", task_run_name="extend[{plan.domain}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+def extend(plan: OnboardPlan) -> dict[str, Any]:
+    return run_extend(plan)
+
+
+@task(name="onboard_evaluate", task_run_name="evaluate[{plan.domain}]", **TASK_OPTIONS)
+def evaluate(plan: OnboardPlan) -> dict[str, Any]:
+    return run_onboard_evaluate(plan)
+
+
+@task(name="onboard_register", task_run_name="register[{plan.domain}]", **TASK_OPTIONS)
+def register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[str, Any]:
+    return run_onboard_register(plan, evaluation)
+
+
+@flow(name="onboard_domain")
+def onboard_domain(domain: str, source: str, fields: dict[str, str] | None = None, description: str = "",
+                   params: str = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+    """Onboard `domain` from `source` (a local .jsonl/.json/.parquet/.csv path or a dataset id in the local
+    HF cache; `fields` maps instruction/response[/input/id] to its columns)."""
+    import mlflow
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    plan = plan_onboarding(params, domain, source, fields, description, profile)  # fails before any training
+    configure_env(plan.new.root)
+    set_torch_threads(plan.new.cfg)
+    log.info("onboarding %r onto the %s mixture of %s", domain, plan.method, plan.old.cfg.domain_names)
+    exp = mlflow_experiment(plan.new)
+    with mlflow.start_run(experiment_id=exp, run_name=f"onboard:{domain}", tags=lineage_tags(plan.new)) as parent:
+        mlflow.log_params({"domain": domain, "source": json.dumps(plan.entry["source"]), "method": plan.method,
+                           "profile": profile or "default"})
+        plan = with_parent(plan, parent.info.run_id, str(flow_run.id))
+        mlflow.set_tag("prefect_flow_run_id", str(flow_run.id))
+        counts = curate_new(plan)  # an empty or unreadable domain stops here
+        log.info("curated %s: %s", domain, counts)
+        expert = train_new_expert(plan) if plan.method == "moa" else None
+        extended = extend(plan)
+        evaluation = evaluate(plan)
+        registered = register(plan, evaluation)
+        cost = onboarding_cost(plan, expert, extended)
+        mlflow.log_metrics({k: float(v) for k, v in cost.items() if isinstance(v, int | float)})
+        result = {"domain": domain, "counts": counts, "extend": extended, "evaluation": evaluation,
+                  "registered": registered, "cost": cost, "mlflow_run_id": parent.info.run_id,
+                  "flow_run_id": str(flow_run.id)}
+        out = plan.new.layout.metrics / f"onboard_{domain}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        mlflow.log_artifact(str(out))
+    log.info("%s: %s; registered version %s (promoted: %s)", domain, evaluation["reason"], registered["version"],
+             registered["promoted"])
+    return result

@@ -44,13 +44,18 @@ def train_expert_flow(domain: str, params: str = "params.yaml", profile: str | N
     from prefect.runtime import flow_run
 
     from tasks.common import StageContext, configure_env, set_torch_threads
-    from tasks.prefect_tasks import train_expert_task
 
     ctx = StageContext.load(params, profile)
-    configure_env(ctx.root)
-    threads = set_torch_threads(ctx.cfg)
     if domain not in ctx.cfg.domain_names:
         raise ValueError(f"unknown domain {domain!r}: {params} defines {ctx.cfg.domain_names}")
+    train = ctx.layout.curated(domain) / "train.jsonl"
+    if not train.exists():  # before the heavy imports: a worker that cannot see the data fails in seconds
+        raise FileNotFoundError(f"{train} is missing on this worker: curate {domain!r} first (moa stage curate "
+                                f"{domain}) and give the workers the project directory at this path")
+    configure_env(ctx.root)
+    from tasks.prefect_tasks import train_expert_task
+
+    threads = set_torch_threads(ctx.cfg)
     ctx = dataclasses.replace(ctx, parent_run_id=parent_run_id, flow_run_id=str(flow_run.id))
     get_run_logger().info("training expert %s from %s (profile %s, %d torch threads)", domain, ctx.root / Path(params).name,
                           profile or "default", threads)
@@ -114,12 +119,13 @@ def dispatch_experts(params: str = "params.yaml", profile: str | None = None,
             final = _wait(client, runs, timeout_s, poll_s)
         report = {d: {"flow_run_id": str(fr.id), "flow_run_name": fr.name,
                       "state": fr.state.name if fr.state else "Unknown",
-                      "state_type": fr.state.type.value if fr.state else "UNKNOWN"} for d, fr in final.items()}
+                      "state_type": fr.state.type.value if fr.state else "UNKNOWN",
+                      "message": (fr.state.message or "") if fr.state else ""} for d, fr in final.items()}
         for d, r in report.items():
             log.info("%-12s %-10s flow run %s (%s)", d, r["state"], r["flow_run_name"], r["flow_run_id"])
         bad = {d: r for d, r in report.items() if r["state_type"] != "COMPLETED"}
         if bad:
-            lines = "; ".join(f"{d}: {r['state']} (flow run {r['flow_run_id']})" for d, r in bad.items())
+            lines = "; ".join(f"{d}: {r['state']} (flow run {r['flow_run_id']}): {r['message']}" for d, r in bad.items())
             raise DispatchError(f"{len(bad)} of {len(report)} expert runs did not complete: {lines}. "
                                 f"See their logs in the Prefect UI or `prefect flow-run logs <id>`.")
         return report

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import dispatch_experts
-from tasks.common import StageContext, configure_env, mlflow_experiment, lineage_tags, set_torch_threads
+from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, register_task, train_expert_task, train_mixed_task, train_router_task,
 )
@@ -33,7 +33,8 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
     cfg = ctx.cfg
     log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source, threads)
     exp = mlflow_experiment(ctx)
-    with mlflow.start_run(experiment_id=exp, run_name=f"pipeline:{cfg.method}", tags=lineage_tags(ctx)) as parent:
+    with project_lock(ctx.root, f"moa_pipeline flow run {flow_run.id}"), \
+            mlflow.start_run(experiment_id=exp, run_name=f"pipeline:{cfg.method}", tags=lineage_tags(ctx)) as parent:
         mlflow.log_params({"method": cfg.method, "domains": ",".join(cfg.domain_names), "profile": profile or "default",
                            "base_model": cfg.base_model.source})
         mlflow.log_artifact(str(ctx.root / "params.yaml"))

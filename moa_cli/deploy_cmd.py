@@ -38,6 +38,24 @@ def _server_up(api_url: str) -> bool:
         return False
 
 
+def _ensure_process_pool(api_url: str, pool: str) -> bool:
+    """`prefect work-pool create <pool> --type process` unless it exists; True when created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            return True
+
+
 def deploy(
     prefect_file: Annotated[Path, typer.Option("--prefect-file", help="deployments file")] = Path("prefect.yaml"),
     api_url: Annotated[Optional[str], typer.Option(
@@ -76,12 +94,9 @@ def deploy(
         console.print("[red]nothing to deploy[/red]")
         raise typer.Exit(1)
 
-    for pool in sorted({(d.get("work_pool") or {}).get("name") for d in ready} - {None}):
-        if _prefect(["work-pool", "inspect", pool], env, root).returncode != 0:
-            r = _prefect(["work-pool", "create", pool, "--type", "process"], env, root)
-            if r.returncode != 0:
-                console.print(f"[red]could not create work pool {pool}[/red]:\n{r.stdout}{r.stderr}")
-                raise typer.Exit(1)
+    pools = sorted({(d.get("work_pool") or {}).get("name") for d in ready} - {None})
+    for pool in pools:
+        if _ensure_process_pool(api_url, pool):
             console.print(f"created process work pool [bold]{pool}[/bold]")
 
     args = ["--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
@@ -93,12 +108,10 @@ def deploy(
         console.print(f"[red]prefect deploy failed[/red] (exit {r.returncode}):\n{out}")
         raise typer.Exit(1)
     console.print(f"deployed {[d['name'] for d in ready]} to {api_url} from {root}")
-    pools = sorted({(d.get("work_pool") or {}).get("name") for d in ready} - {None})
-    console.print(
-        "Next:\n"
-        + "".join(f"  prefect worker start --pool {p}        # runs the deployments' flow runs\n" for p in pools)
-        + "  prefect deployment run 'moa_pipeline/nightly-retrain'   # a run now (the cron runs it nightly)\n"
-        "  prefect deployment ls; the Prefect UI: http://127.0.0.1:4200/deployments")
+    workers = "".join(f"  prefect worker start --pool {p}    # executes the deployments' flow runs\n" for p in pools)
+    console.print("Next:\n" + workers
+                  + "  prefect deployment run 'moa_pipeline/nightly-retrain'    # a run now; the cron runs it nightly\n"
+                  "  prefect deployment ls    # or the Prefect UI: /deployments", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -43,6 +44,18 @@ def _ctx(params: Path, profile: str | None = None):
     except ConfigError as exc:
         console.print(f"[red]config error[/red]: {exc}")
         raise typer.Exit(2) from None
+
+
+def _stage_ctx(params: Path, stage: str):
+    """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process)."""
+    from tasks.common import project_lock
+
+    ctx = _ctx(params)
+    _held.enter_context(project_lock(ctx.root, f"moa stage {stage}"))
+    return ctx
+
+
+_held = contextlib.ExitStack()
 
 
 @app.command()
@@ -97,7 +110,7 @@ def _field_map(values: list[str]) -> dict[str, str]:
 @app.command()
 def onboard(
     domain: Annotated[str, typer.Option("--domain", "-d", help="name of the new domain (lowercase, digits, _)")],
-    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, or a dataset id in the local HF cache")],
+    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, builtin:NAME[/CATEGORY] (e.g. builtin:bbc/tech), or a dataset id in the local HF cache")],
     field: Annotated[list[str], typer.Option("--field", "-f", help="column mapping OURS=THEIRS (instruction, response, input, id); repeatable")] = [],  # noqa: B006
     description: Annotated[str, typer.Option(help="one line for the data card and params.yaml")] = "",
     params: Params = Path("params.yaml"),
@@ -151,7 +164,7 @@ def stage_curate(domain: str, params: Params = Path("params.yaml")) -> None:
     """Curate one domain -> data/curated/<domain>/."""
     from tasks.curate import run_curate
 
-    console.print_json(json.dumps(run_curate(_ctx(params), domain)))
+    console.print_json(json.dumps(run_curate(_stage_ctx(params, f"curate {domain}"), domain)))
 
 
 @stage_app.command("train-expert")
@@ -159,7 +172,7 @@ def stage_train_expert(domain: str, params: Params = Path("params.yaml")) -> Non
     """Stage 1: a PEFT LoRA for one domain -> models/experts/<domain>/."""
     from tasks.train_expert import run_train_expert
 
-    ctx = _ctx(params)
+    ctx = _stage_ctx(params, f"train-expert {domain}")
     from tasks.common import set_torch_threads
 
     set_torch_threads(ctx.cfg)
@@ -171,7 +184,7 @@ def stage_train_mixed(params: Params = Path("params.yaml")) -> None:
     """The LoRA-mixed baseline: one LoRA on all domains -> models/mixed/."""
     from tasks.train_expert import run_train_mixed
 
-    console.print_json(json.dumps(run_train_mixed(_ctx(params))))
+    console.print_json(json.dumps(run_train_mixed(_stage_ctx(params, "train-mixed"))))
 
 
 @stage_app.command("train-router")
@@ -179,7 +192,7 @@ def stage_train_router(params: Params = Path("params.yaml")) -> None:
     """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/."""
     from tasks.train_router import run_train_router
 
-    console.print_json(json.dumps(run_train_router(_ctx(params))))
+    console.print_json(json.dumps(run_train_router(_stage_ctx(params, "train-router"))))
 
 
 @stage_app.command("evaluate")
@@ -187,7 +200,7 @@ def stage_evaluate(params: Params = Path("params.yaml")) -> None:
     """Evaluate every system on the test split -> metrics/eval.json, reports/eval.md."""
     from tasks.evaluate import run_evaluate
 
-    console.print(run_evaluate(_ctx(params))["table"])
+    console.print(run_evaluate(_stage_ctx(params, "evaluate"))["table"])
 
 
 @stage_app.command("register")
@@ -195,7 +208,7 @@ def stage_register(params: Params = Path("params.yaml")) -> None:
     """Register the mixture in the MLflow Model Registry; move @champion only if not worse."""
     from tasks.register import run_register
 
-    console.print_json(json.dumps(run_register(_ctx(params))))
+    console.print_json(json.dumps(run_register(_stage_ctx(params, "register"))))
 
 
 @app.command()

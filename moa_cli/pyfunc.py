@@ -9,6 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
+
+
+def signature(max_new_tokens: int):
+    """The model's input/output schema, with `max_new_tokens` as an inference parameter: MLflow drops any
+    `params` (pyfunc predict and REST `"params": {...}`) of a model whose signature declares none."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "domain", required=False)]),
+        outputs=Schema([ColSpec("string", "text"), ColSpec("string", "expert")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
+    )
 
 
 class MoAPyfunc(mlflow.pyfunc.PythonModel):
@@ -28,8 +42,9 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.max_length = int(cfg.get("max_length", 256))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        import pandas as pd
+    # `pd.DataFrame`: a type hint MLflow accepts without inferring a schema from it (`Any` made it warn on every
+    # load); the schema is the logged signature
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
         from moa_core.batching import collate, encode_prompt

@@ -67,6 +67,41 @@ def progress(name: str, total: int):
 TORCH_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def project_lock(root: Path, holder: str) -> Iterator[None]:
+    """One writer per project at a time: an exclusive lock on <root>/.moa.lock, held by a pipeline run,
+    an onboarding run or a `moa stage` command for its whole duration. A second run waits (and says so)
+    instead of interleaving its MLflow registration and DVC outputs with the first one's. The OS drops the
+    lock when the holder dies, so a killed run never leaves a stale lock behind."""
+    import fcntl
+    import logging
+    import time
+
+    path = Path(root) / ".moa.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            other = fh.read().strip() or "another process"
+            logging.getLogger("moa").warning("%s waits: %s holds %s", holder, other, path)
+            print(f"moa: {holder} waits for {other} (lock {path})", flush=True)
+            t0 = time.monotonic()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            logging.getLogger("moa").warning("%s got the lock after %.1f s", holder, time.monotonic() - t0)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}: {holder}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class StageContext:
     """Passed to every stage: config validated once, the artifact layout, and the parent MLflow run."""

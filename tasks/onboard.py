@@ -44,9 +44,13 @@ class OnboardPlan:
 
 
 def source_from_spec(spec: str, fields: dict[str, str] | None, root: Path, split: str = "train") -> dict[str, Any]:
-    """`--source` as a params.yaml source entry: an existing path or a name ending in a data-file suffix is
-    a local file (kind: file); anything else is a dataset id in the local Hugging Face cache (kind: hub)."""
+    """`--source` as a params.yaml source entry: `builtin:NAME[/CATEGORY]` is a packaged source (e.g.
+    builtin:bbc/tech); an existing path or a name ending in a data-file suffix is a local file (kind: file);
+    anything else is a dataset id in the local Hugging Face cache (kind: hub)."""
     fields = dict(fields or {})
+    if spec.startswith("builtin:"):
+        name, _, category = spec.removeprefix("builtin:").partition("/")
+        return {"kind": "builtin", "name": name, **({"category": category} if category else {})}
     p = Path(spec).expanduser()
     p_abs = p if p.is_absolute() else root / p
     if p_abs.exists() or p.suffix.lower() in FILE_SUFFIXES:

@@ -38,7 +38,7 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 
 def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
     """Inside an active MLflow run: log `mixture_dir` as the pyfunc model, register a version, tag it."""
-    from moa_cli.pyfunc import MoAPyfunc
+    from moa_cli.pyfunc import MoAPyfunc, signature
 
     base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
     info = mlflow.pyfunc.log_model(
@@ -47,6 +47,7 @@ def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, st
         model_config={"base_path": str(base_path), "base_model": model_id,
                       "max_new_tokens": ctx.cfg.evaluate.max_new_tokens, "max_length": ctx.cfg.train.max_length},
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "safetensors", "pandas"],
+        signature=signature(ctx.cfg.evaluate.max_new_tokens),  # declares `max_new_tokens`: else MLflow drops params
         registered_model_name=ctx.cfg.registry.model_name,
     )
     version = str(info.registered_model_version)

@@ -61,6 +61,8 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         upstream.append(router)
         if "moa_no_routing_loss" in cfg.evaluate.baselines:
             upstream.append(train_router_task.submit(ctx, method="moa", eta=0.0, name="moa-no-routing-loss", wait_for=experts))
+        for other in dict.fromkeys(m for m in cfg.evaluate.compare_methods if m != cfg.method):
+            upstream.append(train_router_task.submit(ctx, method=other, name=other, wait_for=experts if other == "moa" else []))
         evaluation = evaluate_task.submit(ctx, wait_for=upstream)
         registered = register_task.submit(ctx, wait_for=[evaluation])
         ev, reg = evaluation.result(), registered.result()

@@ -171,6 +171,8 @@ class EvalConfig(_Strict):
     baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss"]] = Field(
         default_factory=lambda: ["base", "single", "mixed"]
     )
+    compare_methods: list[Method] = Field(
+        default_factory=list, description="more methods trained and evaluated beside `method` (not registered)")
 
 
 class RegistryConfig(_Strict):

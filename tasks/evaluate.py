@@ -75,7 +75,11 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
     lay, doms = ctx.layout, ctx.cfg.domain_names
     test = ctx.splits("test")
-    mixtures = [ctx.cfg.method] + (["moa-no-routing-loss"] if "moa_no_routing_loss" in ctx.cfg.evaluate.baselines else [])
+    ev_cfg = ctx.cfg.evaluate
+    mixtures = [ctx.cfg.method] + (["moa-no-routing-loss"] if "moa_no_routing_loss" in ev_cfg.baselines else [])
+    # the comparison rows, each where trained (the pipeline trains them; a lone DVC stage may not have)
+    mixtures += [m for m in dict.fromkeys(ev_cfg.compare_methods)
+                 if m not in mixtures and (lay.mixture(m) / "mixture.json").exists()]
     with TORCH_LOCK:
         systems = _baselines(ctx, test)
         for name in mixtures:

@@ -74,6 +74,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> P
     root = tmp_path_factory.mktemp("project")
     raw = tiny_raw_params(tiny_model_dir)
     raw["profiles"]["quick"]["curate"] = {"max_rows": 40}
+    # every method and the ablation go through the real flow too (each is seconds on the tiny model)
+    raw["profiles"]["quick"]["evaluate"].update(raw["profiles"]["compare"]["evaluate"])
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root
 

@@ -24,7 +24,9 @@ def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipelin
     assert (project / "models/mixture/moa/mixture.safetensors").exists()
     assert not (project / "models/checkpoints" / "expert-code").exists(), "checkpoints are removed after success"
     ev = json.loads((project / "metrics/eval.json").read_text())
-    assert set(ev) >= {"base", "single-lora", "lora-mixed", "moa"}
+    assert set(ev) == {"base", "single-lora", "lora-mixed", "moa", "moa-no-routing-loss", "mosld", "modula-flan",
+                       "modula-res"}
+    assert ev["moa"]["trainable_params"] > 0 and ev["mosld"]["train_seconds"] > 0
     for system, vals in ev.items():
         assert 1.0 < vals["avg_ppl"] < 1e6 and 0.0 <= vals["avg_rougeL"] <= 100.0, system
     assert 0.0 <= ev["moa"]["router_accuracy"] <= 1.0

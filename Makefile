@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-data.txt | 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true \
        MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install run quick test test-all repro ui clean
+.PHONY: install browser run quick test test-all repro ui deploy clean
 
 install: $(STAMP)
 
@@ -20,13 +20,20 @@ $(STAMP): pyproject.toml requirements-data.txt
 	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The UI test drives Debian's chromium through chromedriver (tests/test_ui_browser.py); installed once, as root
+# (CI) or through sudo.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
 run: install             ## the main job: the whole pipeline on the embedded default (params.yaml)
 	$(BIN)/moa run
 
 quick: install           ## a few-minute smoke run of the same pipeline (profiles.quick)
 	$(BIN)/moa run --profile quick
 
-test: install            ## the test suite (CI runs exactly this); pytest's "no tests" (exit 5) fails it
+test: install browser    ## the test suite (CI runs exactly this); pytest's "no tests" (exit 5) fails it
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): that is a failure" >&2; fi; exit $$rc
 
@@ -35,6 +42,9 @@ repro: install           ## the same stages through DVC (skips what did not chan
 
 ui: install              ## MLflow UI on http://127.0.0.1:5000 and Prefect UI on http://127.0.0.1:4200
 	$(BIN)/moa ui --prefect
+
+deploy: install          ## register prefect.yaml's deployments (nightly retrain, onboarding) with the server of `make ui`
+	$(BIN)/moa deploy
 
 clean:                   ## remove pipeline outputs (keeps .venv and the converted base model)
 	rm -rf data/curated metrics reports mlruns .prefect models/experts models/mixed models/mixture models/checkpoints

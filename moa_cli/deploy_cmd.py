@@ -69,12 +69,8 @@ def deploy(
         console.print(f"[red]{prefect_file} not found[/red]: run moa deploy in the project checkout or pass --prefect-file")
         raise typer.Exit(2)
     api_url = api_url or os.environ.get("PREFECT_API_URL") or DEFAULT_API
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_CLI_PROMPT": "false"}
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_CLI_PROMPT": "false", "COLUMNS": "200"}
     root = prefect_file.parent
-    if not _server_up(api_url):
-        console.print(f"[red]no Prefect server at {api_url}[/red]: start one with `moa ui --prefect` or "
-                      "`prefect server start --host 127.0.0.1 --port 4200`, or pass --api-url")
-        raise typer.Exit(1)
 
     config = yaml.safe_load(prefect_file.read_text()) or {}
     deployments = config.get("deployments") or []
@@ -94,6 +90,10 @@ def deploy(
         console.print("[red]nothing to deploy[/red]")
         raise typer.Exit(1)
 
+    if not _server_up(api_url):
+        console.print(f"[red]no Prefect server at {api_url}[/red]: start one with `moa ui --prefect` or "
+                      "`prefect server start --host 127.0.0.1 --port 4200`, or pass --api-url")
+        raise typer.Exit(1)
     pools = sorted({(d.get("work_pool") or {}).get("name") for d in ready} - {None})
     for pool in pools:
         if _ensure_process_pool(api_url, pool):

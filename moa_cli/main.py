@@ -221,7 +221,11 @@ def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.
     ctx = _ctx(params)
     procs = []
     if prefect:
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)]))
+        # `--port` alone leaves the UI calling the API on PREFECT_SERVER_API_PORT (4200) or $PREFECT_API_URL
+        api_env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
+                   "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                       "--port", str(prefect_port)], env=api_env))
         console.print(f"Prefect UI: http://{host}:{prefect_port}")
     console.print(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml requirements-data.txt
 	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The UI test drives Debian's chromium through chromedriver (tests/test_ui_browser.py); installed once, as root
-# (CI) or through sudo.
+# Test tools from Debian, installed once, as root (CI) or through sudo: chromium + chromedriver for the UI
+# test (tests/test_ui_browser.py), docker-compose to validate infra/docker-compose.yml (tests/test_infra.py).
 browser:
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver -a -x /usr/bin/docker-compose || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver docker-compose; }
 
 run: install             ## the main job: the whole pipeline on the embedded default (params.yaml)
 	$(BIN)/moa run

@@ -88,15 +88,15 @@ def dispatch_experts(params: str = "params.yaml", profile: str | None = None,
     as far as the pool's workers allow; wait for all; return {domain: {flow_run_id, flow_run_name, state}}.
 
     `params` is read here (to list the domains); the runs get `worker_params` (default: the absolute path of
-    `params`). Without `parent_run_id` an MLflow run `dispatch_experts` is opened and the experts' runs nest
-    under it. Raises `DispatchError` if any run ends in a state other than Completed (or is still running after
+    `params`). Without `parent_run_id` (not inside a pipeline run) it holds the project lock and opens an MLflow
+    run `dispatch_experts` that the experts' runs nest under. Raises `DispatchError` if any run ends in a state other than Completed (or is still running after
     `timeout_s`)."""
     import mlflow
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
-    from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment
+    from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment, project_lock
 
     log = get_run_logger()
     ctx = StageContext.load(params, profile)
@@ -130,10 +130,11 @@ def dispatch_experts(params: str = "params.yaml", profile: str | None = None,
                                 f"See their logs in the Prefect UI or `prefect flow-run logs <id>`.")
         return report
 
-    if parent_run_id is not None:
+    if parent_run_id is not None:  # part of a pipeline run, which holds the project lock
         return fan_out(parent_run_id)
     exp = mlflow_experiment(ctx)  # creates the store and experiment once, before the runs race to do it
-    with mlflow.start_run(experiment_id=exp, run_name="dispatch_experts", tags=lineage_tags(ctx)) as run:
+    with project_lock(ctx.root, f"dispatch_experts flow run {flow_run.id}"), \
+            mlflow.start_run(experiment_id=exp, run_name="dispatch_experts", tags=lineage_tags(ctx)) as run:
         mlflow.set_tags({"prefect_flow_run_id": str(flow_run.id), "moa.deployment": deployment_name})
         mlflow.log_params({"domains": ",".join(names), "profile": profile or "default", "deployment": deployment_name})
         return fan_out(run.info.run_id)
@@ -165,8 +166,10 @@ def deploy_train_expert(work_pool: str, name: str = "process", source: str | Non
                             "description": "Train one domain's LoRA expert (moa flows/dispatch.py)."}
     if source:
         train_expert_flow.from_source(source=str(Path(source).resolve()), entrypoint=ENTRYPOINT).deploy(**opts)
-    else:
-        train_expert_flow.deploy(entrypoint_type=EntrypointType.MODULE_PATH, **opts)
+    else:  # imported by name: under `python -m flows.dispatch` this module is __main__, not an importable path
+        from flows.dispatch import train_expert_flow as importable
+
+        importable.deploy(entrypoint_type=EntrypointType.MODULE_PATH, **opts)
     return f"{FLOW_NAME}/{name}"
 
 

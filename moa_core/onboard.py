@@ -18,7 +18,7 @@ import torch
 
 from .config import MoAConfig
 from .model import MixtureModel
-from .train import LogFn, TrainResult, train_mixture
+from .train import LogFn, TrainResult, phase_helpers, train_mixture
 
 ONBOARDABLE = ("moa", "modula-flan", "modula-res")
 LOWER_IS_BETTER = {"ppl": True, "bleu": False, "rougeL": False}
@@ -78,12 +78,7 @@ def extend_mixture(
     k_new = mm.add_expert(domain)
     frozen = list(range(n_slots))
     phases: dict[str, TrainResult] = {}
-
-    def ck(name: str) -> Path | None:
-        return ckpt_root / name if ckpt_root else None
-
-    def log(phase: str) -> LogFn | None:
-        return (lambda step, entry: on_log(step, {**entry, "phase": phase})) if on_log else None  # type: ignore[misc]
+    ck, log = phase_helpers(ckpt_root, on_log)
 
     if method == "moa":
         if adapter_dir is None:

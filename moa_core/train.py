@@ -287,6 +287,19 @@ def _zero_expert_grads(mm: MixtureModel, frozen: list[int]) -> list[Any]:
     return hooks
 
 
+def phase_helpers(ckpt_root: Path | None, on_log: LogFn | None) -> tuple[
+        Callable[[str], Path | None], Callable[[str], LogFn | None]]:
+    """For multi-phase recipes: (checkpoint dir of a phase, a logger that tags each entry with its phase)."""
+
+    def ck(name: str) -> Path | None:
+        return ckpt_root / name if ckpt_root else None
+
+    def log(phase: str) -> LogFn | None:
+        return (lambda step, entry: on_log(step, {**entry, "phase": phase})) if on_log else None  # type: ignore[misc]
+
+    return ck, log
+
+
 def fit_method(
     cfg: MoAConfig, method: str, base: nn.Module, tokenizer: Any, model_id: str, train_by_domain: list[list[Any]],
     expert_dirs: list[Path] | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
@@ -303,12 +316,7 @@ def fit_method(
     t = cfg.train
     mm = build_mixture(cfg, method, base, model_id)
     phases: dict[str, TrainResult] = {}
-
-    def ck(name: str) -> Path | None:
-        return ckpt_root / name if ckpt_root else None
-
-    def log(phase: str) -> LogFn | None:
-        return (lambda step, entry: on_log(step, {**entry, "phase": phase})) if on_log else None  # type: ignore[misc]
+    ck, log = phase_helpers(ckpt_root, on_log)
 
     if method == "moa":
         if not expert_dirs or len(expert_dirs) != len(train_by_domain):

@@ -143,7 +143,7 @@ class PeakMemory:
     CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (bytes held by tensors).
     CPU: the process's peak resident set size (VmHWM of /proc/self/status) after resetting the
     high-water mark (`echo 5 > /proc/self/clear_refs`), minus the resident size when the section
-    began: the extra RSS the section needed. Where the reset is refused, the delta of
+    began (after glibc's malloc_trim(0) returned freed heap pages): the extra RSS the section needed. Where the reset is refused, the delta of
     resource.getrusage(RUSAGE_SELF).ru_maxrss is used instead (a lower bound: it cannot go below an
     earlier peak) and `method` says so."""
 
@@ -165,6 +165,12 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
             return self
+        try:  # give freed heap pages back first, so that the section's own allocations show up as RSS growth
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.start = (_proc_status_kb("VmRSS") or 0) * 1024
@@ -217,7 +223,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[Any]], drop_empty: bool = True) -> str:
+    """A markdown table; columns whose cells are all "-" (not measured in this run) are left out."""
+    if drop_empty and rows:
+        keep = [i for i in range(len(headers)) if any(r[i] != "-" for r in rows)]
+        headers, rows = [headers[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"

@@ -11,7 +11,14 @@ greedily (prompt --prompt-len tokens, exactly --new-tokens new tokens) by
 and, to attribute the cost of (c):
 
   moa_off       the same MixtureModel with adapters_off=True (wrappers and hooks, no LoRA math);
-  moa_forced    `mm.generate(expert=row_domain)` (no routing pass; same rows->experts as (b)).
+  moa_forced    `mm.generate(expert=row_domain)` (no routing pass; same rows->experts as (b));
+  *_c           (opt-in: --variants base_c,moa_c,moa_forced_c) base / moa / moa_forced with HF's static
+                KV cache and its automatic torch.compile of the decode step (`cache_implementation="static"`,
+                CompileConfig(mode=--compile-mode, fullgraph=True); reduce-overhead = CUDA graphs). The
+                prompt (and MoA's routing pass) run eagerly, as HF does. The warm-up call compiles; its
+                time is reported as `warmup_s`. PEFT's adapter_names path is not compiled.
+  moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
+                and the scaling multiply every decode step instead of once per generate call.
 
 Every variant is warmed up once, then the variants are timed in turn, --repeats times (interleaved, so
 clock drift hits them alike); each time is the median. CUDA is synchronised around each timed call.
@@ -29,15 +36,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
     LORA_ALPHA, LORA_R, SHAPES, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
     parse_int_list, pick_device, pick_dtype, timed, write_json,
 )
+from _legacy import legacy_routed_path  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-VARIANTS = ["base", "peft", "moa", "moa_off", "moa_forced"]
+VARIANTS = ["base", "peft", "moa", "moa_v0", "moa_off", "moa_forced", "base_c", "moa_c", "moa_forced_c"]
+DEFAULT_VARIANTS = VARIANTS[:6]
 
 
 def build_peft(base: nn.Module, n: int, seed: int) -> nn.Module:
@@ -63,6 +72,7 @@ def build_moa(base: nn.Module, pm: nn.Module, n: int, seed: int):
 
     torch.manual_seed(seed)
     mm = MixtureModel(clone(base), moa_spec(base, n, dropout=0.05))
+    mm.routers.to(base.device)  # MixtureModel creates its routers on the CPU whatever the base's device
     loaded = 0
     for name, mod in pm.named_modules():
         if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and "d0" in mod.lora_A:
@@ -98,8 +108,25 @@ def run_shape(args: argparse.Namespace) -> dict:
         outs: dict[str, torch.Tensor] = {}
         chosen: list[torch.Tensor] = []
 
+        cc = None
+        if any(v.endswith("_c") for v in args.variants):
+            from torch import _dynamo
+            from transformers import CompileConfig
+
+            _dynamo.reset()  # each N has its own models: start from an empty compile cache
+            mode = args.compile_mode if args.compile_mode != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
+            cc = CompileConfig(mode=mode, fullgraph=True)
+            cc._compile_all_devices = True  # HF compiles on CUDA by itself; this lets the CPU runs compile too
+        static = dict(cache_implementation="static", compile_config=cc)
+
         def call(v: str):
             with torch.inference_mode():
+                if v == "base_c":
+                    return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
+                if v == "moa_c":
+                    return mm.generate(ids, mask, **static, **gen)[0]
+                if v == "moa_forced_c":
+                    return mm.generate(ids, mask, expert=rows, **static, **gen)[0]
                 if v == "base":
                     return base.generate(input_ids=ids, attention_mask=mask, **gen)
                 if v == "peft":
@@ -108,6 +135,9 @@ def run_shape(args: argparse.Namespace) -> dict:
                     seqs, exp = mm.generate(ids, mask, **gen)
                     chosen.append(exp)
                     return seqs
+                if v == "moa_v0":
+                    with legacy_routed_path():
+                        return mm.generate(ids, mask, **gen)[0]
                 if v == "moa_off":
                     return mm.generate(ids, mask, adapters_off=True, **gen)[0]
                 if v == "moa_forced":
@@ -115,9 +145,11 @@ def run_shape(args: argparse.Namespace) -> dict:
             raise ValueError(v)
 
         variants = [v for v in VARIANTS if v in args.variants]
-        for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches)
-            for _ in range(args.warmup):
-                outs[v] = call(v)
+        warm: dict[str, float] = {}
+        for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches, compilation)
+            for _ in range(max(1, args.warmup) if v.endswith("_c") else args.warmup):
+                t, outs[v] = timed(lambda: call(v), device)
+                warm.setdefault(v, t)
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):
             for v in variants:
@@ -125,16 +157,33 @@ def run_shape(args: argparse.Namespace) -> dict:
                 times[v].append(t)
                 assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
         med = {v: median(ts) for v, ts in times.items()}
-        rec = {"experts": n, "median_s": med, "all_s": times,
+        rec = {"experts": n, "median_s": med, "all_s": times, "warmup_s": warm,
                "gen_tokens_per_s": {v: B * G / s for v, s in med.items()}}
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
+        if "peft" in variants and "moa" in variants:  # same LoRAs, same rows->experts: prompt logits agree?
+            with torch.inference_mode():
+                lp = pm(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
+                lm = mm(ids, mask, expert=rows).logits.float()
+                lb = base(input_ids=ids, attention_mask=mask).logits.float()
+            rec["logits_relerr_moa_vs_peft"] = float((lp - lm).norm() / lp.norm())
+            rec["logits_reldiff_peft_vs_base"] = float((lp - lb).norm() / lp.norm())  # the adapters' own effect
+        if "moa" in outs and "moa_v0" in outs:
+            rec["match_moa_vs_moa_v0"] = float((outs["moa"] == outs["moa_v0"]).float().mean())
         if chosen:
             rec["routed_distinct_experts"] = int(torch.unique(chosen[-1]).numel())
         if "base" in med and "moa" in med:
             rec["moa_over_base"] = med["moa"] / med["base"]
+        if "base_c" in med and "moa_c" in med:
+            rec["moa_c_over_base_c"] = med["moa_c"] / med["base_c"]
+        if "peft" in med and "moa_c" in med:
+            rec["peft_over_moa_c"] = med["peft"] / med["moa_c"]
+        if "moa_c" in outs and "moa" in outs:
+            rec["match_moa_c_vs_moa"] = float((outs["moa"] == outs["moa_c"]).float().mean())
         if "peft" in med and "moa" in med:
             rec["peft_over_moa"] = med["peft"] / med["moa"]
+        if "moa_v0" in med and "moa" in med:
+            rec["moa_v0_over_moa"] = med["moa_v0"] / med["moa"]
         results.append(rec)
         print(f"  N={n}: " + ", ".join(f"{v} {med[v] * 1e3:.1f} ms" for v in variants), file=sys.stderr, flush=True)
         del pm, mm
@@ -150,14 +199,23 @@ def render(payload: dict) -> str:
     variants = [v for v in VARIANTS if v in payload["results"][0]["median_s"]]
     head = (f"### Inference: shape `{payload['shape']}`, {payload['device']} {payload['dtype']}, batch {payload['batch']}, "
             f"prompt {payload['prompt_len']}, {payload['new_tokens']} new tokens, median of {payload['repeats']}\n")
-    headers = ["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in ("base", "peft", "moa") if v in variants]
-    headers += ["moa/base time", "peft/moa time", "routed experts", "match"]
+    headers = ["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
+    headers += ["moa/base time", "peft/moa time", "moa_v0/moa time", "routed experts", "match forced~peft",
+                "logits relerr moa~peft"]
+    comp = "moa_c" in variants and "base_c" in variants
+    if comp:
+        headers += ["moa_c/base_c time", "moa_forced_c/base_c time", "peft/moa_c time", "match moa_c~moa"]
     rows = []
     for r in payload["results"]:
         row = [r["experts"]] + [r["median_s"][v] * 1e3 for v in variants]
-        row += [r["gen_tokens_per_s"][v] for v in ("base", "peft", "moa") if v in variants]
-        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), r.get("routed_distinct_experts", "-"),
-                r.get("match_moa_forced_vs_peft", "-")]
+        row += [r["gen_tokens_per_s"][v] for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
+        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), r.get("moa_v0_over_moa", "-"),
+                r.get("routed_distinct_experts", "-"),
+                r.get("match_moa_forced_vs_peft", "-"), r.get("logits_relerr_moa_vs_peft", "-")]
+        if comp:
+            m = r["median_s"]
+            forced_c = m["moa_forced_c"] / m["base_c"] if "moa_forced_c" in m else "-"
+            row += [r.get("moa_c_over_base_c", "-"), forced_c, r.get("peft_over_moa_c", "-"), r.get("match_moa_c_vs_moa", "-")]
         rows.append(row)
     return head + "\n" + markdown_table(headers, rows) + "\n"
 
@@ -174,9 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", default=128, type=int)
     ap.add_argument("--new-tokens", default=32, type=int)
     ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), type=lambda s: s.split(","))
+    ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
     args = ap.parse_args(argv)
+    if args.render:
+        import json
+
+        for p in json.loads(Path(args.render).read_text())["runs"]:
+            print(render(p))
+        return 0
     payloads = []
     for shape in args.shape.split(","):
         a = argparse.Namespace(**{**vars(args), "shape": shape})

@@ -44,17 +44,23 @@ def configure_env(root: Path) -> None:
     hf_logging.set_verbosity_error()
 
 
-def progress(name: str, total: int):
-    """An `on_log` callback for training loops: `name step 10/40 loss 2.31 ...` in the Prefect task's
-    log (visible in the Prefect UI) or, outside a task run, on the standard logger."""
+def stage_logger():
+    """The Prefect task/flow run's logger (its lines show in the Prefect UI), or outside a run (a DVC stage,
+    a test) the standard `moa` logger."""
     import logging
 
     try:
         from prefect import get_run_logger
 
-        log = get_run_logger()
-    except Exception:  # not inside a Prefect run (a DVC stage, a test)
-        log = logging.getLogger("moa")
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("moa")
+
+
+def progress(name: str, total: int):
+    """An `on_log` callback for training loops: `name step 10/40 loss 2.31 ...` in the Prefect task's
+    log (visible in the Prefect UI) or, outside a task run, on the standard logger."""
+    log = stage_logger()
 
     def on_log(step: int, entry: dict[str, float]) -> None:
         extra = " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss") and isinstance(v, float))

@@ -13,7 +13,7 @@ from moa_core.evaluate import SystemEval, evaluate_system
 from moa_core.model import load_mixture
 from moa_core.train import build_mixture
 
-from .common import TORCH_LOCK, StageContext, stage_run
+from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -22,6 +22,12 @@ SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
 def _read(ctx: StageContext, name: str) -> dict[str, Any]:
     p = ctx.layout.metrics / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _progress(system: str, domains: list[str]):
+    """evaluate_system's callback: `evaluate moa: finance (3/4)` in the task's log, as each domain starts."""
+    log = stage_logger()
+    return lambda d: log.info("evaluate %s: %s (%d/%d)", system, d, domains.index(d) + 1, len(domains))
 
 
 def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, SystemEval]:
@@ -35,21 +41,23 @@ def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, Syste
     mm = build_mixture(ctx.cfg, "moa", base, model_id)
     for k, d in enumerate(ctx.cfg.domain_names):
         mm.load_peft_expert(k, ctx.layout.expert(d))
+    doms = list(test)
     if "base" in wanted:
-        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off")
+        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off", _progress("base", doms))
     if "single" in wanted:
-        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold")
+        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold", _progress("single-lora", doms))
     if "mixed" in wanted and ctx.layout.mixed.exists():
         k = mm.add_expert("__mixed__")
         mm.load_peft_expert(k, ctx.layout.mixed)
-        out["mixed"] = evaluate_system(mm, tok, test, ctx.cfg, k)
+        out["mixed"] = evaluate_system(mm, tok, test, ctx.cfg, k, _progress("lora-mixed", doms))
     return out
 
 
 def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) -> SystemEval:
     base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
     mm = load_mixture(base, ctx.layout.mixture(name))
-    return evaluate_system(mm, tok, test, ctx.cfg, "router" if mm.spec.routing == "sequence" else "token")
+    return evaluate_system(mm, tok, test, ctx.cfg, "router" if mm.spec.routing == "sequence" else "token",
+                           _progress(name, list(test)))
 
 
 def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:

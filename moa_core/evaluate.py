@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from . import metrics
 from .batching import collate, encode, encode_prompt
@@ -43,6 +44,12 @@ def _field(rec: Any, name: str) -> str:
     return rec[name] if isinstance(rec, dict) else getattr(rec, name)
 
 
+def _on(mm: MixtureModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A collated batch on the model's device."""
+    device = next(mm.model.parameters()).device
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], routing: Routing, domain_idx: int,
                 batch_size: int) -> list[int] | None:
@@ -55,7 +62,7 @@ def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], rout
         return [routing] * len(prompts)
     chosen: list[int] = []
     for i in range(0, len(prompts), batch_size):
-        b = collate([{"input_ids": p} for p in prompts[i:i + batch_size]], tokenizer.pad_token_id, left_pad=True)
+        b = _on(mm, collate([{"input_ids": p} for p in prompts[i:i + batch_size]], tokenizer.pad_token_id, left_pad=True))
         idx, _ = mm.route(b["input_ids"], b["attention_mask"])
         chosen.extend(idx.tolist())
     return chosen
@@ -86,7 +93,8 @@ def evaluate_system(
         nll, ntok = 0.0, 0
         enc = [encode(tokenizer, r, max_len) for r in records]
         for i in range(0, len(enc), ev.batch_size):
-            b = collate(enc[i:i + ev.batch_size], tokenizer.pad_token_id, None if experts is None else experts[i:i + ev.batch_size])
+            b = _on(mm, collate(enc[i:i + ev.batch_size], tokenizer.pad_token_id,
+                                None if experts is None else experts[i:i + ev.batch_size]))
             out = mm(b["input_ids"], b["attention_mask"], expert=b.get("expert"), adapters_off=off,
                      pool_mask=b["attention_mask"] * (b["labels"] == -100))
             s, n = metrics.token_nll(out.logits, b["labels"])
@@ -97,8 +105,8 @@ def evaluate_system(
         preds: list[str] = []
         for i in range(0, k, ev.batch_size):
             j = min(k, i + ev.batch_size)
-            b = collate([{"input_ids": p} for p in prompts[i:j]], tokenizer.pad_token_id, left_pad=True)
-            expert = None if experts is None else torch.tensor(experts[i:j])
+            b = _on(mm, collate([{"input_ids": p} for p in prompts[i:j]], tokenizer.pad_token_id, left_pad=True))
+            expert = None if experts is None else torch.tensor(experts[i:j], device=b["input_ids"].device)
             seqs, _ = mm.generate(
                 b["input_ids"], b["attention_mask"], expert=expert, adapters_off=off,
                 max_new_tokens=ev.max_new_tokens, do_sample=ev.do_sample, pad_token_id=tokenizer.pad_token_id,

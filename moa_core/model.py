@@ -160,7 +160,8 @@ class MixtureModel(nn.Module):
         spec.base_config_hash = actual
         self.slots = [LayerSlot(i) for i in range(n_layers)]
         hidden = base.config.hidden_size
-        self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer)
+        device = next(base.parameters()).device  # routers stay float32 (they read RMS-normalised hidden states)
+        self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer).to(device)
         self._ctx = _Context()
         self.wrapped: dict[str, ExpertMixtureLinear] = {}
         for name, (layer, lin) in find_targets(base, spec.target_modules).items():

@@ -104,8 +104,9 @@ def train_loop(
         result.seconds = float(state["seconds"])
     t0 = time.perf_counter() - result.seconds
     it = batches(start)
+    device = next(iter(params.values())).device
     for step in range(start, steps):
-        batch = next(it)
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(it).items()}
         loss, extra = step_fn(batch)
         if not torch.isfinite(loss):
             where = f"the last good checkpoint ({ckpt}) is kept" if ckpt and ckpt.exists() else "no checkpoint was written yet"

@@ -24,7 +24,7 @@ def _read(ctx: StageContext, name: str) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _progress(system: str, domains: list[str]):
+def eval_progress(system: str, domains: list[str]):
     """evaluate_system's callback: `evaluate moa: finance (3/4)` in the task's log, as each domain starts."""
     log = stage_logger()
     return lambda d: log.info("evaluate %s: %s (%d/%d)", system, d, domains.index(d) + 1, len(domains))
@@ -43,13 +43,13 @@ def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, Syste
         mm.load_peft_expert(k, ctx.layout.expert(d))
     doms = list(test)
     if "base" in wanted:
-        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off", _progress("base", doms))
+        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off", eval_progress("base", doms))
     if "single" in wanted:
-        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold", _progress("single-lora", doms))
+        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold", eval_progress("single-lora", doms))
     if "mixed" in wanted and ctx.layout.mixed.exists():
         k = mm.add_expert("__mixed__")
         mm.load_peft_expert(k, ctx.layout.mixed)
-        out["mixed"] = evaluate_system(mm, tok, test, ctx.cfg, k, _progress("lora-mixed", doms))
+        out["mixed"] = evaluate_system(mm, tok, test, ctx.cfg, k, eval_progress("lora-mixed", doms))
     return out
 
 
@@ -57,7 +57,7 @@ def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) ->
     base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
     mm = load_mixture(base, ctx.layout.mixture(name))
     return evaluate_system(mm, tok, test, ctx.cfg, "router" if mm.spec.routing == "sequence" else "token",
-                           _progress(name, list(test)))
+                           eval_progress(name, list(test)))
 
 
 def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:

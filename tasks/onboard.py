@@ -24,6 +24,7 @@ from moa_core.onboard import ONBOARDABLE, OnboardError, extend_mixture, regressi
 from moa_core.sources import FILE_SUFFIXES
 
 from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
+from .evaluate import eval_progress
 
 _KEEP = ("licence", "attribution")
 
@@ -150,10 +151,12 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
         base, tok, _ = load_base(old.cfg.base_model, old.root)
         mm_old = load_mixture(base, old.layout.mixture(plan.method))
         routing = "router" if mm_old.spec.routing == "sequence" else "token"
-        before = evaluate_system(mm_old, tok, old.splits("test"), old.cfg, routing)
+        before = evaluate_system(mm_old, tok, old.splits("test"), old.cfg, routing,
+                                 eval_progress("old mixture", old.cfg.domain_names))
         base, tok, _ = load_base(new.cfg.base_model, new.root)
         mm_new = load_mixture(base, new.layout.onboarded(d))
-        after = evaluate_system(mm_new, tok, new.splits("test"), new.cfg, routing)
+        after = evaluate_system(mm_new, tok, new.splits("test"), new.cfg, routing,
+                                eval_progress(f"with {d}", new.cfg.domain_names))
     gate = regression_gate(before.per_domain, after.per_domain, ob.regression_metric, ob.tolerance)
     result = {
         "domain": d, "metric": ob.regression_metric, "tolerance": ob.tolerance, "passed": gate.passed,

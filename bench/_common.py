@@ -247,3 +247,23 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 def parse_int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
+
+
+def run_shapes(args: Any, benchmark: str, run_shape: Callable[[Any], dict], render: Callable[[dict], str]) -> int:
+    """The scripts' main loop: `--render FILE` reprints tables of an earlier --json; otherwise run every
+    comma-separated --shape, print its table as it finishes, and write all runs to --json."""
+    import argparse
+
+    if args.render:
+        for p in json.loads(Path(args.render).read_text())["runs"]:
+            print(render(p))
+        return 0
+    payloads = []
+    for shape in args.shape.split(","):
+        a = argparse.Namespace(**{**vars(args), "shape": shape})
+        print(f"[bench_{benchmark}] shape={shape}", file=sys.stderr, flush=True)
+        p = run_shape(a)
+        payloads.append(p)
+        print(render(p), flush=True)
+    write_json(args.json, {"benchmark": benchmark, "runs": payloads})
+    return 0

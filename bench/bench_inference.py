@@ -36,7 +36,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
+from _common import (  # noqa: I001
+    run_shapes,  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
     LORA_ALPHA, LORA_R, SHAPES, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
     parse_int_list, pick_device, pick_dtype, timed, write_json,
 )
@@ -72,7 +73,7 @@ def build_moa(base: nn.Module, pm: nn.Module, n: int, seed: int):
 
     torch.manual_seed(seed)
     mm = MixtureModel(clone(base), moa_spec(base, n, dropout=0.05))
-    mm.routers.to(base.device)  # MixtureModel creates its routers on the CPU whatever the base's device
+    mm.routers.to(base.device)  # a no-op since MixtureModel builds its routers on the base's device
     loaded = 0
     for name, mod in pm.named_modules():
         if isinstance(getattr(mod, "lora_A", None), nn.ModuleDict) and "d0" in mod.lora_A:
@@ -236,22 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
-    args = ap.parse_args(argv)
-    if args.render:
-        import json
-
-        for p in json.loads(Path(args.render).read_text())["runs"]:
-            print(render(p))
-        return 0
-    payloads = []
-    for shape in args.shape.split(","):
-        a = argparse.Namespace(**{**vars(args), "shape": shape})
-        print(f"[bench_inference] shape={shape}", file=sys.stderr, flush=True)
-        p = run_shape(a)
-        payloads.append(p)
-        print(render(p), flush=True)
-    write_json(args.json, {"benchmark": "inference", "runs": payloads})
-    return 0
+    return run_shapes(ap.parse_args(argv), "inference", run_shape, render)
 
 
 if __name__ == "__main__":

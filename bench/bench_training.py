@@ -31,10 +31,12 @@ import gc
 import sys
 import time
 import types
+from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (  # noqa: I001
+    run_shapes,  # noqa: E402
     LORA_ALPHA, LORA_R, SHAPES, TARGETS, PeakMemory, build_base, clone, machine_info, markdown_table, median,
     moa_spec, parse_int_list, pick_device, pick_dtype, sync, timed, write_json,
 )
@@ -121,12 +123,22 @@ def train_peft_job(base_copy: nn.Module, batches: list[dict[str, Tensor]], lr: f
         def step_fn(b):
             return pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
 
+        return params, step_fn
+
+    return _timed_training(job, batches, lr, device)
+
+
+def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
+    """Time `setup()` (model building, returns (params, step_fn)) plus the training loop over `batches`;
+    `wall_s` covers both, `loop_s` the loop alone."""
+
+    def job():
+        params, step_fn = setup()
         sync(device)
         t0 = time.perf_counter()
         res = run_loop(params, batches, step_fn, lr)
         sync(device)
-        loop_s = time.perf_counter() - t0
-        return res, loop_s, sum(p.numel() for p in params.values())
+        return res, time.perf_counter() - t0, sum(p.numel() for p in params.values())
 
     wall, (res, loop_s, n_params) = timed(job, device)
     return {"wall_s": wall, "loop_s": loop_s, "setup_s": wall - loop_s, "tokens": res.tokens,
@@ -141,7 +153,7 @@ def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batch
     def job():
         torch.manual_seed(0)
         mm = MixtureModel(base_copy, moa_spec(base_for_spec, n, dropout=DROPOUT))
-        mm.routers.to(device)  # MixtureModel creates its routers on the CPU whatever the base's device
+        mm.routers.to(device)  # a no-op since MixtureModel builds its routers on the base's device
         mm.train()
         mm.model.eval()
         for w in mm.wrapped.values():
@@ -153,16 +165,9 @@ def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batch
             out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"])
             return out.loss, {}
 
-        sync(device)
-        t0 = time.perf_counter()
-        res = run_loop(params, batches, step_fn, lr)
-        sync(device)
-        loop_s = time.perf_counter() - t0
-        return res, loop_s, sum(p.numel() for p in params.values())
+        return params, step_fn
 
-    wall, (res, loop_s, n_params) = timed(job, device)
-    return {"wall_s": wall, "loop_s": loop_s, "setup_s": wall - loop_s, "tokens": res.tokens,
-            "final_loss": res.final_loss, "trainable_params": n_params}
+    return _timed_training(job, batches, lr, device)
 
 
 def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], steps: int, B: int, lr: float,
@@ -273,22 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--json", default=None)
     ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
-    args = ap.parse_args(argv)
-    if args.render:
-        import json
-
-        for p in json.loads(Path(args.render).read_text())["runs"]:
-            print(render(p))
-        return 0
-    payloads = []
-    for shape in args.shape.split(","):
-        a = argparse.Namespace(**{**vars(args), "shape": shape})
-        print(f"[bench_training] shape={shape}", file=sys.stderr, flush=True)
-        p = run_shape(a)
-        payloads.append(p)
-        print(render(p), flush=True)
-    write_json(args.json, {"benchmark": "training", "runs": payloads})
-    return 0
+    return run_shapes(ap.parse_args(argv), "training", run_shape, render)
 
 
 if __name__ == "__main__":

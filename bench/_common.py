@@ -267,3 +267,12 @@ def run_shapes(args: Any, benchmark: str, run_shape: Callable[[Any], dict], rend
         print(render(p), flush=True)
     write_json(args.json, {"benchmark": benchmark, "runs": payloads})
     return 0
+
+
+def setup_shape(args: Any) -> tuple[torch.device, torch.dtype, nn.Module, int]:
+    """(device, dtype, random-init base model of --shape, its vocabulary size) from the common options."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, dtype, build_base(args.shape, device, dtype, seed=0), SHAPES[args.shape]["vocab_size"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
-    run_shapes,  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
+    run_shapes, setup_shape,  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
     LORA_ALPHA, LORA_R, SHAPES, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
     parse_int_list, pick_device, pick_dtype, timed, write_json,
 )
@@ -89,12 +89,7 @@ def build_moa(base: nn.Module, pm: nn.Module, n: int, seed: int):
 
 
 def run_shape(args: argparse.Namespace) -> dict:
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = build_base(args.shape, device, dtype, seed=0)
-    V = SHAPES[args.shape]["vocab_size"]
+    device, dtype, base, V = setup_shape(args)
     B, P, G = args.batch, args.prompt_len, args.new_tokens
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, V, (B, P), generator=g).to(device)

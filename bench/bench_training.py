@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
-    run_shapes,  # noqa: E402
+    run_shapes, setup_shape,  # noqa: E402
     LORA_ALPHA, LORA_R, SHAPES, TARGETS, PeakMemory, build_base, clone, machine_info, markdown_table, median,
     moa_spec, parse_int_list, pick_device, pick_dtype, sync, timed, write_json,
 )
@@ -199,12 +199,7 @@ def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], 
 
 
 def run_shape(args: argparse.Namespace) -> dict:
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base = build_base(args.shape, device, dtype, seed=0)
-    V = SHAPES[args.shape]["vocab_size"]
+    device, dtype, base, V = setup_shape(args)
     S, B, T = args.steps, args.batch, args.seq_len
     variants = [v for v in VARIANTS if v in args.variants]
     data_all = make_rows(max(args.experts), S * B, T, V, device)

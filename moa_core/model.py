@@ -439,5 +439,10 @@ def load_mixture(base: nn.Module, mixture_dir: str | Path) -> MixtureModel:
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
         raise MixtureError(f"{d} does not match its spec: missing {missing}, unexpected {unexpected}")
+    own = mm.mixture_state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:  # e.g. routers saved for another expert list than mixture.json names
+        raise MixtureError(f"{d}: saved tensors do not fit the spec's experts {mm.spec.experts} "
+                           f"(saved vs expected: {wrong[:3]}); the mixture.json and weights are from different runs")
     mm.load_state_dict(state, strict=False)
     return mm

@@ -93,3 +93,24 @@ def test_base_model_path_that_does_not_exist(tmp_path: Path):
 
 def test_trust_remote_code_is_off_by_default():
     assert load_config(ROOT / "params.yaml").base_model.trust_remote_code is False
+
+
+def test_prefect_retries_only_what_a_retry_can_fix():
+    from moa_core.config import ConfigError
+    from moa_core.data import EmptyDomainError
+    from moa_core.model import MixtureError
+    from moa_core.train import NonFiniteLossError
+    from tasks.prefect_tasks import _retryable
+
+    class Failed:  # the one method Prefect's retry_condition_fn calls on a state
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    for permanent in (ConfigError("bad key"), MixtureError("other base"), NonFiniteLossError("nan"),
+                      EmptyDomainError("empty"), FileNotFoundError("gone")):
+        assert _retryable(None, None, Failed(permanent)) is False, permanent
+    for transient in (ConnectionError("sqlite busy"), TimeoutError("slow disk"), OSError(28, "No space left")):
+        assert _retryable(None, None, Failed(transient)) is True, transient

@@ -314,3 +314,22 @@ def test_generate_routes_once_from_the_prompt(tiny_cfg, tiny_base, tiny_tok, ada
     forced, _ = mm.generate(b["input_ids"], b["attention_mask"], expert=chosen, max_new_tokens=3, do_sample=False,
                             pad_token_id=tiny_tok.pad_token_id)
     assert torch.equal(seqs, forced)
+
+
+def test_router_and_expert_list_mismatch_is_a_clear_error(tiny_cfg, tiny_base, tiny_model_dir, tmp_path):
+    import json as _json
+
+    from moa_core.model import load_mixture, save_mixture
+
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    out = save_mixture(mm, tmp_path / "mix")
+    meta = _json.loads((out / "mixture.json").read_text())
+    meta["experts"] = meta["experts"] + ["law"]  # mixture.json now names one expert more than the routers hold
+    meta["domains"] = meta["domains"] + ["law"]
+    meta["experts_per_layer"] = [e + 1 for e in meta["experts_per_layer"]]
+    (out / "mixture.json").write_text(_json.dumps(meta))
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(MixtureError, match="do not fit the spec's experts"):
+        load_mixture(fresh, out)

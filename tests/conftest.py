@@ -86,3 +86,11 @@ def pipeline_result(project: Path) -> dict:
     from flows.pipeline import moa_pipeline
 
     return moa_pipeline(params=str(project / "params.yaml"), profile="quick")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Prefect stops its embedded server at interpreter exit and logs that at INFO through a handler whose
+    stream pytest has closed by then ("I/O operation on closed file"); only warnings are worth that line."""
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)

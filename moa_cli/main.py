@@ -47,15 +47,49 @@ def _ctx(params: Path, profile: str | None = None):
 
 
 def _stage_ctx(params: Path, stage: str):
-    """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process)."""
+    """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process;
+    under torchrun, rank 0 holds it for the group)."""
     from tasks.common import project_lock
 
     ctx = _ctx(params)
-    _held.enter_context(project_lock(ctx.root, f"moa stage {stage}"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _held.enter_context(project_lock(ctx.root, f"moa stage {stage}"))
     return ctx
 
 
 _held = contextlib.ExitStack()
+
+NProc = Annotated[int, typer.Option(
+    "--nproc-per-node", min=1,
+    help="train data-parallel in N processes with torch DDP, launched through torchrun: one per GPU (NCCL), or CPU "
+         "processes (gloo). train.batch_size must divide by N; the loss curve is the one-process curve.")]
+
+
+def _torchrun(nproc: int) -> None:
+    """`moa stage ... --nproc-per-node N` (N > 1): replace this process with torchrun running N copies of the
+    same command; each copy joins the process group (moa_core.distributed) and rank 0 logs and saves."""
+    from moa_core.distributed import launched_by_torchrun
+
+    if nproc <= 1 or launched_by_torchrun():
+        return
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--nproc-per-node="):
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        args.append(a)
+    console.print(f"torchrun: {nproc} processes of `moa {' '.join(args)}`")
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "moa_cli.main", *args])
+
+
+def _print_result(result: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's helper ranks have nothing to report
+        console.print_json(json.dumps(result))
 
 
 @app.command()
@@ -167,32 +201,41 @@ def stage_curate(domain: str, params: Params = Path("params.yaml")) -> None:
     console.print_json(json.dumps(run_curate(_stage_ctx(params, f"curate {domain}"), domain)))
 
 
+def _train_ctx(params: Path, stage: str, nproc: int, side_by_side: bool = False):
+    """side_by_side: the stage runs beside its peers (one expert per domain), so it takes its share of the
+    cores (train.parallel_jobs); torchrun ranks also split them."""
+    from moa_core.distributed import launched_by_torchrun
+    from tasks.common import set_torch_threads
+
+    _torchrun(nproc)
+    ctx = _stage_ctx(params, stage)
+    if side_by_side or launched_by_torchrun():
+        set_torch_threads(ctx.cfg)
+    return ctx
+
+
 @stage_app.command("train-expert")
-def stage_train_expert(domain: str, params: Params = Path("params.yaml")) -> None:
+def stage_train_expert(domain: str, params: Params = Path("params.yaml"), nproc_per_node: NProc = 1) -> None:
     """Stage 1: a PEFT LoRA for one domain -> models/experts/<domain>/."""
     from tasks.train_expert import run_train_expert
 
-    ctx = _stage_ctx(params, f"train-expert {domain}")
-    from tasks.common import set_torch_threads
-
-    set_torch_threads(ctx.cfg)
-    console.print_json(json.dumps(run_train_expert(ctx, domain)))
+    _print_result(run_train_expert(_train_ctx(params, f"train-expert {domain}", nproc_per_node, side_by_side=True), domain))
 
 
 @stage_app.command("train-mixed")
-def stage_train_mixed(params: Params = Path("params.yaml")) -> None:
+def stage_train_mixed(params: Params = Path("params.yaml"), nproc_per_node: NProc = 1) -> None:
     """The LoRA-mixed baseline: one LoRA on all domains -> models/mixed/."""
     from tasks.train_expert import run_train_mixed
 
-    console.print_json(json.dumps(run_train_mixed(_stage_ctx(params, "train-mixed"))))
+    _print_result(run_train_mixed(_train_ctx(params, "train-mixed", nproc_per_node)))
 
 
 @stage_app.command("train-router")
-def stage_train_router(params: Params = Path("params.yaml")) -> None:
+def stage_train_router(params: Params = Path("params.yaml"), nproc_per_node: NProc = 1) -> None:
     """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/."""
     from tasks.train_router import run_train_router
 
-    console.print_json(json.dumps(run_train_router(_stage_ctx(params, "train-router"))))
+    _print_result(run_train_router(_train_ctx(params, "train-router", nproc_per_node)))
 
 
 @stage_app.command("evaluate")

@@ -242,17 +242,20 @@ class MixtureModel(nn.Module):
         balance_coef: float = 0.0,
         adapters_off: bool = False,
         experts_off: bool = False,
+        num_items_in_batch: Tensor | None = None,
     ) -> MixtureOutput:
         """input_ids, attention_mask, labels: [B, T]; expert: [B] forced (gold) expert per row.
 
         pool_mask [B, T] marks the prompt tokens the sequence router pools (default: labels == -100 and
         attention_mask, i.e. the prompt of a training row). `eta` weights the MoA domain cross-entropy
-        (mean over layers); `balance_coef` the MoSLD balance loss (mean over layers)."""
+        (mean over layers); `balance_coef` the MoSLD balance loss (mean over layers). `num_items_in_batch`
+        makes the LM loss a sum over label tokens divided by it (data-parallel training: see train_loop)."""
         if pool_mask is None and self.spec.routing == "sequence":
             pool_mask = attention_mask if labels is None else attention_mask * (labels == -100)
         with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert,
                            pool_mask=pool_mask, token_mask=attention_mask) as ctx:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
             aux = None
             if expert is not None and ctx.router_logits and eta > 0:
                 ce = torch.stack([F.cross_entropy(lg.float(), expert) for lg in ctx.router_logits]).mean()

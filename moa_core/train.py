@@ -24,10 +24,12 @@ from torch import Tensor, nn
 
 from .batching import balanced_batches, encode
 from .config import MoAConfig, TrainConfig
+from .distributed import DataParallel
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"
+LM_TOKENS = "num_items_in_batch"  # batch key set by train_loop under DDP; the HF loss's own keyword
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,10 +79,15 @@ def train_loop(
     on_log: LogFn | None = None,
     fingerprint: str = "",
     lr_for: Callable[[str], float] | None = None,
+    dp: DataParallel | None = None,
 ) -> TrainResult:
     """Optimise `params` for `steps` steps (`lr_for(name)` may give some parameters their own rate). `batches(start_step)` yields the batches from that step on;
     `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present and
-    written for the same `fingerprint` (a hash of the settings and data); a stale one is ignored."""
+    written for the same `fingerprint` (a hash of the settings and data); a stale one is ignored.
+
+    With `dp` (several torchrun processes), each rank steps on its rows of every global batch through a
+    DDP-wrapped model in `step_fn`; logged losses are averaged over ranks, and only rank 0 writes the
+    checkpoint and calls `on_log`."""
     rates: dict[float, list[nn.Parameter]] = {}
     for name, p in params.items():
         rates.setdefault(lr_for(name) if lr_for else lr, []).append(p)
@@ -105,10 +112,19 @@ def train_loop(
     t0 = time.perf_counter() - result.seconds
     it = batches(start)
     device = next(iter(params.values())).device
+    main = dp is None or dp.is_main
     for step in range(start, steps):
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in next(it).items()}
+        batch = next(it)
+        result.tokens += int(batch["attention_mask"].sum())  # the global batch's tokens, counted once
+        if dp is not None:
+            # Each rank's LM loss = its label tokens' loss sum / (the global batch's label tokens / world size):
+            # DDP's gradient mean over ranks then equals the one-process gradient of the global token mean.
+            label_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+            batch = {**dp.shard(batch), LM_TOKENS: label_tokens.float() / dp.world_size}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         loss, extra = step_fn(batch)
-        if not torch.isfinite(loss):
+        # every rank must see the same verdict, or the finite ones would wait forever in the all-reduce
+        if not math.isfinite(dp.mean(float(loss.detach())) if dp is not None else float(loss.detach())):
             where = f"the last good checkpoint ({ckpt}) is kept" if ckpt and ckpt.exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {step + 1}; {where}. Lower train.lr or check the data, then re-run to resume."
@@ -118,14 +134,15 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         opt.step()
         sched.step()
-        result.tokens += int(batch["attention_mask"].sum())
         done = step + 1
         if done % cfg.log_every == 0 or done == steps or done == 1:
             entry = {"step": float(done), "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], **extra}
+            if dp is not None:  # the same decision on every rank, so the collective calls line up
+                entry = {k: v if k in ("step", "lr") else dp.mean(v) for k, v in entry.items()}
             result.history.append(entry)
-            if on_log:
+            if on_log and main:
                 on_log(done, entry)
-        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+        if main and ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps):
             result.seconds = time.perf_counter() - t0
             _save_checkpoint(ckpt, {
                 "step": done, "params": {n: p.detach().clone() for n, p in params.items()},
@@ -145,9 +162,11 @@ def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_lengt
 def train_peft_lora(
     base: nn.Module, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, steps: int,
     out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None, fingerprint: str = "",
+    dp: DataParallel | None = None,
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
-    batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically."""
+    batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically
+    (rank 0 only when `dp` spreads the batches over several processes)."""
     torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(base, PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -156,16 +175,19 @@ def train_peft_lora(
     peft_model.train()
     encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    runner = dp.wrap(peft_model) if dp is not None else peft_model
 
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        return peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
+        return runner(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                      num_items_in_batch=b.get(LM_TOKENS)).loss, {}
 
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
-        step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint,
+        step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint, dp=dp,
     )
     peft_model.eval()
-    atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
+    if dp is None or dp.is_main:
+        atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
     return result
 
 
@@ -218,7 +240,7 @@ def train_mixture(
     mm: MixtureModel, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, *, steps: int, lr: float,
     train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
     eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
-    fingerprint: str = "", frozen_experts: Sequence[int] = (),
+    fingerprint: str = "", frozen_experts: Sequence[int] = (), dp: DataParallel | None = None,
 ) -> TrainResult:
     """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
 
@@ -226,7 +248,8 @@ def train_mixture(
     (MoSLD, MoDULA router stage), "experts_off" = universal expert only (MoDULA-Res stage 1), or an
     int = that expert for every row (MoDULA stages 1-2).
     frozen_experts: expert slots whose A/B slices must stay bit-identical although they share the stacked
-    tensors with trained experts (onboarding a domain): their gradients are zeroed before the optimizer."""
+    tensors with trained experts (onboarding a domain): their gradients are zeroed before the optimizer.
+    dp: spread each batch over torchrun processes (DDP); see moa_core.distributed."""
     mm.train()
     mm.model.eval()  # keeps the frozen base deterministic; dropout lives in the experts
     for w in mm.wrapped.values():
@@ -234,6 +257,7 @@ def train_mixture(
     chosen = {id(p) for p in mm.set_trainable(train_experts, train_routers, train_universal)}
     params = {n: p for n, p in mm.named_parameters() if id(p) in chosen}
     encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
+    runner = dp.wrap(mm) if dp is not None else mm
 
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         if route == "gold":
@@ -242,8 +266,8 @@ def train_mixture(
             expert = torch.full_like(b["expert"], route)
         else:
             expert = None
-        out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=eta,
-                 balance_coef=balance_coef, experts_off=route == "experts_off")
+        out = runner(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=eta,
+                     balance_coef=balance_coef, experts_off=route == "experts_off", num_items_in_batch=b.get(LM_TOKENS))
         extra = {"lm_loss": float(out.lm_loss.detach())}
         if out.aux_loss is not None:
             extra["aux_loss"] = float(out.aux_loss.detach())
@@ -262,7 +286,7 @@ def train_mixture(
         result = train_loop(
             params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
             step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
-            lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr,
+            lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr, dp=dp,
         )
     finally:
         for h in hooks:
@@ -304,7 +328,7 @@ def phase_helpers(ckpt_root: Path | None, on_log: LogFn | None) -> tuple[
 def fit_method(
     cfg: MoAConfig, method: str, base: nn.Module, tokenizer: Any, model_id: str, train_by_domain: list[list[Any]],
     expert_dirs: list[Path] | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
-    eta: float | None = None, fingerprint: str = "",
+    eta: float | None = None, fingerprint: str = "", dp: DataParallel | None = None,
 ) -> tuple[MixtureModel, dict[str, TrainResult]]:
     """Build and train a method's mixture after stage 1. Returns the model and one TrainResult per phase.
 
@@ -327,27 +351,27 @@ def fit_method(
         phases["joint"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=True,
             train_routers=True, route="gold", eta=cfg.router.eta if eta is None else eta, ckpt_dir=ck("moa-joint"),
-            on_log=log("joint"), fingerprint=fingerprint)
+            on_log=log("joint"), fingerprint=fingerprint, dp=dp)
     elif method == "mosld":
         phases["joint"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=True, train_routers=True,
             route="learned", balance_coef=cfg.mosld.balance_coef, ckpt_dir=ck("mosld-joint"), on_log=log("joint"),
-            fingerprint=fingerprint)
+            fingerprint=fingerprint, dp=dp)
     elif method in ("modula-flan", "modula-res"):
         res = method == "modula-res"
         phases["universal"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=cfg.modula.universal_steps, lr=t.lr, train_experts=not res,
             train_routers=False, train_universal=res, route="experts_off" if res else 0,
-            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint)
+            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint, dp=dp)
         offset = 0 if res else 1  # Flan: expert 0 is the universal one
         for k, recs in enumerate(train_by_domain):
             phases[f"domain:{cfg.domain_names[k]}"] = train_mixture(
                 mm, tokenizer, [recs], cfg, steps=t.expert_steps, lr=t.lr, train_experts=True, train_routers=False,
                 route=k + offset, ckpt_dir=ck(f"{method}-domain-{k}"), on_log=log(f"domain:{k}"),
-                fingerprint=fingerprint)
+                fingerprint=fingerprint, dp=dp)
         phases["router"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=False, train_routers=True,
-            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint)
+            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint, dp=dp)
     else:
         raise ValueError(f"unknown method {method!r}")
     return mm, phases

@@ -138,10 +138,24 @@ class StageContext:
         return {d: self.split(d, split) for d in (domains or self.cfg.domain_names)}
 
 
+@contextlib.contextmanager
+def data_parallel_group() -> Iterator[Any]:
+    """The torchrun process group of a `moa stage ... --nproc-per-node N` job (a moa_core.distributed
+    DataParallel), or None when the stage runs as one process."""
+    from moa_core.distributed import init_from_env, shutdown
+
+    dp = init_from_env()
+    try:
+        yield dp
+    finally:
+        shutdown(dp)
+
+
 def set_torch_threads(cfg: MoAConfig) -> int:
     import torch
 
-    n = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // cfg.train.parallel_jobs)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the cores are shared by the ranks
+    n = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // (cfg.train.parallel_jobs * ranks))
     torch.set_num_threads(n)
     return n
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,18 @@ import mlflow
 from moa_core.base_model import load_base
 from moa_core.train import TrainResult, train_peft_lora
 
-import shutil
-
-from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
+from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
 
 
-def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str) -> dict[str, Any]:
+def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str,
+                  world_size: int = 1) -> dict[str, Any]:
     from .plots import loss_curve
 
     summary = {
         "final_loss": result.final_loss, "steps": result.steps, "train_seconds": round(result.seconds, 2),
         "tokens": result.tokens, "tokens_per_second": round(result.tokens_per_second, 1),
         "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
+        "ddp_world_size": world_size,
     }
     log_history(result.history, "train/")
     mlflow.log_metrics({k: float(v) for k, v in summary.items()})
@@ -38,15 +39,22 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
            metrics_name: str) -> dict[str, Any]:
     records = [ctx.split(d, "train") for d in domains]
-    with TORCH_LOCK, stage_run(ctx, run_name) as _run:
-        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
-        mlflow.set_tag("base_model", model_id)
-        mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
-                           **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
-                           **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
-        fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
-        result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, progress(run_name, steps), fp)
-        summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss")
+    fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
+    with TORCH_LOCK, data_parallel_group() as dp:
+        if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
+            base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
+            train_peft_lora(base.to(dp.device), tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp)
+            return {"rank": dp.rank}
+        with stage_run(ctx, run_name):
+            base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+            mlflow.set_tag("base_model", model_id)
+            mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
+                               "ddp_world_size": dp.world_size if dp else 1,
+                               **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
+                               **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
+            result = train_peft_lora(base.to(dp.device) if dp else base, tok, records, ctx.cfg, steps, out_dir, ckpt,
+                                     progress(run_name, steps), fp, dp=dp)
+            summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", dp.world_size if dp else 1)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
     return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from typing import Any
@@ -12,7 +13,7 @@ from moa_core.base_model import load_base
 from moa_core.model import save_mixture
 from moa_core.train import fit_method
 
-from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
+from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
 
 
 def run_train_router(ctx: StageContext, method: str | None = None, eta: float | None = None,
@@ -27,18 +28,27 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     train = [ctx.split(d, "train") for d in doms]
     ckpt = lay.checkpoints / f"mixture-{name}"
     fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
-    with TORCH_LOCK, stage_run(ctx, f"train_router:{name}", method=method):
+    expert_dirs = [lay.expert(d) for d in doms] if method == "moa" else None
+    with TORCH_LOCK, data_parallel_group() as dp, contextlib.ExitStack() as run:
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
+        if dp is not None:
+            base = base.to(dp.device)
+            if not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs and saves
+                fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
+                           eta=eta, fingerprint=fp, dp=dp)
+                return {"rank": dp.rank}
+        run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
         mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,
+                           "ddp_world_size": dp.world_size if dp else 1,
                            **{f"router.{k}": v for k, v in ctx.cfg.router.model_dump().items()},
                            "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})
         mm, phases = fit_method(
-            ctx.cfg, method, base, tok, model_id, train,
-            expert_dirs=[lay.expert(d) for d in doms] if method == "moa" else None,
-            ckpt_root=ckpt, eta=eta, fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps),
+            ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt, eta=eta,
+            fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps), dp=dp,
         )
         summary: dict[str, Any] = {
+            "ddp_world_size": dp.world_size if dp else 1,
             "method": method,
             "train_seconds": round(sum(r.seconds for r in phases.values()), 2),
             "trainable_params": sum(p.numel() for p in mm.mixture_parameters().values()),

@@ -19,7 +19,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 # One PREFECT_HOME for the whole session: Prefect's ephemeral server costs 8-20 s per new home/process.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="moa-prefect-"))
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, tiny_raw_params, toy_records  # noqa: F401  (re-exported to the test modules)
 
 
 @pytest.fixture(scope="session")
@@ -46,26 +46,11 @@ def tiny_tok(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def tiny_raw_params(model_dir: Path, domains: list[dict] | None = None) -> dict:
-    """params.yaml contents for tests: the project's params with the tiny model and the quick profile."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base_model"]["source"] = str(model_dir)
-    if domains is not None:
-        raw["domains"] = domains
-    return raw
-
-
 @pytest.fixture
 def tiny_cfg(tiny_model_dir: Path):
     from moa_core.config import parse_config
 
     return parse_config(tiny_raw_params(tiny_model_dir), profile="quick")
-
-
-def toy_records(n_domains: int = 3, n: int = 12) -> list[list[dict]]:
-    words = ["alpha", "beta", "gamma", "delta"]
-    return [[{"instruction": f"{words[k]} question {i}", "response": f"{words[k]} answer " * (1 + i % 3)}
-             for i in range(n)] for k in range(n_domains)]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import tiny_raw_params, toy_records  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 try:
     import rouge_score  # noqa: F401
@@ -24,20 +26,6 @@ except ImportError:
     HAVE_TEXT_METRICS = False
 
 
-def _raw(model_dir: Path) -> dict:
-    import yaml
-
-    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
-    raw["base_model"]["source"] = str(model_dir)
-    return raw
-
-
-def _records(n_domains: int = 3, n: int = 8) -> list[list[dict]]:
-    words = ["alpha", "beta", "gamma"]
-    return [[{"instruction": f"{words[k]} question {i}", "response": f"{words[k]} answer " * (1 + i % 3)}
-             for i in range(n)] for k in range(n_domains)]
-
-
 def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,7 +33,7 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
     from moa_core.evaluate import evaluate_system
     from moa_core.train import build_mixture, train_mixture
 
-    raw = _raw(model_dir)
+    raw = tiny_raw_params(model_dir)
     raw["domains"] = {d: {"source": {"kind": "builtin", "name": "humaneval"}} for d in ("alpha", "beta", "gamma")}
     cfg = parse_config(raw, profile="quick")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -54,7 +42,7 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
         mm = build_mixture(cfg, method, base if method == "moa" else
                            AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE), "tiny")
         assert all(p.device.type == DEVICE.type for p in mm.parameters()), method
-        recs = _records()
+        recs = toy_records(n=8)
         res = train_mixture(mm, tok, recs, cfg, steps=2, lr=1e-2, train_experts=True, train_routers=True,
                             route="gold" if method == "moa" else "learned", eta=0.1)
         assert math.isfinite(res.final_loss), (method, res.final_loss)

@@ -1,0 +1,25 @@
+"""Test data and settings shared by conftest and the scripts that run without pytest (tests/test_device.py,
+tests/ddp_worker.py on the GPU machine, whose image has torch, transformers, peft and pyyaml only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_raw_params(model_dir: Path, domains: list[dict] | None = None) -> dict:
+    """params.yaml contents for tests: the project's params with the tiny model and the quick profile."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["base_model"]["source"] = str(model_dir)
+    if domains is not None:
+        raw["domains"] = domains
+    return raw
+
+
+def toy_records(n_domains: int = 3, n: int = 12) -> list[list[dict]]:
+    words = ["alpha", "beta", "gamma", "delta"]
+    return [[{"instruction": f"{words[k]} question {i}", "response": f"{words[k]} answer " * (1 + i % 3)}
+             for i in range(n)] for k in range(n_domains)]

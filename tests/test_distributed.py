@@ -1,0 +1,70 @@
+"""Data-parallel training with torch DDP under torchrun (gloo on this CPU machine; NCCL on GPUs):
+two processes, each on half of every batch, reproduce the one-process loss curve and weights, and the
+`moa stage ... --nproc-per-node 2` command trains and saves through rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_raw_params
+from moa_core.distributed import DataParallel
+
+
+def _torchrun(nproc: int, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_reproduce_one_process(tmp_path: Path, tiny_model_dir: Path):
+    for n in (1, 2):
+        proc = _torchrun(n, str(ROOT / "tests/ddp_worker.py"), str(tiny_model_dir), str(tmp_path / f"world{n}"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for recipe in ("peft", "moa"):
+        one, two = (json.loads((tmp_path / f"world{n}/{recipe}/history.json").read_text()) for n in (1, 2))
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        assert one["tokens"] == two["tokens"], "both saw the same global batches"
+        curve1, curve2 = [h["loss"] for h in one["history"]], [h["loss"] for h in two["history"]]
+        assert len(curve1) == len(curve2) == 6
+        assert curve1[-1] < curve1[0], f"{recipe} did not learn: {curve1}"
+        assert curve2 == pytest.approx(curve1, rel=1e-5), recipe
+        w1, w2 = (load_file(tmp_path / f"world{n}/{recipe}/params.safetensors") for n in (1, 2))
+        assert set(w1) == set(w2) and w1
+        for name in w1:  # AdamW's early steps amplify float-order noise of tiny gradients, hence 1e-4
+            torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4, msg=f"{recipe} {name}")
+
+
+def test_batch_rows_are_split_between_ranks_and_must_divide():
+    batch = {"input_ids": torch.arange(12).view(4, 3), "expert": torch.tensor([0, 1, 0, 1])}
+    r0 = DataParallel(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")).shard(batch)
+    r1 = DataParallel(rank=1, world_size=2, local_rank=1, device=torch.device("cpu")).shard(batch)
+    assert r0["input_ids"].tolist() == [[0, 1, 2], [6, 7, 8]] and r1["expert"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="multiple of 3"):
+        DataParallel(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")).shard(batch)
+
+
+@pytest.mark.slow
+def test_moa_stage_trains_an_expert_over_two_processes(tmp_path: Path, tiny_model_dir: Path):
+    raw = tiny_raw_params(tiny_model_dir)
+    raw["domains"] = {"code": raw["domains"]["code"]}
+    raw["curate"]["max_rows"] = 30
+    raw["train"].update({"expert_steps": 4, "batch_size": 2, "max_length": 64})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    moa = str(Path(sys.executable).parent / "moa")
+    for args in (["curate", "code"], ["train-expert", "code", "--nproc-per-node", "2"]):
+        proc = subprocess.run([moa, "stage", *args, "--params", str(tmp_path / "params.yaml")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "torchrun: 2 processes" in proc.stderr
+    summary = json.loads((tmp_path / "metrics/train_expert_code.json").read_text())
+    assert summary["ddp_world_size"] == 2 and summary["steps"] == 4, summary
+    assert (tmp_path / "models/experts/code/adapter_model.safetensors").exists()
+    assert proc.stderr.count('"ddp_world_size": 2') == 1, "rank 0 alone prints the result"

@@ -131,6 +131,28 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     )
 
 
+@app.command()
+def evaluate(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
+    """Evaluate the trained systems on the held-out test split: the comparison table (base, single-LoRA oracle,
+    LoRA-mixed, the method, and the baselines/compare_methods of evaluate: in params.yaml) -> reports/eval.md,
+    metrics/eval.json, and an MLflow run with the table, confusion matrix and plots. Trains nothing: run
+    `moa run` (with the same --profile) first. Example: moa evaluate --profile compare"""
+    from moa_core.model import MixtureError
+    from tasks.common import project_lock
+    from tasks.evaluate import run_evaluate
+
+    ctx = _ctx(params, profile)
+    with project_lock(ctx.root, "moa evaluate"):
+        try:
+            result = run_evaluate(ctx)
+        except (FileNotFoundError, MixtureError) as exc:
+            console.print(f"[red]nothing to evaluate yet[/red]: {exc}\nRun `moa run"
+                          f"{' --profile ' + profile if profile else ''}` first.")
+            raise typer.Exit(2) from None
+    print(result["table"])  # plain print: a markdown table must not be re-wrapped
+    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000")
+
+
 def _field_map(values: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for v in values:

@@ -46,13 +46,17 @@ def _ctx(params: Path, profile: str | None = None):
         raise typer.Exit(2) from None
 
 
-def _stage_ctx(params: Path, stage: str):
-    """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process;
-    under torchrun, rank 0 holds it for the group)."""
+LOCK_HELD_ENV = "MOA_PROJECT_LOCK_HELD"  # set by the torchrun launcher, which keeps holding the lock
+
+
+def _stage_ctx(params: Path, stage: str, ctx=None):
+    """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process).
+    torchrun ranks started by `--nproc-per-node` run under the launcher's lock; started by hand, rank 0 takes it."""
     from tasks.common import project_lock
 
-    ctx = _ctx(params)
-    if int(os.environ.get("RANK", "0")) == 0:
+    ctx = ctx or _ctx(params)
+    held = os.environ.get(LOCK_HELD_ENV) == str(ctx.root)
+    if not held and int(os.environ.get("RANK", "0")) == 0:
         _held.enter_context(project_lock(ctx.root, f"moa stage {stage}"))
     return ctx
 
@@ -62,16 +66,20 @@ _held = contextlib.ExitStack()
 NProc = Annotated[int, typer.Option(
     "--nproc-per-node", min=1,
     help="train data-parallel in N processes with torch DDP, launched through torchrun: one per GPU (NCCL), or CPU "
-         "processes (gloo). train.batch_size must divide by N; the loss curve is the one-process curve.")]
+         "processes (gloo). train.batch_size must divide by N; the loss curve is the one-process curve "
+         "(exactly so without dropout).")]
 
 
-def _torchrun(nproc: int) -> None:
-    """`moa stage ... --nproc-per-node N` (N > 1): replace this process with torchrun running N copies of the
-    same command; each copy joins the process group (moa_core.distributed) and rank 0 logs and saves."""
-    from moa_core.distributed import launched_by_torchrun
+def _torchrun(ctx, stage: str, nproc: int) -> None:
+    """`moa stage ... --nproc-per-node N` (N > 1): take the project lock, then replace this process with torchrun
+    running N copies of the same command. The lock's file descriptor survives the exec, so torchrun holds it
+    for the whole group; each copy joins the process group (moa_core.distributed), and rank 0 logs and saves."""
+    from tasks.common import project_lock
 
-    if nproc <= 1 or launched_by_torchrun():
-        return
+    if ctx.cfg.train.batch_size % nproc:
+        console.print(f"[red]config error[/red]: train.batch_size={ctx.cfg.train.batch_size} does not split over "
+                      f"{nproc} processes; set it to a multiple of {nproc} or change --nproc-per-node.")
+        raise typer.Exit(2)
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip or a.startswith("--nproc-per-node="):
@@ -81,8 +89,10 @@ def _torchrun(nproc: int) -> None:
             skip = True
             continue
         args.append(a)
+    _held.enter_context(project_lock(ctx.root, f"moa stage {stage} (torchrun, {nproc} processes)", inheritable=True))
     console.print(f"torchrun: {nproc} processes of `moa {' '.join(args)}`")
     sys.stderr.flush()
+    os.environ[LOCK_HELD_ENV] = str(ctx.root)
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                               f"--nproc-per-node={nproc}", "-m", "moa_cli.main", *args])
 
@@ -131,26 +141,30 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     )
 
 
+def _evaluate(params: Path, profile: str | None, holder: str) -> None:
+    from moa_core.model import MixtureError
+    from tasks.evaluate import run_evaluate
+
+    ctx = _stage_ctx(params, holder, _ctx(params, profile))
+    try:
+        result = run_evaluate(ctx)
+    except FileNotFoundError as exc:
+        console.print(f"[red]nothing to evaluate yet[/red]: {exc}\nRun `moa run{' --profile ' + profile if profile else ''}` first.")
+        raise typer.Exit(2) from None
+    except MixtureError as exc:
+        console.print(f"[red]cannot evaluate[/red]: {exc}")
+        raise typer.Exit(2) from None
+    print(result["table"])  # plain print: a markdown table must not be re-wrapped
+    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000")
+
+
 @app.command()
 def evaluate(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
     """Evaluate the trained systems on the held-out test split: the comparison table (base, single-LoRA oracle,
     LoRA-mixed, the method, and the baselines/compare_methods of evaluate: in params.yaml) -> reports/eval.md,
     metrics/eval.json, and an MLflow run with the table, confusion matrix and plots. Trains nothing: run
     `moa run` (with the same --profile) first. Example: moa evaluate --profile compare"""
-    from moa_core.model import MixtureError
-    from tasks.common import project_lock
-    from tasks.evaluate import run_evaluate
-
-    ctx = _ctx(params, profile)
-    with project_lock(ctx.root, "moa evaluate"):
-        try:
-            result = run_evaluate(ctx)
-        except (FileNotFoundError, MixtureError) as exc:
-            console.print(f"[red]nothing to evaluate yet[/red]: {exc}\nRun `moa run"
-                          f"{' --profile ' + profile if profile else ''}` first.")
-            raise typer.Exit(2) from None
-    print(result["table"])  # plain print: a markdown table must not be re-wrapped
-    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000")
+    _evaluate(params, profile, "evaluate")
 
 
 def _field_map(values: list[str]) -> dict[str, str]:
@@ -229,10 +243,12 @@ def _train_ctx(params: Path, stage: str, nproc: int, side_by_side: bool = False)
     from moa_core.distributed import launched_by_torchrun
     from tasks.common import set_torch_threads
 
-    _torchrun(nproc)
-    ctx = _stage_ctx(params, stage)
+    ctx = _ctx(params)
+    if nproc > 1 and not launched_by_torchrun():
+        _torchrun(ctx, stage, nproc)  # does not return
+    ctx = _stage_ctx(params, stage, ctx)
     if side_by_side or launched_by_torchrun():
-        set_torch_threads(ctx.cfg)
+        set_torch_threads(ctx.cfg, jobs=ctx.cfg.train.parallel_jobs if side_by_side else 1)
     return ctx
 
 
@@ -262,10 +278,8 @@ def stage_train_router(params: Params = Path("params.yaml"), nproc_per_node: NPr
 
 @stage_app.command("evaluate")
 def stage_evaluate(params: Params = Path("params.yaml")) -> None:
-    """Evaluate every system on the test split -> metrics/eval.json, reports/eval.md."""
-    from tasks.evaluate import run_evaluate
-
-    console.print(run_evaluate(_stage_ctx(params, "evaluate"))["table"])
+    """Evaluate every system on the test split -> metrics/eval.json, reports/eval.md (`moa evaluate`, as DVC runs it)."""
+    _evaluate(params, None, "evaluate")
 
 
 @stage_app.command("register")

@@ -91,8 +91,19 @@ def resolve_base_path(cfg: BaseModelConfig, root: Path) -> tuple[str, str]:
     return cfg.source, cfg.source
 
 
-def load_base(cfg: BaseModelConfig, root: str | Path = "."):
-    """-> (causal LM in eval mode with frozen weights, tokenizer with a pad token, model id)."""
+def resolve_device(name: str) -> torch.device:
+    """base_model.device -> a torch device ("auto": the first GPU when CUDA is there, else the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BaseModelError(f"base_model.device is {name!r} but CUDA is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def load_base(cfg: BaseModelConfig, root: str | Path = ".", device: torch.device | None = None):
+    """-> (causal LM in eval mode with frozen weights, tokenizer with a pad token, model id).
+
+    The model lands on `device` if given (a torchrun rank's own GPU), else on base_model.device."""
     path, model_id = resolve_base_path(cfg, Path(root))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -109,7 +120,7 @@ def load_base(cfg: BaseModelConfig, root: str | Path = "."):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tok, model_id
+    return model.to(device or resolve_device(cfg.device)), tok, model_id
 
 
 def build_tiny_model(out_dir: str | Path, vocab_texts: list[str] | None = None, layers: int = 2, hidden: int = 64) -> Path:

@@ -41,6 +41,8 @@ class BaseModelConfig(_Strict):
     cache_dir: str = "models/base"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where training, evaluation and serving run: auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 class SourceConfig(_Strict):

@@ -6,8 +6,10 @@ gradients over ranks during backward. So N ranks train on the single-process bat
 split N ways: same schedule, same number of optimizer steps. Each rank's LM loss is its label tokens' sum
 over the global batch's token count / N, so DDP's gradient mean is the one-process gradient of the
 token mean over the whole batch: the loss curve matches one process up to float summation order.
-(The MoA routing loss is a mean over rows, which equal row shards keep exact; MoSLD's balance loss is
-computed per rank, as in other MoE data-parallel training.)
+That equality holds without randomness in the step: with LoRA dropout or MoSLD's DropConnect each rank
+draws its own masks (seeded per rank), as any data-parallel run does. The MoA routing loss is a mean over
+rows, which equal row shards keep exact; MoSLD's balance loss is computed per rank, as in other MoE
+data-parallel training.
 
 Rank 0 alone writes checkpoints, saves the result and logs; the others only compute. One process (no
 `torchrun`, or WORLD_SIZE=1) takes none of these paths.
@@ -62,11 +64,16 @@ class DataParallel:
     def mean(self, value: float) -> float:
         return self.sum(value) / self.world_size
 
-    def barrier(self) -> None:
-        if self.device.type == "cuda":
-            torch_dist.barrier(device_ids=[self.device.index])
-        else:
-            torch_dist.barrier()
+
+def check_sums_loss(model: nn.Module) -> None:
+    """The exact DDP loss scaling hands `num_items_in_batch` to the HF model's loss; a model whose forward
+    does not take loss keywords would silently fall back to a per-rank mean."""
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is None:
+        accepts = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    if not accepts:
+        raise ValueError(f"{type(model).__name__}.forward takes no loss keywords (num_items_in_batch), so its loss "
+                         "cannot be scaled for data-parallel training; train it in one process")
 
 
 def launched_by_torchrun() -> bool:
@@ -82,12 +89,15 @@ def init_from_env(backend: str | None = None) -> DataParallel | None:
         return None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local % torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    device = torch.device("cuda", local % gpus) if gpus else torch.device("cpu")
+    backend = backend or os.environ.get("MOA_DIST_BACKEND") or ("nccl" if gpus else "gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if backend == "nccl" and local_world > gpus:
+        raise RuntimeError(f"{local_world} processes on this node but {gpus} GPU(s): NCCL needs a GPU per process. "
+                           f"Use --nproc-per-node {gpus}, or MOA_DIST_BACKEND=gloo to share GPUs (slow; for checks only)")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = backend or os.environ.get("MOA_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DataParallel(rank=rank, world_size=world, local_rank=local, device=device)

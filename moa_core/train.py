@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .batching import balanced_batches, encode
 from .config import MoAConfig, TrainConfig
-from .distributed import DataParallel
+from .distributed import DataParallel, check_sums_loss
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -113,6 +113,8 @@ def train_loop(
     it = batches(start)
     device = next(iter(params.values())).device
     main = dp is None or dp.is_main
+    if dp is not None:  # dropout / DropConnect masks: each rank its own, reproducible per (seed, rank)
+        torch.manual_seed(cfg.seed * 7919 + dp.rank)
     for step in range(start, steps):
         batch = next(it)
         result.tokens += int(batch["attention_mask"].sum())  # the global batch's tokens, counted once
@@ -175,6 +177,8 @@ def train_peft_lora(
     peft_model.train()
     encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    if dp is not None:
+        check_sums_loss(base)
     runner = dp.wrap(peft_model) if dp is not None else peft_model
 
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -257,6 +261,8 @@ def train_mixture(
     chosen = {id(p) for p in mm.set_trainable(train_experts, train_routers, train_universal)}
     params = {n: p for n, p in mm.named_parameters() if id(p) in chosen}
     encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
+    if dp is not None:
+        check_sums_loss(mm.model)
     runner = dp.wrap(mm) if dp is not None else mm
 
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -348,9 +354,12 @@ def fit_method(
             raise ValueError("MoA stage 2 needs one stage-1 adapter per domain")
         for k, d in enumerate(expert_dirs):
             mm.load_peft_expert(k, d)
+        eta = cfg.router.eta if eta is None else eta
+        # eta = 0 (the routing-loss ablation): the routers get no gradient, so they are not trained (DDP
+        # refuses parameters that receive none; one process would skip them all the same)
         phases["joint"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=True,
-            train_routers=True, route="gold", eta=cfg.router.eta if eta is None else eta, ckpt_dir=ck("moa-joint"),
+            train_routers=eta > 0, route="gold", eta=eta, ckpt_dir=ck("moa-joint"),
             on_log=log("joint"), fingerprint=fingerprint, dp=dp)
     elif method == "mosld":
         phases["joint"] = train_mixture(

@@ -76,17 +76,20 @@ TORCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def project_lock(root: Path, holder: str) -> Iterator[None]:
+def project_lock(root: Path, holder: str, inheritable: bool = False) -> Iterator[None]:
     """One writer per project at a time: an exclusive lock on <root>/.moa.lock, held by a pipeline run,
     an onboarding run or a `moa stage` command for its whole duration. A second run waits (and says so)
     instead of interleaving its MLflow registration and DVC outputs with the first one's. The OS drops the
-    lock when the holder dies, so a killed run never leaves a stale lock behind."""
+    lock when the holder dies, so a killed run never leaves a stale lock behind. `inheritable`: the lock
+    survives an exec of this process (the torchrun launcher of `moa stage ... --nproc-per-node`)."""
     import fcntl
     import logging
     import time
 
     path = Path(root) / ".moa.lock"
     with open(path, "a+") as fh:
+        if inheritable:
+            os.set_inheritable(fh.fileno(), True)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -151,11 +154,14 @@ def data_parallel_group() -> Iterator[Any]:
         shutdown(dp)
 
 
-def set_torch_threads(cfg: MoAConfig) -> int:
+def set_torch_threads(cfg: MoAConfig, jobs: int | None = None) -> int:
+    """Threads per training job: the cores over the jobs that run side by side (default train.parallel_jobs)
+    and over torchrun's ranks on this node."""
     import torch
 
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the cores are shared by the ranks
-    n = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // (cfg.train.parallel_jobs * ranks))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    jobs = cfg.train.parallel_jobs if jobs is None else jobs
+    n = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // (jobs * ranks))
     torch.set_num_threads(n)
     return n
 

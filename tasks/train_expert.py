@@ -41,18 +41,17 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
     records = [ctx.split(d, "train") for d in domains]
     fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
     with TORCH_LOCK, data_parallel_group() as dp:
+        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
-            base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
-            train_peft_lora(base.to(dp.device), tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp)
+            train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp)
             return {"rank": dp.rank}
         with stage_run(ctx, run_name):
-            base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
             mlflow.set_tag("base_model", model_id)
             mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
                                "ddp_world_size": dp.world_size if dp else 1,
                                **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                                **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
-            result = train_peft_lora(base.to(dp.device) if dp else base, tok, records, ctx.cfg, steps, out_dir, ckpt,
+            result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt,
                                      progress(run_name, steps), fp, dp=dp)
             summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", dp.world_size if dp else 1)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run

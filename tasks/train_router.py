@@ -30,13 +30,11 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
     expert_dirs = [lay.expert(d) for d in doms] if method == "moa" else None
     with TORCH_LOCK, data_parallel_group() as dp, contextlib.ExitStack() as run:
-        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
-        if dp is not None:
-            base = base.to(dp.device)
-            if not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs and saves
-                fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
-                           eta=eta, fingerprint=fp, dp=dp)
-                return {"rank": dp.rank}
+        base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
+        if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
+            fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
+                       eta=eta, fingerprint=fp, dp=dp)
+            return {"rank": dp.rank}
         run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
         mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,

@@ -4,9 +4,11 @@ two processes, each on half of every batch, reproduce the one-process loss curve
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,13 +60,31 @@ def test_moa_stage_trains_an_expert_over_two_processes(tmp_path: Path, tiny_mode
     raw["curate"]["max_rows"] = 30
     raw["train"].update({"expert_steps": 4, "batch_size": 2, "max_length": 64})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    moa = str(Path(sys.executable).parent / "moa")
-    for args in (["curate", "code"], ["train-expert", "code", "--nproc-per-node", "2"]):
-        proc = subprocess.run([moa, "stage", *args, "--params", str(tmp_path / "params.yaml")], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "torchrun: 2 processes" in proc.stderr
+
+    def moa(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([str(Path(sys.executable).parent / "moa"), "stage", *args, "--params",
+                                 str(tmp_path / "params.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    curate = moa("curate", "code")
+    assert curate.wait(timeout=300) == 0, curate.communicate()
+    odd = moa("train-expert", "code", "--nproc-per-node", "3")
+    _, err = odd.communicate(timeout=300)
+    assert odd.returncode == 2 and "train.batch_size=2 does not split over 3 processes" in err, err
+
+    job = moa("train-expert", "code", "--nproc-per-node", "2")
+    lock = tmp_path / ".moa.lock"
+    deadline = time.monotonic() + 120
+    while "torchrun" not in (lock.read_text() if lock.exists() else "") and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with open(lock) as fh:  # the torchrun group holds the project lock while it trains
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, out + err
+    assert "torchrun: 2 processes" in err
     summary = json.loads((tmp_path / "metrics/train_expert_code.json").read_text())
     assert summary["ddp_world_size"] == 2 and summary["steps"] == 4, summary
     assert (tmp_path / "models/experts/code/adapter_model.safetensors").exists()
-    assert proc.stderr.count('"ddp_world_size": 2') == 1, "rank 0 alone prints the result"
+    assert err.count('"ddp_world_size": 2') == 1, "rank 0 alone prints the result"

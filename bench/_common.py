@@ -7,6 +7,7 @@ is missing the scripts fall back to building the MixtureSpec / train settings by
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -247,6 +248,16 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 def parse_int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
+
+
+def shape_args(description: str | None, experts: str) -> argparse.ArgumentParser:
+    """The command-line options every bench script shares: model shapes, device, dtype, expert counts."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", help=f"comma-separated, of {sorted(SHAPES)}")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--experts", default=experts, type=parse_int_list)
+    return ap
 
 
 def run_shapes(args: Any, benchmark: str, run_shape: Callable[[Any], dict], render: Callable[[dict], str]) -> int:

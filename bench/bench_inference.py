@@ -37,9 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
-    run_shapes, setup_shape,  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
-    LORA_ALPHA, LORA_R, SHAPES, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
-    parse_int_list, pick_device, pick_dtype, timed, write_json,
+    run_shapes, setup_shape, shape_args,  # noqa: E402  (first: puts the repo root on sys.path for moa_core)
+    LORA_ALPHA, LORA_R, TARGETS, build_base, clone, machine_info, markdown_table, median, moa_spec,
+    pick_device, pick_dtype, timed, write_json,
 )
 from _legacy import legacy_routed_path  # noqa: E402
 
@@ -217,11 +217,7 @@ def render(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", help=f"comma-separated, of {sorted(SHAPES)}")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    ap.add_argument("--experts", default="1,2,4,8,16", type=parse_int_list)
+    ap = shape_args(__doc__, experts="1,2,4,8,16")
     ap.add_argument("--repeats", default=5, type=int)
     ap.add_argument("--warmup", default=1, type=int)
     ap.add_argument("--batch", default=16, type=int)

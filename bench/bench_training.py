@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
-    run_shapes, setup_shape,  # noqa: E402
-    LORA_ALPHA, LORA_R, SHAPES, TARGETS, PeakMemory, build_base, clone, machine_info, markdown_table, median,
-    moa_spec, parse_int_list, pick_device, pick_dtype, sync, timed, write_json,
+    run_shapes, setup_shape, shape_args,  # noqa: E402
+    LORA_ALPHA, LORA_R, TARGETS, PeakMemory, build_base, clone, machine_info, markdown_table, median,
+    moa_spec, pick_device, pick_dtype, sync, timed, write_json,
 )
 
 import torch  # noqa: E402
@@ -206,7 +206,7 @@ def run_shape(args: argparse.Namespace) -> dict:
     if args.warmup:  # kernels, cuBLAS handles, allocator; one tiny run of each variant, untimed
         nw = min(2, max(args.experts))
         for v in variants:
-            run_variant(v, base, nw, data_all[:nw], 2, B, args.lr, device)
+            run_variant(v, base, nw, data_all[:nw], min(2, S), B, args.lr, device)
     results = []
     for n in args.experts:
         data = data_all[:n]
@@ -258,11 +258,7 @@ def render(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", help=f"comma-separated, of {sorted(SHAPES)}")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    ap.add_argument("--experts", default="1,2,4,8", type=parse_int_list)
+    ap = shape_args(__doc__, experts="1,2,4,8")
     ap.add_argument("--steps", default=8, type=int, help="optimiser steps per expert")
     ap.add_argument("--batch", default=8, type=int, help="rows per step per expert (params.yaml train.batch_size)")
     ap.add_argument("--seq-len", default=128, type=int, help="tokens per row (params.yaml train.max_length)")

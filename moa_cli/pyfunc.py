@@ -30,6 +30,7 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from moa_core.base_model import resolve_device
         from moa_core.model import load_mixture
 
         cfg = context.model_config
@@ -38,7 +39,9 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        self.mm = load_mixture(base, context.artifacts["mixture"]).eval()
+        # serves on the GPU when the serving host has one (base_model.device: auto), else on the CPU
+        self.device = resolve_device(cfg.get("device", "auto"))
+        self.mm = load_mixture(base.to(self.device), context.artifacts["mixture"]).eval()
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.max_length = int(cfg.get("max_length", 256))
 
@@ -59,9 +62,10 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
             unknown = sorted(set(df["domain"]) - set(experts))
             if unknown:
                 raise ValueError(f"unknown domain(s) {unknown}; this model has experts {experts}")
-            forced = torch.tensor([experts.index(d) for d in df["domain"]])
+            forced = torch.tensor([experts.index(d) for d in df["domain"]], device=self.device)
         prompts = [encode_prompt(self.tok, p, self.max_length) for p in df["prompt"].astype(str)]
-        b = collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True)
+        b = {k: v.to(self.device) for k, v in
+             collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True).items()}
         seqs, chosen = self.mm.generate(b["input_ids"], b["attention_mask"], expert=forced, max_new_tokens=max_new,
                                         do_sample=False, pad_token_id=self.tok.pad_token_id,
                                         eos_token_id=self.tok.eos_token_id)

@@ -52,11 +52,12 @@ LOCK_HELD_ENV = "MOA_PROJECT_LOCK_HELD"  # set by the torchrun launcher, which k
 def _stage_ctx(params: Path, stage: str, ctx=None):
     """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process).
     torchrun ranks started by `--nproc-per-node` run under the launcher's lock; started by hand, rank 0 takes it."""
+    from moa_core.distributed import is_main_process
     from tasks.common import project_lock
 
     ctx = ctx or _ctx(params)
     held = os.environ.get(LOCK_HELD_ENV) == str(ctx.root)
-    if not held and int(os.environ.get("RANK", "0")) == 0:
+    if not held and is_main_process():
         _held.enter_context(project_lock(ctx.root, f"moa stage {stage}"))
     return ctx
 
@@ -98,7 +99,9 @@ def _torchrun(ctx, stage: str, nproc: int) -> None:
 
 
 def _print_result(result: dict) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's helper ranks have nothing to report
+    from moa_core.distributed import is_main_process
+
+    if is_main_process():  # torchrun's helper ranks have nothing to report
         console.print_json(json.dumps(result))
 
 

@@ -50,7 +50,7 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import torch
 
-        from moa_core.batching import collate, encode_prompt
+        from moa_core.batching import collate, encode_prompt, to_device
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
@@ -64,8 +64,7 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"unknown domain(s) {unknown}; this model has experts {experts}")
             forced = torch.tensor([experts.index(d) for d in df["domain"]], device=self.device)
         prompts = [encode_prompt(self.tok, p, self.max_length) for p in df["prompt"].astype(str)]
-        b = {k: v.to(self.device) for k, v in
-             collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True).items()}
+        b = to_device(collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True), self.device)
         seqs, chosen = self.mm.generate(b["input_ids"], b["attention_mask"], expert=forced, max_new_tokens=max_new,
                                         do_sample=False, pad_token_id=self.tok.pad_token_id,
                                         eos_token_id=self.tok.eos_token_id)

@@ -17,6 +17,11 @@ from torch import Tensor
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 def format_prompt(tokenizer: Any, instruction: str) -> str:
     """The model's own chat template when it has one (SmolLM2: ChatML), else a plain instruction template."""
     if getattr(tokenizer, "chat_template", None):

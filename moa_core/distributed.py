@@ -80,6 +80,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun group, or a process running alone (before the group is joined, from the env)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_from_env(backend: str | None = None) -> DataParallel | None:
     """Join the process group torchrun describes in the environment; None when running alone.
 

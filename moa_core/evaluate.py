@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .batching import collate, encode, encode_prompt
+from .batching import collate, encode, encode_prompt, to_device
 from .config import MoAConfig
 from .model import MixtureModel
 
@@ -46,8 +46,7 @@ def _field(rec: Any, name: str) -> str:
 
 def _on(mm: MixtureModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """A collated batch on the model's device."""
-    device = next(mm.model.parameters()).device
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return to_device(batch, next(mm.model.parameters()).device)
 
 
 @torch.no_grad()

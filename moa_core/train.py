@@ -22,7 +22,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
 
-from .batching import balanced_batches, encode
+from .batching import balanced_batches, encode, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
@@ -123,7 +123,7 @@ def train_loop(
             # DDP's gradient mean over ranks then equals the one-process gradient of the global token mean.
             label_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
             batch = {**dp.shard(batch), LM_TOKENS: label_tokens.float() / dp.world_size}
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         loss, extra = step_fn(batch)
         # every rank must see the same verdict, or the finite ones would wait forever in the all-reduce
         if not math.isfinite(dp.mean(float(loss.detach())) if dp is not None else float(loss.detach())):

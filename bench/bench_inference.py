@@ -10,6 +10,8 @@ greedily (prompt --prompt-len tokens, exactly --new-tokens new tokens) by
 
 and, to attribute the cost of (c):
 
+  moa_norc      (c) without reusing the routing pass's KV cache as the prompt cache: route, then a full
+                prefill with the chosen experts (moa_core's generate before that reuse);
   moa_off       the same MixtureModel with adapters_off=True (wrappers and hooks, no LoRA math);
   moa_forced    `mm.generate(expert=row_domain)` (no routing pass; same rows->experts as (b));
   *_c           (opt-in: --variants base_c,moa_c,moa_forced_c) base / moa / moa_forced with HF's static
@@ -19,6 +21,13 @@ and, to attribute the cost of (c):
                 time is reported as `warmup_s`. PEFT's adapter_names path is not compiled.
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
+
+Prompts carry their domain (row i draws its tokens from domain i % N's own 64 token ids) and,
+with --routers fit (the default), the routers are fitted on them first as in MoA stage 2 (routers only,
+cross-entropy on the domain, gold expert in every layer), so routing behaves like a trained MoA: the
+table reports the router's accuracy and the share of rows whose layers all agreed with the final
+expert (those rows' routing-pass cache is reused as is; the others are run again). --routers random
+keeps the untrained routers (near-random decisions: the worst case for that reuse).
 
 Every variant is warmed up once, then the variants are timed in turn, --repeats times (interleaved, so
 clock drift hits them alike); each time is the median. CUDA is synchronised around each timed call.
@@ -46,8 +55,9 @@ from _legacy import legacy_routed_path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-VARIANTS = ["base", "peft", "moa", "moa_v0", "moa_off", "moa_forced", "base_c", "moa_c", "moa_forced_c"]
-DEFAULT_VARIANTS = VARIANTS[:6]
+VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c", "moa_c", "moa_norc_c",
+            "moa_forced_c"]
+DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
 def build_peft(base: nn.Module, n: int, seed: int) -> nn.Module:
@@ -88,19 +98,46 @@ def build_moa(base: nn.Module, pm: nn.Module, n: int, seed: int):
     return mm
 
 
+def domain_prompts(B: int, P: int, n: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, P] prompts; row i draws from domain (i % n)'s own token ids (64, fewer in a tiny vocabulary;
+    disjoint across up to 16 domains)."""
+    g = torch.Generator().manual_seed(1)
+    w = min(64, (vocab - 3) // 16)
+    words = torch.randperm(vocab - 3, generator=g)[: w * 16].view(16, w) + 3  # [domain, word]
+    pick = torch.randint(0, w, (B, P), generator=g)
+    return words[torch.arange(B) % n % 16].gather(1, pick).to(device)
+
+
+def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, steps: int) -> dict:
+    """MoA stage 2 with the LoRAs frozen: every layer's router learns the domain from the prompt (gold expert
+    in every layer, cross-entropy); -> router accuracy and the share of rows whose layers all agree."""
+    params = mm.set_trainable(routers=True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        mm(ids, mask, expert=gold, eta=1.0, pool_mask=mask).aux_loss.backward()
+        opt.step()
+    mm.set_trainable()
+    mm.eval()
+    with torch.no_grad():
+        chosen, logits = mm.route(ids, mask)
+    return {"router_accuracy": float((chosen == gold).float().mean()),
+            "layers_agree": float((logits.argmax(-1) == chosen).all(0).float().mean())}
+
+
 def run_shape(args: argparse.Namespace) -> dict:
     device, dtype, base, V = setup_shape(args)
     B, P, G = args.batch, args.prompt_len, args.new_tokens
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, V, (B, P), generator=g).to(device)
     mask = torch.ones(B, P, dtype=torch.long, device=device)
     gen = dict(max_new_tokens=G, min_new_tokens=G, do_sample=False, pad_token_id=0)
     results = []
     for n in args.experts:
         rows = torch.arange(B, device=device) % n
+        ids = domain_prompts(B, P, n, V, device)
         names = [f"d{int(k)}" for k in rows]
         pm = build_peft(base, n, seed=n)
         mm = build_moa(base, pm, n, seed=n)
+        routing = fit_routers(mm, ids, mask, rows, args.router_steps) if args.routers == "fit" else {}
         outs: dict[str, torch.Tensor] = {}
         chosen: list[torch.Tensor] = []
 
@@ -121,6 +158,8 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
                 if v == "moa_c":
                     return mm.generate(ids, mask, **static, **gen)[0]
+                if v == "moa_norc_c":
+                    return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":
                     return mm.generate(ids, mask, expert=rows, **static, **gen)[0]
                 if v == "base":
@@ -131,9 +170,11 @@ def run_shape(args: argparse.Namespace) -> dict:
                     seqs, exp = mm.generate(ids, mask, **gen)
                     chosen.append(exp)
                     return seqs
+                if v == "moa_norc":
+                    return mm.generate(ids, mask, reuse_routing_cache=False, **gen)[0]
                 if v == "moa_v0":
                     with legacy_routed_path():
-                        return mm.generate(ids, mask, **gen)[0]
+                        return mm.generate(ids, mask, reuse_routing_cache=False, **gen)[0]
                 if v == "moa_off":
                     return mm.generate(ids, mask, adapters_off=True, **gen)[0]
                 if v == "moa_forced":
@@ -153,7 +194,7 @@ def run_shape(args: argparse.Namespace) -> dict:
                 times[v].append(t)
                 assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
         med = {v: median(ts) for v, ts in times.items()}
-        rec = {"experts": n, "median_s": med, "all_s": times, "warmup_s": warm,
+        rec = {"experts": n, "median_s": med, "all_s": times, "warmup_s": warm, **routing,
                "gen_tokens_per_s": {v: B * G / s for v, s in med.items()}}
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
@@ -174,6 +215,8 @@ def run_shape(args: argparse.Namespace) -> dict:
             rec["moa_c_over_base_c"] = med["moa_c"] / med["base_c"]
         if "peft" in med and "moa_c" in med:
             rec["peft_over_moa_c"] = med["peft"] / med["moa_c"]
+        if "moa_norc" in outs and "moa" in outs:
+            rec["match_moa_vs_moa_norc"] = float((outs["moa"] == outs["moa_norc"]).float().mean())
         if "moa_c" in outs and "moa" in outs:
             rec["match_moa_c_vs_moa"] = float((outs["moa"] == outs["moa_c"]).float().mean())
         if "peft" in med and "moa" in med:
@@ -196,22 +239,28 @@ def render(payload: dict) -> str:
     head = (f"### Inference: shape `{payload['shape']}`, {payload['device']} {payload['dtype']}, batch {payload['batch']}, "
             f"prompt {payload['prompt_len']}, {payload['new_tokens']} new tokens, median of {payload['repeats']}\n")
     headers = ["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
-    headers += ["moa/base time", "peft/moa time", "moa_v0/moa time", "routed experts", "match forced~peft",
-                "logits relerr moa~peft"]
+    headers += ["moa/base time", "peft/moa time", "moa_norc/moa time", "moa_v0/moa time", "router acc", "layers agree",
+                "routed experts", "match forced~peft", "match moa~moa_norc", "logits relerr moa~peft"]
     comp = "moa_c" in variants and "base_c" in variants
     if comp:
-        headers += ["moa_c/base_c time", "moa_forced_c/base_c time", "peft/moa_c time", "match moa_c~moa"]
+        headers += ["moa_c/base_c time", "moa_norc_c/base_c time", "moa_forced_c/base_c time", "peft/moa_c time",
+                    "match moa_c~moa"]
     rows = []
     for r in payload["results"]:
         row = [r["experts"]] + [r["median_s"][v] * 1e3 for v in variants]
         row += [r["gen_tokens_per_s"][v] for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
-        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), r.get("moa_v0_over_moa", "-"),
-                r.get("routed_distinct_experts", "-"),
-                r.get("match_moa_forced_vs_peft", "-"), r.get("logits_relerr_moa_vs_peft", "-")]
+        m = r["median_s"]
+
+        def ratio(a: str, b: str) -> float | str:
+            return m[a] / m[b] if a in m and b in m else "-"
+
+        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), ratio("moa_norc", "moa"),
+                r.get("moa_v0_over_moa", "-"), r.get("router_accuracy", "-"), r.get("layers_agree", "-"),
+                r.get("routed_distinct_experts", "-"), r.get("match_moa_forced_vs_peft", "-"),
+                r.get("match_moa_vs_moa_norc", "-"), r.get("logits_relerr_moa_vs_peft", "-")]
         if comp:
-            m = r["median_s"]
-            forced_c = m["moa_forced_c"] / m["base_c"] if "moa_forced_c" in m else "-"
-            row += [r.get("moa_c_over_base_c", "-"), forced_c, r.get("peft_over_moa_c", "-"), r.get("match_moa_c_vs_moa", "-")]
+            row += [r.get("moa_c_over_base_c", "-"), ratio("moa_norc_c", "base_c"), ratio("moa_forced_c", "base_c"),
+                    r.get("peft_over_moa_c", "-"), r.get("match_moa_c_vs_moa", "-")]
         rows.append(row)
     return head + "\n" + markdown_table(headers, rows) + "\n"
 
@@ -225,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", default=32, type=int)
     ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), type=lambda s: s.split(","))
+    ap.add_argument("--routers", default="fit", choices=["fit", "random"],
+                    help="fit: routers trained on the domain-marked prompts first (as after MoA stage 2); random: untrained")
+    ap.add_argument("--router-steps", default=60, type=int, help="Adam steps of the router fit")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")

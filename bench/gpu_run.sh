@@ -15,11 +15,12 @@ fi
   python3 -c "import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 if [[ $what == *" all "* || $what == *" inference "* ]]; then
   python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 1,2,4,8,16 --batch 16 --prompt-len 128 \
-    --new-tokens 32 --repeats ${INF_REPEATS:-3} --warmup 1 --json "$OUT/inference_gpu.json" 2>&1 | tee "$OUT/inference_gpu.log"
+    --new-tokens 32 --repeats ${INF_REPEATS:-3} --warmup 1 --variants ${INF_VARIANTS:-base,peft,moa,moa_norc,moa_off,moa_forced} \
+    --json "$OUT/inference_gpu.json" 2>&1 | tee "$OUT/inference_gpu.log"
 fi
 if [[ $what == *" compile "* ]]; then
   python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts ${COMPILE_EXPERTS:-8} --batch 16 --prompt-len 128 \
-    --new-tokens 32 --repeats ${INF_REPEATS:-3} --warmup 1 --variants ${COMPILE_VARIANTS:-base,moa,moa_forced,base_c,moa_c,moa_forced_c} \
+    --new-tokens 32 --repeats ${INF_REPEATS:-3} --warmup 1 --variants ${COMPILE_VARIANTS:-base,moa,moa_forced,base_c,moa_c,moa_norc_c,moa_forced_c} \
     --json "$OUT/inference_compile_gpu.json" 2>&1 | tee "$OUT/inference_compile_gpu.log"
 fi
 if [[ $what == *" all "* || $what == *" training "* ]]; then

@@ -140,6 +140,34 @@ def find_targets(model: nn.Module, target_modules: list[str]) -> dict[str, tuple
     return found
 
 
+def prompt_positions(attention_mask: Tensor) -> Tensor:
+    """[B, T] mask of a (left-)padded prompt -> position ids counted from each row's first real token,
+    the way HF's generate derives them (padding positions get 0; attention never reads them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _cache_reusable(input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
+    """Whether generate's prompt cache can come from the routing pass: one sequence per prompt (no beams,
+    no extra return sequences), a cache generate would build itself (dynamic or static), a prompt of 2+ tokens."""
+    return (
+        input_ids.shape[1] >= 2
+        and gen_kwargs.get("use_cache", True)
+        and "past_key_values" not in gen_kwargs
+        and gen_kwargs.get("cache_implementation") in (None, "dynamic", "static")
+        and gen_kwargs.get("num_beams", 1) == 1
+        and gen_kwargs.get("num_return_sequences", 1) == 1
+        and gen_kwargs.get("generation_config") is None
+    )
+
+
+def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
+    gc = model.generation_config
+    new = gen_kwargs.get("max_new_tokens", gc.max_new_tokens)
+    if new is None:
+        new = gen_kwargs.get("max_length", gc.max_length) - prompt_len
+    return int(new)
+
+
 class MixtureModel(nn.Module):
     def __init__(self, base: nn.Module, spec: MixtureSpec) -> None:
         super().__init__()
@@ -163,6 +191,7 @@ class MixtureModel(nn.Module):
         device = next(base.parameters()).device  # routers stay float32 (they read RMS-normalised hidden states)
         self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer).to(device)
         self._ctx = _Context()
+        self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
         self.wrapped: dict[str, ExpertMixtureLinear] = {}
         for name, (layer, lin) in find_targets(base, spec.target_modules).items():
             wrapper = ExpertMixtureLinear(
@@ -274,27 +303,89 @@ class MixtureModel(nn.Module):
         Each layer routes with its own decision on the way up (as in training, where earlier layers
         used the expert the later routers learned to predict); the last layer's router decides
         (`inference: last`) or the layers vote (`inference: vote`)."""
+        expert, logits, _ = self._routing_pass(input_ids, attention_mask, keep_cache=False)
+        return expert, logits
+
+    def _routing_pass(self, input_ids: Tensor, attention_mask: Tensor, keep_cache: bool) -> tuple[Tensor, Tensor, Any]:
+        """The forward behind `route()`; with keep_cache, also returns the pass's KV cache (else None).
+
+        Positions are counted from each row's first real token, as `generate` counts them, so a
+        left-padded prompt is routed as it was in training and its cache is the one generate would build."""
         if self.spec.routing != "sequence":
             raise MixtureError(f"route() is for sequence-level routing; {self.spec.method} routes per token")
         with self._routing(pool_mask=attention_mask) as ctx:
-            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=prompt_positions(attention_mask), use_cache=keep_cache)
             logits = torch.stack(ctx.router_logits)  # [L, B, E]
         if self.spec.inference == "vote":
             votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # [B, E]
-            return votes.argmax(-1), logits
-        return logits[-1].argmax(-1), logits
+            expert = votes.argmax(-1)
+        else:
+            expert = logits[-1].argmax(-1)
+        return expert, logits, (out.past_key_values if keep_cache else None)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
-                 adapters_off: bool = False, **gen_kwargs: Any) -> tuple[Tensor, Tensor | None]:
+                 adapters_off: bool = False, reuse_routing_cache: bool = True,
+                 **gen_kwargs: Any) -> tuple[Tensor, Tensor | None]:
         """Left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None).
 
-        Sequence routing decides once from the prompt and keeps the expert for every generated token."""
+        Sequence routing decides once from the prompt and keeps the expert for every generated token.
+        The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
+        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill."""
         if self.spec.routing == "sequence" and expert is None and not adapters_off:
-            expert, _ = self.route(input_ids, attention_mask)
+            if reuse_routing_cache and _cache_reusable(input_ids, gen_kwargs):
+                expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
+                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
+                gen_kwargs["past_key_values"] = cache
+            else:
+                expert, _ = self.route(input_ids, attention_mask)
         with self._routing(adapters_off=adapters_off, forced=expert):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
+
+    def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor,
+                                   gen_kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
+        """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache).
+
+        A row whose layers all chose its final expert ran the prompt through exactly the weights generation
+        uses, so its keys and values are already right (a trained MoA router agrees with itself across
+        layers almost always). The other rows are run again with their final expert and their cache rows
+        replaced. The cache is cut to T - 1 positions: generate then runs only the last prompt token, which
+        yields the first token's logits through generate's own logits processing. With
+        `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
+        decode step keeps its static addresses."""
+        T = input_ids.shape[1]
+        expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True)
+        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
+        if stale.numel():
+            with self._routing(forced=expert[stale]):
+                redo = self.model.base_model(
+                    input_ids=input_ids[stale], attention_mask=attention_mask[stale],
+                    position_ids=prompt_positions(attention_mask[stale]), use_cache=True).past_key_values
+            for mine, theirs in zip(cache.layers, redo.layers):
+                mine.keys[stale] = theirs.keys
+                mine.values[stale] = theirs.values
+        cache.crop(-1)  # drop the last position (a negative count: the one meaning every transformers 4.4x-5.x shares)
+        if gen_kwargs.get("cache_implementation") != "static":
+            return expert, cache
+        static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
+        for i, layer in enumerate(cache.layers):
+            static.update(layer.keys, layer.values, i)
+        return expert, static
+
+    def _static_cache(self, batch: int, max_len: int) -> Any:
+        """One StaticCache per (batch, length), reset between calls, as HF's generate keeps its own: a new one
+        per call would give the compiled decode step new tensor addresses (a CUDA-graph re-capture)."""
+        from transformers import StaticCache
+
+        key = (batch, max_len)
+        if self._static is not None and self._static[0] == key:
+            self._static[1].reset()
+            return self._static[1]
+        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        self._static = (key, cache)
+        return cache
 
     # ----------------------------------------------------------------------------------- parameters
     def mixture_parameters(self) -> dict[str, nn.Parameter]:

@@ -316,6 +316,34 @@ def test_generate_routes_once_from_the_prompt(tiny_cfg, tiny_base, tiny_tok, ada
     assert torch.equal(seqs, forced)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_base):
+    """generate() reuses the routing pass's KV cache: same tokens and scores as routing, then a full prefill,
+    for rows whose layers all agreed with the final expert and for rows that had to be run again."""
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.2)  # experts that change the output, and untrained routers that disagree
+    ids = torch.randint(3, 250, (8, 12))
+    mask = torch.ones_like(ids)
+    ids[:3, :4], mask[:3, :4] = 0, 0  # left padding on three rows
+    expert, logits = mm.route(ids, mask)
+    agree = (logits.argmax(-1) == expert).all(0)
+    assert 0 < int(agree.sum()) < 8, "the case needs rows of both kinds"
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    reused, e1 = mm.generate(ids, mask, **gen, **extra)
+    again, _ = mm.generate(ids, mask, **gen, **extra)  # the static cache is reset and refilled
+    fresh, e2 = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
+    assert torch.equal(e1, expert) and torch.equal(e2, expert)
+    assert torch.equal(reused.sequences, fresh.sequences) and torch.equal(again.sequences, fresh.sequences)
+    for a, b in zip(reused.scores, fresh.scores):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5)
+
+
 def test_router_and_expert_list_mismatch_is_a_clear_error(tiny_cfg, tiny_base, tiny_model_dir, tmp_path):
     import json as _json
 

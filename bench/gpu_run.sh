@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU half of BENCHMARKS.md, in one call on the device machine (H100/H200; no network there).
-# Usage: OUT=/some/dir bash bench/gpu_run.sh [inference|compile|training|all ...]
+# Usage: OUT=/some/dir bash bench/gpu_run.sh [inference|compile|training|profile|all ...]
 # The image has torch, transformers and peft but no pydantic (moa_core.train imports it): wheels carried in .whl/.
 set -uo pipefail
 what=" ${*:-all} "
@@ -26,4 +26,8 @@ fi
 if [[ $what == *" all "* || $what == *" training "* ]]; then
   python3 bench/bench_training.py --shape qwen0.5b --device cuda --experts 1,2,4,8 --steps 8 --batch 8 --seq-len 128 \
     --repeats ${TRAIN_REPEATS:-2} --json "$OUT/training_gpu.json" 2>&1 | tee "$OUT/training_gpu.log"
+fi
+if [[ $what == *" profile "* ]]; then
+  python3 bench/profile_decode.py --shape qwen0.5b --device cuda --experts 8 --batch 16 --prompt-len 128 --new-tokens 32 \
+    --json "$OUT/profile_gpu.json" 2>&1 | tee "$OUT/profile_gpu.log"
 fi

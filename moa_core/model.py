@@ -160,6 +160,15 @@ def _cache_reusable(input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
     )
 
 
+def _hf_compiles_decode(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
+    """Whether HF's generate will torch.compile its decode step for these arguments: a static cache, on an
+    accelerator or with a compile_config that compiles on every device, and compilation not disabled."""
+    if gen_kwargs.get("cache_implementation") != "static" or gen_kwargs.get("disable_compile"):
+        return False
+    cc = gen_kwargs.get("compile_config") or model.generation_config.compile_config
+    return model.device.type != "cpu" or bool(cc is not None and getattr(cc, "_compile_all_devices", False))
+
+
 def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
     gc = model.generation_config
     new = gen_kwargs.get("max_new_tokens", gc.max_new_tokens)
@@ -192,6 +201,7 @@ class MixtureModel(nn.Module):
         self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer).to(device)
         self._ctx = _Context()
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
+        self._compiled: Any = None  # see _compiled_decoder
         self.wrapped: dict[str, ExpertMixtureLinear] = {}
         for name, (layer, lin) in find_targets(base, spec.target_modules).items():
             wrapper = ExpertMixtureLinear(
@@ -306,16 +316,19 @@ class MixtureModel(nn.Module):
         expert, logits, _ = self._routing_pass(input_ids, attention_mask, keep_cache=False)
         return expert, logits
 
-    def _routing_pass(self, input_ids: Tensor, attention_mask: Tensor, keep_cache: bool) -> tuple[Tensor, Tensor, Any]:
+    def _routing_pass(self, input_ids: Tensor, attention_mask: Tensor, keep_cache: bool,
+                      compiled: bool = False) -> tuple[Tensor, Tensor, Any]:
         """The forward behind `route()`; with keep_cache, also returns the pass's KV cache (else None).
 
         Positions are counted from each row's first real token, as `generate` counts them, so a
-        left-padded prompt is routed as it was in training and its cache is the one generate would build."""
+        left-padded prompt is routed as it was in training and its cache is the one generate would build.
+        `compiled` runs the decoder through `torch.compile` (see `_compiled_decoder`)."""
         if self.spec.routing != "sequence":
             raise MixtureError(f"route() is for sequence-level routing; {self.spec.method} routes per token")
+        decoder = self._compiled_decoder() if compiled else self.model.base_model
         with self._routing(pool_mask=attention_mask) as ctx:
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=prompt_positions(attention_mask), use_cache=keep_cache)
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=prompt_positions(attention_mask), use_cache=keep_cache)
             logits = torch.stack(ctx.router_logits)  # [L, B, E]
         if self.spec.inference == "vote":
             votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # [B, E]
@@ -354,13 +367,18 @@ class MixtureModel(nn.Module):
         replaced. The cache is cut to T - 1 positions: generate then runs only the last prompt token, which
         yields the first token's logits through generate's own logits processing. With
         `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
-        decode step keeps its static addresses."""
+        decode step keeps its static addresses; and where HF compiles that decode step (a static cache on
+        an accelerator, or a compile_config that asks for it), the routing pass is compiled too: it stands
+        in for the prefill, and eagerly its per-projection LoRA kernels and per-layer router hooks are
+        launch-bound."""
         T = input_ids.shape[1]
-        expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True)
+        compiled = _hf_compiles_decode(self.model, gen_kwargs)
+        expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
         if stale.numel():
+            decoder = self._compiled_decoder() if compiled else self.model.base_model
             with self._routing(forced=expert[stale]):
-                redo = self.model.base_model(
+                redo = decoder(
                     input_ids=input_ids[stale], attention_mask=attention_mask[stale],
                     position_ids=prompt_positions(attention_mask[stale]), use_cache=True).past_key_values
             for mine, theirs in zip(cache.layers, redo.layers):
@@ -373,6 +391,13 @@ class MixtureModel(nn.Module):
         for i, layer in enumerate(cache.layers):
             static.update(layer.keys, layer.values, i)
         return expert, static
+
+    def _compiled_decoder(self) -> Any:
+        """`torch.compile` of the decoder stack (no LM head), built once. Inductor's default mode: no CUDA
+        graphs, since prompt shapes vary between calls; the router hooks trace into the graph."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model.base_model)
+        return self._compiled
 
     def _static_cache(self, batch: int, max_len: int) -> Any:
         """One StaticCache per (batch, length), reset between calls, as HF's generate keeps its own: a new one

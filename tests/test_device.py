@@ -57,13 +57,49 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
             assert all(math.isfinite(v["ppl"]) for v in ev.per_domain.values()), (method, ev.per_domain)
 
 
+def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
+    """MoA generate with the routing pass's cache as the prompt cache (dynamic and static) gives the tokens and
+    scores of routing followed by a full prefill, on the device, with left padding and with rows run again."""
+    from transformers import AutoModelForCausalLM
+
+    from moa_core.config import parse_config
+    from moa_core.train import build_mixture
+
+    raw = tiny_raw_params(model_dir)
+    raw["domains"] = {d: {"source": {"kind": "builtin", "name": "humaneval"}} for d in ("alpha", "beta", "gamma")}
+    torch.manual_seed(0)
+    mm = build_mixture(parse_config(raw, profile="quick"), "moa",
+                       AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE), "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.2)
+    ids = torch.randint(3, 250, (8, 12), device=DEVICE)
+    mask = torch.ones_like(ids)
+    ids[:3, :4], mask[:3, :4] = 0, 0
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    fresh, _ = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
+    for extra in ({}, {"cache_implementation": "static"}):
+        reused, _ = mm.generate(ids, mask, **gen, **extra)
+        assert torch.equal(reused.sequences, fresh.sequences), extra
+        for a, b in zip(reused.scores, fresh.scores):
+            finite = torch.isfinite(b)
+            assert torch.allclose(a[finite], b[finite], atol=1e-4), (extra, float((a[finite] - b[finite]).abs().max()))
+
+
 def test_mixture_trains_and_evaluates_on_the_device(tiny_model_dir: Path) -> None:
     check_mixture_trains_and_evaluates_on_the_device(tiny_model_dir)
+
+
+def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
+    check_routing_cache_reuse_on_the_device(tiny_model_dir)
 
 
 if __name__ == "__main__":
     from moa_core.base_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as d:
-        check_mixture_trains_and_evaluates_on_the_device(build_tiny_model(Path(d) / "tiny"))
+        tiny = build_tiny_model(Path(d) / "tiny")
+        check_mixture_trains_and_evaluates_on_the_device(tiny)
+        check_routing_cache_reuse_on_the_device(tiny)
     print(f"device test passed on {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'})")

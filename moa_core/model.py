@@ -201,7 +201,7 @@ class MixtureModel(nn.Module):
         self.routers = nn.ModuleList(LayerRouter(hidden, e) for e in spec.experts_per_layer).to(device)
         self._ctx = _Context()
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
-        self._compiled: Any = None  # see _compiled_decoder
+        self._compiled: Any = None  # the compiled decoder, see _run_decoder
         self.wrapped: dict[str, ExpertMixtureLinear] = {}
         for name, (layer, lin) in find_targets(base, spec.target_modules).items():
             wrapper = ExpertMixtureLinear(
@@ -322,13 +322,11 @@ class MixtureModel(nn.Module):
 
         Positions are counted from each row's first real token, as `generate` counts them, so a
         left-padded prompt is routed as it was in training and its cache is the one generate would build.
-        `compiled` runs the decoder through `torch.compile` (see `_compiled_decoder`)."""
+        `compiled` runs the decoder through `torch.compile` (see `_run_decoder`)."""
         if self.spec.routing != "sequence":
             raise MixtureError(f"route() is for sequence-level routing; {self.spec.method} routes per token")
-        decoder = self._compiled_decoder() if compiled else self.model.base_model
         with self._routing(pool_mask=attention_mask) as ctx:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=prompt_positions(attention_mask), use_cache=keep_cache)
+            out = self._run_decoder(input_ids, attention_mask, keep_cache, compiled)
             logits = torch.stack(ctx.router_logits)  # [L, B, E]
         if self.spec.inference == "vote":
             votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # [B, E]
@@ -376,15 +374,12 @@ class MixtureModel(nn.Module):
         expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
         if stale.numel():
-            decoder = self._compiled_decoder() if compiled else self.model.base_model
             with self._routing(forced=expert[stale]):
-                redo = decoder(
-                    input_ids=input_ids[stale], attention_mask=attention_mask[stale],
-                    position_ids=prompt_positions(attention_mask[stale]), use_cache=True).past_key_values
+                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled).past_key_values
             for mine, theirs in zip(cache.layers, redo.layers):
                 mine.keys[stale] = theirs.keys
                 mine.values[stale] = theirs.values
-        cache.crop(-1)  # drop the last position (a negative count: the one meaning every transformers 4.4x-5.x shares)
+        cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
         if gen_kwargs.get("cache_implementation") != "static":
             return expert, cache
         static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
@@ -392,12 +387,15 @@ class MixtureModel(nn.Module):
             static.update(layer.keys, layer.values, i)
         return expert, static
 
-    def _compiled_decoder(self) -> Any:
-        """`torch.compile` of the decoder stack (no LM head), built once. Inductor's default mode: no CUDA
-        graphs, since prompt shapes vary between calls; the router hooks trace into the graph."""
-        if self._compiled is None:
+    def _run_decoder(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool, compiled: bool) -> Any:
+        """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as
+        `generate` counts them. `compiled`: through `torch.compile`, built once, in inductor's default mode (no
+        CUDA graphs, since prompt shapes vary between calls); the router hooks trace into the graph."""
+        if compiled and self._compiled is None:
             self._compiled = torch.compile(self.model.base_model)
-        return self._compiled
+        decoder = self._compiled if compiled else self.model.base_model
+        return decoder(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=prompt_positions(attention_mask), use_cache=use_cache)
 
     def _static_cache(self, batch: int, max_len: int) -> Any:
         """One StaticCache per (batch, length), reset between calls, as HF's generate keeps its own: a new one

@@ -6,6 +6,7 @@ Output: a DataFrame with `text` (the generated answer) and `expert` (the expert 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
@@ -35,6 +36,11 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
 
         cfg = context.model_config
         base_dir = context.artifacts.get("base") or cfg["base_path"]
+        if not Path(base_dir).is_dir():
+            raise FileNotFoundError(
+                f"this model version was registered without its base model and expects it at {base_dir}, which is "
+                f"not on this machine. Copy the base model ({cfg.get('base_model')}) there, or register the model "
+                "again with `registry.include_base: true` in params.yaml so that the version carries it.")
         self.tok = AutoTokenizer.from_pretrained(base_dir)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token

@@ -182,6 +182,9 @@ class RegistryConfig(_Strict):
     promote_metric: str = "avg_rougeL"
     higher_is_better: bool = True
     tolerance: float = Field(0.0, ge=0)
+    include_base: bool = Field(
+        False, description="log the base model inside each registered version, so it serves on a machine "
+                           "without this project's base model (costs the base model's size per version)")
 
 
 class OnboardConfig(_Strict):

@@ -37,13 +37,17 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 
 
 def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
-    """Inside an active MLflow run: log `mixture_dir` as the pyfunc model, register a version, tag it."""
+    """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
+    pyfunc model, register a version, tag it."""
     from moa_cli.pyfunc import MoAPyfunc, signature
 
     base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
+    artifacts = {"mixture": str(mixture_dir)}
+    if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
+        artifacts["base"] = str(base_path)
     info = mlflow.pyfunc.log_model(
         name="moa-model", python_model=MoAPyfunc(),
-        artifacts={"mixture": str(mixture_dir)},
+        artifacts=artifacts,
         model_config={"base_path": str(base_path), "base_model": model_id,
                       "max_new_tokens": ctx.cfg.evaluate.max_new_tokens, "max_length": ctx.cfg.train.max_length,
                       "device": ctx.cfg.base_model.device},

@@ -103,6 +103,38 @@ def test_a_worse_model_does_not_take_champion(project: Path, pipeline_result: di
     assert "worse than champion" in client.get_model_version("moa-model", worse["version"]).tags["moa.not_promoted_reason"]
 
 
+def _register_with_base_at(project: Path, base_dir: Path, model_name: str, include_base: bool) -> str:
+    from tasks.common import StageContext
+    from tasks.register import run_register
+
+    ctx = StageContext.load(project / "params.yaml", "quick")
+    cfg = ctx.cfg.model_copy(update={
+        "base_model": ctx.cfg.base_model.model_copy(update={"source": str(base_dir)}),
+        "registry": ctx.cfg.registry.model_copy(update={"model_name": model_name, "include_base": include_base})})
+    return run_register(StageContext(cfg=cfg, root=ctx.root))["version"]
+
+
+def test_registry_include_base_makes_a_version_that_serves_without_the_project(
+        project: Path, pipeline_result: dict, tiny_model_dir: Path, tmp_path: Path):
+    import shutil
+
+    import mlflow
+    import pandas as pd
+
+    carried, pointed = tmp_path / "base-carried", tmp_path / "base-pointed"
+    shutil.copytree(tiny_model_dir, carried)
+    shutil.copytree(tiny_model_dir, pointed)
+    v_carried = _register_with_base_at(project, carried, "moa-portable", include_base=True)
+    v_pointed = _register_with_base_at(project, pointed, "moa-pointer", include_base=False)
+    shutil.rmtree(carried)  # the base model is gone from where both versions were registered
+    shutil.rmtree(pointed)
+
+    out = mlflow.pyfunc.load_model(f"models:/moa-portable/{v_carried}").predict(pd.DataFrame({"prompt": ["What is fever?"]}))
+    assert list(out.columns) == ["text", "expert"] and out["expert"].iloc[0] in {"code", "medicine", "finance", "sports"}
+    with pytest.raises(Exception, match="registered without its base model.*include_base: true"):
+        mlflow.pyfunc.load_model(f"models:/moa-pointer/{v_pointed}")
+
+
 def test_moa_evaluate_remakes_the_table_from_the_trained_models(project: Path, pipeline_result: dict):
     from typer.testing import CliRunner
 

@@ -146,17 +146,26 @@ def prompt_positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _cache_reusable(input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
+def _cache_reusable(model: nn.Module, input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
     """Whether generate's prompt cache can come from the routing pass: one sequence per prompt (no beams,
-    no extra return sequences), a cache generate would build itself (dynamic or static), a prompt of 2+ tokens."""
+    no extra return sequences), a cache generate would build itself (dynamic or static) and that the model's
+    own generation config does not choose, a prompt of 2+ tokens. Settings come from the call, else the
+    model's generation config."""
+    gc = model.generation_config
+
+    def setting(key: str, default: Any) -> Any:  # unset (None) means HF's default
+        value = gen_kwargs.get(key, getattr(gc, key, None))
+        return default if value is None else value
+
     return (
         input_ids.shape[1] >= 2
-        and gen_kwargs.get("use_cache", True)
+        and setting("use_cache", True)
         and "past_key_values" not in gen_kwargs
+        and "generation_config" not in gen_kwargs
+        and getattr(gc, "cache_implementation", None) is None
         and gen_kwargs.get("cache_implementation") in (None, "dynamic", "static")
-        and gen_kwargs.get("num_beams", 1) == 1
-        and gen_kwargs.get("num_return_sequences", 1) == 1
-        and gen_kwargs.get("generation_config") is None
+        and setting("num_beams", 1) == 1
+        and setting("num_return_sequences", 1) == 1
     )
 
 
@@ -345,7 +354,7 @@ class MixtureModel(nn.Module):
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
         becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill."""
         if self.spec.routing == "sequence" and expert is None and not adapters_off:
-            if reuse_routing_cache and _cache_reusable(input_ids, gen_kwargs):
+            if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
                 expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
                 gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
                 gen_kwargs["past_key_values"] = cache

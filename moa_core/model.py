@@ -151,22 +151,27 @@ def _cache_reusable(model: nn.Module, input_ids: Tensor, gen_kwargs: dict[str, A
     no extra return sequences), a cache generate would build itself (dynamic or static) and that the model's
     own generation config does not choose, a prompt of 2+ tokens. Settings come from the call, else the
     model's generation config."""
-    gc = model.generation_config
-
-    def setting(key: str, default: Any) -> Any:  # unset (None) means HF's default
-        value = gen_kwargs.get(key, getattr(gc, key, None))
-        return default if value is None else value
-
     return (
         input_ids.shape[1] >= 2
-        and setting("use_cache", True)
+        and _gen_setting(model, gen_kwargs, "use_cache", True)
         and "past_key_values" not in gen_kwargs
         and "generation_config" not in gen_kwargs
-        and getattr(gc, "cache_implementation", None) is None
+        and getattr(model.generation_config, "cache_implementation", None) is None
         and gen_kwargs.get("cache_implementation") in (None, "dynamic", "static")
-        and setting("num_beams", 1) == 1
-        and setting("num_return_sequences", 1) == 1
+        and _rows_per_prompt(model, gen_kwargs) == 1
     )
+
+
+def _gen_setting(model: nn.Module, gen_kwargs: dict[str, Any], key: str, default: Any) -> Any:
+    """A generate setting as HF will use it: the call's, else the model's generation config, else `default`."""
+    value = gen_kwargs.get(key, getattr(model.generation_config, key, None))
+    return default if value is None else value
+
+
+def _rows_per_prompt(model: nn.Module, gen_kwargs: dict[str, Any]) -> int:
+    """How many rows HF's generate expands each prompt into (beams, or returned sequences)."""
+    return max(int(_gen_setting(model, gen_kwargs, "num_beams", 1)),
+               int(_gen_setting(model, gen_kwargs, "num_return_sequences", 1)))
 
 
 def _hf_compiles_decode(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
@@ -360,7 +365,10 @@ class MixtureModel(nn.Module):
                 gen_kwargs["past_key_values"] = cache
             else:
                 expert, _ = self.route(input_ids, attention_mask)
-        with self._routing(adapters_off=adapters_off, forced=expert):
+        forced = expert
+        if expert is not None and (k := _rows_per_prompt(self.model, gen_kwargs)) > 1:
+            forced = expert.repeat_interleave(k)  # generate repeats each prompt k times in place (beams)
+        with self._routing(adapters_off=adapters_off, forced=forced):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
 

@@ -344,6 +344,22 @@ def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_bas
         assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5)
 
 
+def test_beam_search_keeps_each_prompts_expert_on_its_beams(tiny_cfg, tiny_base):
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.2)
+    ids = torch.randint(3, 250, (4, 10))
+    mask = torch.ones_like(ids)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)
+    routed, expert = mm.generate(ids, mask, **gen)
+    assert routed.shape == (8, 14) and expert.shape == (4,)
+    for i in range(4):  # each prompt alone, its expert given: the same beams
+        alone, _ = mm.generate(ids[i:i + 1], mask[i:i + 1], expert=expert[i:i + 1], **gen)
+        assert torch.equal(alone, routed[2 * i:2 * i + 2])
+
+
 def test_router_and_expert_list_mismatch_is_a_clear_error(tiny_cfg, tiny_base, tiny_model_dir, tmp_path):
     import json as _json
 

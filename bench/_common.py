@@ -257,6 +257,10 @@ def shape_args(description: str | None, experts: str) -> argparse.ArgumentParser
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
     ap.add_argument("--experts", default=experts, type=parse_int_list)
+    # read by setup_shape (--threads) and run_shapes (--json, --render)
+    ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
     return ap
 
 

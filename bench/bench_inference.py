@@ -265,21 +265,23 @@ def render(payload: dict) -> str:
     return head + "\n" + markdown_table(headers, rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = shape_args(__doc__, experts="1,2,4,8,16")
-    ap.add_argument("--repeats", default=5, type=int)
-    ap.add_argument("--warmup", default=1, type=int)
+def generation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The batch being generated: rows, prompt tokens, new tokens (shared with profile_decode.py)."""
     ap.add_argument("--batch", default=16, type=int)
     ap.add_argument("--prompt-len", default=128, type=int)
     ap.add_argument("--new-tokens", default=32, type=int)
-    ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = generation_args(shape_args(__doc__, experts="1,2,4,8,16"))
+    ap.add_argument("--repeats", default=5, type=int)
+    ap.add_argument("--warmup", default=1, type=int)
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--routers", default="fit", choices=["fit", "random"],
                     help="fit: routers trained on the domain-marked prompts first (as after MoA stage 2); random: untrained")
     ap.add_argument("--router-steps", default=60, type=int, help="Adam steps of the router fit")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
-    ap.add_argument("--json", default=None, help="write the results here too")
-    ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
     return run_shapes(ap.parse_args(argv), "inference", run_shape, render)
 
 

@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", default=1e-3, type=float)
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--warmup", default=1, type=int)
-    ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--render", default=None, help="only print the tables of a --json file written earlier")
     return run_shapes(ap.parse_args(argv), "training", run_shape, render)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, run_shapes, setup_shape, shape_args, timed  # noqa: E402,I001
-from bench_inference import build_moa, build_peft, domain_prompts, fit_routers  # noqa: E402
+from bench_inference import build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -79,13 +79,7 @@ def render(p: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = shape_args(__doc__, experts="8")
-    ap.add_argument("--batch", default=16, type=int)
-    ap.add_argument("--prompt-len", default=128, type=int)
-    ap.add_argument("--new-tokens", default=32, type=int)
-    ap.add_argument("--threads", default=0, type=int)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--render", default=None)
+    ap = generation_args(shape_args(__doc__, experts="8"))
     return run_shapes(ap.parse_args(argv), "profile", run_shape, render)
 
 

@@ -41,6 +41,7 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
     records = [ctx.split(d, "train") for d in domains]
     fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
     with TORCH_LOCK, data_parallel_group() as dp:
+        world = dp.world_size if dp else 1
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
             train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp)
@@ -48,12 +49,12 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
         with stage_run(ctx, run_name):
             mlflow.set_tag("base_model", model_id)
             mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
-                               "ddp_world_size": dp.world_size if dp else 1,
+                               "ddp_world_size": world,
                                **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                                **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
             result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt,
                                      progress(run_name, steps), fp, dp=dp)
-            summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", dp.world_size if dp else 1)
+            summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", world)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
     return summary
 

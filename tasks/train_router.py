@@ -30,6 +30,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
     expert_dirs = [lay.expert(d) for d in doms] if method == "moa" else None
     with TORCH_LOCK, data_parallel_group() as dp, contextlib.ExitStack() as run:
+        world = dp.world_size if dp else 1
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
             fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
@@ -38,7 +39,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
         mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,
-                           "ddp_world_size": dp.world_size if dp else 1,
+                           "ddp_world_size": world,
                            **{f"router.{k}": v for k, v in ctx.cfg.router.model_dump().items()},
                            "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})
         mm, phases = fit_method(
@@ -46,7 +47,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
             fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps), dp=dp,
         )
         summary: dict[str, Any] = {
-            "ddp_world_size": dp.world_size if dp else 1,
+            "ddp_world_size": world,
             "method": method,
             "train_seconds": round(sum(r.seconds for r in phases.values()), 2),
             "trainable_params": sum(p.numel() for p in mm.mixture_parameters().values()),

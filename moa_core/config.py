@@ -7,6 +7,7 @@ Validation errors name the offending key and say how to fix it (`ConfigError`).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -127,10 +128,27 @@ class TrainConfig(_Strict):
     mixed_steps: int = Field(80, ge=1, description="LoRA-mixed baseline steps (all domains)")
     joint_steps: int = Field(40, ge=1, description="MoA stage 2 / MoSLD / MoDULA router steps")
     joint_lr: float = Field(1e-4, gt=0)
+    epochs: float | None = Field(
+        None, gt=0, le=100, description="when set, every stage's step budget is epochs x its training rows / batch_size "
+                                        "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")
+    eval_every: int = Field(0, ge=0, description="validation loss every N steps with early stopping; 0 = off")
+    patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before stopping")
+    val_rows: int = Field(0, ge=0, description="validation rows per domain for early stopping; 0 = all")
+    seeds: list[int] = Field(default_factory=list,
+                             description="train and evaluate once per seed (intervals pool them); empty = [seed]")
     checkpoint_every: int = Field(10, ge=1)
     log_every: int = Field(5, ge=1)
     num_threads: int = Field(0, ge=0, description="torch threads per job; 0 = cores / parallel jobs")
     parallel_jobs: int = Field(1, ge=1, description="per-domain jobs run at once")
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """The training seeds of a run: `seeds`, or the one `seed`."""
+        return list(dict.fromkeys(self.seeds)) or [self.seed]
+
+    def step_budget(self, steps: int, rows: int) -> int:
+        """A stage's step count: `steps`, or `epochs` passes over its `rows` training rows when epochs is set."""
+        return max(1, math.ceil(self.epochs * rows / self.batch_size)) if self.epochs else steps
 
 
 class RouterConfig(_Strict):
@@ -166,7 +184,8 @@ class MoDULAConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    max_samples: int = Field(24, ge=1, description="test rows per domain used for generation metrics")
+    max_samples: int = Field(24, ge=0, description="test rows per domain used for generation metrics; 0 = every row")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the test rows for confidence intervals")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(8, ge=1)
     do_sample: bool = False

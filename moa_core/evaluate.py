@@ -24,6 +24,7 @@ from . import metrics
 from .batching import collate, encode, encode_prompt, to_device
 from .config import MoAConfig
 from .model import MixtureModel
+from .stats import RowStats
 
 Routing = str | int
 
@@ -34,6 +35,7 @@ class SystemEval:
     gold: list[str] = field(default_factory=list)  # per test row, for router accuracy
     routed: list[str] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)  # a few generations to read
+    rows: dict[str, RowStats] = field(default_factory=dict)  # per domain, per test row: for confidence intervals
 
     @property
     def router_accuracy(self) -> float | None:
@@ -89,7 +91,9 @@ def evaluate_system(
             result.gold += [name] * len(records)
             result.routed += [mm.spec.experts[e] for e in experts]
         # perplexity of the response given the prompt
-        nll, ntok = 0.0, 0
+        row_stats = RowStats()
+        if routing == "router" and experts is not None:
+            row_stats.routed_ok = [float(e == dom_idx) for e in experts]
         enc = [encode(tokenizer, r, max_len) for r in records]
         for i in range(0, len(enc), ev.batch_size):
             b = _on(mm, collate(enc[i:i + ev.batch_size], tokenizer.pad_token_id,
@@ -97,10 +101,10 @@ def evaluate_system(
             out = mm(b["input_ids"], b["attention_mask"], expert=b.get("expert"), adapters_off=off,
                      pool_mask=b["attention_mask"] * (b["labels"] == -100))
             s, n = metrics.token_nll(out.logits, b["labels"])
-            nll += float(s.sum())
-            ntok += int(n.sum())
-        # generation
-        k = min(ev.max_samples, len(records))
+            row_stats.nll += s.tolist()
+            row_stats.tokens += n.tolist()
+        # generation (max_samples 0: every test row)
+        k = min(ev.max_samples or len(records), len(records))
         preds: list[str] = []
         for i in range(0, k, ev.batch_size):
             j = min(k, i + ev.batch_size)
@@ -117,8 +121,11 @@ def evaluate_system(
         # references are cut to about the generation budget so BLEU's brevity penalty measures content,
         # not the length cap
         refs_cut = [tokenizer.decode(tokenizer(r, add_special_tokens=False)["input_ids"][: ev.max_new_tokens]) for r in refs]
+        row_stats.bleu = metrics.bleu_statistics(preds, refs_cut)
+        row_stats.rougeL = metrics.rouge_l_rows(preds, refs_cut)
+        result.rows[name] = row_stats
         result.per_domain[name] = {
-            "ppl": metrics.perplexity(nll, ntok),
+            "ppl": metrics.perplexity(sum(row_stats.nll), sum(row_stats.tokens)),
             "bleu": metrics.bleu(preds, refs_cut),
             "rougeL": metrics.rouge_l(preds, refs_cut),
         }

@@ -53,6 +53,26 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return 100.0 * total / len(predictions)
 
 
+def bleu_statistics(predictions: list[str], references: list[str]) -> list[list[int]]:
+    """Per row, sacrebleu's 10 BLEU sufficient statistics [hyp_len, ref_len, correct_1..4, total_1..4];
+    summed over rows they give `bleu` exactly (`moa_core.stats.bleu_from_counts`), so a bootstrap can
+    recompute corpus BLEU on resampled rows."""
+    _check_pairs(predictions, references)
+    from sacrebleu.metrics import BLEU
+
+    # a private but stable helper of sacrebleu 2.x; tests check the sums reproduce corpus_bleu
+    return [list(map(int, row)) for row in BLEU(tokenize="13a")._extract_corpus_statistics(predictions, [references])]
+
+
+def rouge_l_rows(predictions: list[str], references: list[str]) -> list[float]:
+    """Per-row ROUGE-L F-measure x 100 (their mean is `rouge_l`)."""
+    _check_pairs(predictions, references)
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=True)
+    return [100.0 * scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
 # ------------------------------------------------------------------------------------ language modelling
 
 def perplexity(total_nll: float, total_tokens: int) -> float:

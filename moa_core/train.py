@@ -9,6 +9,7 @@ uninterrupted run would have seen and ends at the same step count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,8 +23,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
 
-from .batching import balanced_batches, encode, to_device
+from .batching import balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
+from .metrics import token_nll
 from .distributed import DataParallel, check_sums_loss
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 
@@ -38,12 +40,21 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # the step budget
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per logged step
     seconds: float = 0.0
     tokens: int = 0
     trainable_params: int = 0
     resumed_from: int = 0
+    # early stopping (train.eval_every > 0): validation loss per evaluated step (step 0 = before training),
+    # the step whose parameters were kept, and the step training stopped at
+    val_history: list[dict[str, float]] = field(default_factory=list)
+    best_step: int | None = None
+    stopped_at: int | None = None
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return min((v["val_loss"] for v in self.val_history), default=None)
 
     @property
     def final_loss(self) -> float:
@@ -52,6 +63,15 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def early_stopping_summary(result: TrainResult) -> dict[str, float | int]:
+    """The early-stopping figures of a stage for its metrics file and MLflow (empty when it did not validate)."""
+    if not result.val_history:
+        return {}
+    out: dict[str, float | int] = {"best_step": int(result.best_step or 0), "best_val_loss": float(result.best_val_loss or 0.0),
+                                   "steps_run": int(result.stopped_at or result.steps)}
+    return out
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -80,6 +100,7 @@ def train_loop(
     fingerprint: str = "",
     lr_for: Callable[[str], float] | None = None,
     dp: DataParallel | None = None,
+    validate: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Optimise `params` for `steps` steps (`lr_for(name)` may give some parameters their own rate). `batches(start_step)` yields the batches from that step on;
     `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present and
@@ -87,7 +108,13 @@ def train_loop(
 
     With `dp` (several torchrun processes), each rank steps on its rows of every global batch through a
     DDP-wrapped model in `step_fn`; logged losses are averaged over ranks, and only rank 0 writes the
-    checkpoint and calls `on_log`."""
+    checkpoint and calls `on_log`.
+
+    Early stopping: with `validate` (a validation loss, lower is better) and `cfg.eval_every` > 0, the loss is
+    measured before the first step and every `eval_every` steps; the parameters of the best evaluation are
+    kept in memory and restored at the end, and training stops after `cfg.patience` evaluations without
+    improvement. Because step 0 competes, a stage that starts from trained weights (MoA stage 2 from the
+    stage-1 experts) can never end worse on validation than where it started."""
     rates: dict[float, list[nn.Parameter]] = {}
     for name, p in params.items():
         rates.setdefault(lr_for(name) if lr_for else lr, []).append(p)
@@ -109,13 +136,44 @@ def train_loop(
         result.history = list(state["history"])
         result.tokens = int(state["tokens"])
         result.seconds = float(state["seconds"])
+    early = validate is not None and cfg.eval_every > 0
+    best: dict[str, Tensor] | None = None
+    if state is not None and start and early:
+        result.val_history = list(state.get("val_history", []))
+        result.best_step = state.get("best_step")
+        best = state.get("best")
+        result.stopped_at = state.get("stopped_at")
+
+    def snapshot() -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    def evaluate_and_decide(done: int) -> bool:
+        """Validation at step `done`; True when patience is exhausted (stop training)."""
+        nonlocal best
+        val = validate()  # type: ignore[misc]
+        if dp is not None:
+            val = dp.mean(val)
+        prev = result.best_val_loss
+        result.val_history.append({"step": float(done), "val_loss": val})
+        if prev is None or val < prev:
+            best, result.best_step = snapshot(), done
+        if on_log and main:
+            on_log(done, {"step": float(done), "val_loss": val, "best_step": float(result.best_step or 0)})
+        since_best = sum(1 for v in result.val_history if v["step"] > (result.best_step or 0))
+        return since_best >= cfg.patience
+
     t0 = time.perf_counter() - result.seconds
     it = batches(start)
     device = next(iter(params.values())).device
     main = dp is None or dp.is_main
     if dp is not None:  # dropout / DropConnect masks: each rank its own, reproducible per (seed, rank)
         torch.manual_seed(cfg.seed * 7919 + dp.rank)
+    if early and start == 0:
+        evaluate_and_decide(0)
+    stop = result.stopped_at is not None
     for step in range(start, steps):
+        if stop:
+            break
         batch = next(it)
         result.tokens += int(batch["attention_mask"].sum())  # the global batch's tokens, counted once
         if dp is not None:
@@ -144,14 +202,23 @@ def train_loop(
             result.history.append(entry)
             if on_log and main:
                 on_log(done, entry)
-        if main and ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+        if early and (done % cfg.eval_every == 0 or done == steps):
+            stop = evaluate_and_decide(done)
+            if stop:
+                result.stopped_at = done
+        if main and ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps or stop):
             result.seconds = time.perf_counter() - t0
             _save_checkpoint(ckpt, {
-                "step": done, "params": {n: p.detach().clone() for n, p in params.items()},
+                "step": done, "params": snapshot(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "history": result.history, "tokens": result.tokens, "seconds": result.seconds,
-                "fingerprint": fingerprint,
+                "fingerprint": fingerprint, "val_history": result.val_history, "best_step": result.best_step,
+                "best": best, "stopped_at": result.stopped_at,
             })
+    if early and best is not None:
+        with torch.no_grad():  # keep the parameters of the best validation loss
+            for name, p in params.items():
+                p.copy_(best[name])
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -160,16 +227,59 @@ def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_lengt
     return [[encode(tokenizer, r, max_length) for r in recs] for recs in records_by_domain]
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Dropout off for a validation pass, then every submodule back in the mode it was in."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def validation_loss(
+    nll_fn: Callable[[dict[str, Tensor]], Tensor], encoded_val: list[list[dict[str, list[int]]]], batch_size: int,
+    pad_id: int, device: torch.device,
+) -> float:
+    """Mean over domains of each domain's token-mean validation NLL (every domain weighs the same, as the
+    averaged perplexity of the results table does). `nll_fn(batch)` -> ([B] summed NLL, [B] token counts) or
+    a scalar loss already averaged (then rows are weighted by batch)."""
+    per_domain = []
+    with torch.no_grad():
+        for k, rows in enumerate(encoded_val):
+            total, count = 0.0, 0.0
+            for b in fixed_batches(rows, [k] * len(rows), batch_size, pad_id):
+                out = nll_fn(to_device(b, device))
+                if isinstance(out, tuple):
+                    total, count = total + float(out[0].sum()), count + float(out[1].sum())
+                else:
+                    total, count = total + float(out) * len(b["input_ids"]), count + len(b["input_ids"])
+            per_domain.append(total / max(count, 1.0))
+    return sum(per_domain) / max(1, len(per_domain))
+
+
+def _val_encoded(tokenizer: Any, val_by_domain: list[list[Any]] | None, cfg: MoAConfig) -> list[list[dict[str, list[int]]]] | None:
+    """Encoded validation rows (capped at train.val_rows per domain), or None when early stopping is off."""
+    if not val_by_domain or cfg.train.eval_every <= 0 or any(len(v) == 0 for v in val_by_domain):
+        return None
+    cap = cfg.train.val_rows or None
+    return encode_domains(tokenizer, [v[:cap] for v in val_by_domain], cfg.train.max_length)
+
+
 # ------------------------------------------------------------------------------------- stage 1: PEFT
 def train_peft_lora(
     base: nn.Module, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, steps: int,
     out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None, fingerprint: str = "",
-    dp: DataParallel | None = None,
+    dp: DataParallel | None = None, val_by_domain: list[list[Any]] | None = None,
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
     batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically
-    (rank 0 only when `dp` spreads the batches over several processes)."""
+    (rank 0 only when `dp` spreads the batches over several processes). `steps` is replaced by
+    `train.epochs` when set; `val_by_domain` (same domains) enables early stopping when `train.eval_every` > 0."""
     torch.manual_seed(cfg.train.seed)
+    steps = cfg.train.step_budget(steps, sum(len(r) for r in records_by_domain))
     peft_model = get_peft_model(base, PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
@@ -185,9 +295,18 @@ def train_peft_lora(
         return runner(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                       num_items_in_batch=b.get(LM_TOKENS)).loss, {}
 
+    val = _val_encoded(tokenizer, val_by_domain, cfg)
+
+    def validate() -> float:
+        def nll(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            return token_nll(peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        with _eval_mode(peft_model):
+            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
+
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
         step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint, dp=dp,
+        validate=validate if val else None,
     )
     peft_model.eval()
     if dp is None or dp.is_main:
@@ -245,6 +364,7 @@ def train_mixture(
     train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
     eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
     fingerprint: str = "", frozen_experts: Sequence[int] = (), dp: DataParallel | None = None,
+    val_by_domain: list[list[Any]] | None = None,
 ) -> TrainResult:
     """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
 
@@ -253,7 +373,12 @@ def train_mixture(
     int = that expert for every row (MoDULA stages 1-2).
     frozen_experts: expert slots whose A/B slices must stay bit-identical although they share the stacked
     tensors with trained experts (onboarding a domain): their gradients are zeroed before the optimizer.
-    dp: spread each batch over torchrun processes (DDP); see moa_core.distributed."""
+    dp: spread each batch over torchrun processes (DDP); see moa_core.distributed.
+    val_by_domain: validation rows in the order of `records_by_domain`; with `train.eval_every` > 0 the stage
+    stops early at its validation minimum: the LM loss under this stage's routing, or, for a stage that
+    trains routers alone on gold labels, the routers' cross-entropy. `steps` is replaced by `train.epochs`
+    when set."""
+    steps = cfg.train.step_budget(steps, sum(len(r) for r in records_by_domain))
     mm.train()
     mm.model.eval()  # keeps the frozen base deterministic; dropout lives in the experts
     for w in mm.wrapped.values():
@@ -283,6 +408,22 @@ def train_mixture(
             extra["router_acc_mean"] = float(acc.mean())
         return out.loss, extra
 
+    val = _val_encoded(tokenizer, val_by_domain, cfg)
+    routers_only = route == "gold" and train_routers and not (train_experts or train_universal)
+
+    def validate() -> float:
+        def nll(b: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+            if routers_only:  # the routers' domain cross-entropy, mean over layers
+                out = mm(b["input_ids"], b["attention_mask"], expert=b["expert"], eta=1.0,
+                         pool_mask=b["attention_mask"] * (b["labels"] == -100))
+                return out.aux_loss  # type: ignore[return-value]
+            expert = b["expert"] if route == "gold" else (torch.full_like(b["expert"], route) if isinstance(route, int) else None)
+            out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert,
+                     experts_off=route == "experts_off")
+            return token_nll(out.logits, b["labels"])
+        with _eval_mode(mm):
+            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
+
     # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
     # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
     frozen = sorted(set(frozen_experts))
@@ -293,6 +434,7 @@ def train_mixture(
             params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
             step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
             lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr, dp=dp,
+            validate=validate if val else None,
         )
     finally:
         for h in hooks:
@@ -335,6 +477,7 @@ def fit_method(
     cfg: MoAConfig, method: str, base: nn.Module, tokenizer: Any, model_id: str, train_by_domain: list[list[Any]],
     expert_dirs: list[Path] | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
     eta: float | None = None, fingerprint: str = "", dp: DataParallel | None = None,
+    val_by_domain: list[list[Any]] | None = None,
 ) -> tuple[MixtureModel, dict[str, TrainResult]]:
     """Build and train a method's mixture after stage 1. Returns the model and one TrainResult per phase.
 
@@ -343,7 +486,14 @@ def fit_method(
     - mosld: one joint stage from scratch (shared A with DropConnect, top-k routers, balance loss).
     - modula-flan / modula-res: the universal expert on all domains, then each domain expert alone with
       the universal frozen, then the routers alone with every expert frozen.
+
+    With `val_by_domain` and `train.eval_every` > 0 every phase stops early at its validation minimum. MoA's
+    stage 2 then keeps its experts at the step of lowest validation LM loss (step 0, i.e. the stage-1 experts,
+    included), and a last phase trains the routers alone on the kept experts, so the routers match the
+    experts that ship.
     """
+    v = val_by_domain
+    early = bool(v) and cfg.train.eval_every > 0
     t = cfg.train
     mm = build_mixture(cfg, method, base, model_id)
     phases: dict[str, TrainResult] = {}
@@ -360,27 +510,33 @@ def fit_method(
         phases["joint"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=True,
             train_routers=eta > 0, route="gold", eta=eta, ckpt_dir=ck("moa-joint"),
-            on_log=log("joint"), fingerprint=fingerprint, dp=dp)
+            on_log=log("joint"), fingerprint=fingerprint, dp=dp, val_by_domain=v)
+        if early and eta > 0:
+            phases["router"] = train_mixture(
+                mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=False,
+                train_routers=True, route="gold", eta=eta, ckpt_dir=ck("moa-router"), on_log=log("router"),
+                fingerprint=fingerprint, dp=dp, val_by_domain=v)
     elif method == "mosld":
         phases["joint"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=True, train_routers=True,
             route="learned", balance_coef=cfg.mosld.balance_coef, ckpt_dir=ck("mosld-joint"), on_log=log("joint"),
-            fingerprint=fingerprint, dp=dp)
+            fingerprint=fingerprint, dp=dp, val_by_domain=v)
     elif method in ("modula-flan", "modula-res"):
         res = method == "modula-res"
         phases["universal"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=cfg.modula.universal_steps, lr=t.lr, train_experts=not res,
             train_routers=False, train_universal=res, route="experts_off" if res else 0,
-            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint, dp=dp)
+            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint, dp=dp, val_by_domain=v)
         offset = 0 if res else 1  # Flan: expert 0 is the universal one
         for k, recs in enumerate(train_by_domain):
             phases[f"domain:{cfg.domain_names[k]}"] = train_mixture(
                 mm, tokenizer, [recs], cfg, steps=t.expert_steps, lr=t.lr, train_experts=True, train_routers=False,
                 route=k + offset, ckpt_dir=ck(f"{method}-domain-{k}"), on_log=log(f"domain:{k}"),
-                fingerprint=fingerprint, dp=dp)
+                fingerprint=fingerprint, dp=dp, val_by_domain=[v[k]] if v else None)
         phases["router"] = train_mixture(
             mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=False, train_routers=True,
-            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint, dp=dp)
+            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint, dp=dp,
+            val_by_domain=v)
     else:
         raise ValueError(f"unknown method {method!r}")
     return mm, phases

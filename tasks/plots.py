@@ -22,9 +22,11 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def loss_curve(
-    steps: list[int], losses: list[float], title: str, extra: dict[str, list[float]] | None = None
+    steps: list[int], losses: list[float], title: str, extra: dict[str, list[float]] | None = None,
+    val: list[dict[str, float]] | None = None, best_step: int | None = None,
 ) -> Figure:
-    """Training loss against step; `extra` adds named series over the same steps (e.g. router loss)."""
+    """Training loss against step; `extra` adds named series over the same steps (e.g. router loss); `val`
+    ({"step", "val_loss"} entries) the validation curve of early stopping, with the kept step marked."""
     series = {"loss": losses, **(extra or {})}
     for name, values in series.items():
         if len(values) != len(steps):
@@ -33,9 +35,13 @@ def loss_curve(
     ax = fig.add_subplot()
     for name, values in series.items():
         ax.plot(steps, values, label=name)
+    if val:
+        ax.plot([v["step"] for v in val], [v["val_loss"] for v in val], marker="o", label="validation")
+        if best_step is not None:
+            ax.axvline(best_step, color="grey", linestyle="--", label=f"kept: step {best_step}")
     ax.set(title=title, xlabel="step", ylabel="loss")
     ax.grid(alpha=0.3)
-    if extra:
+    if extra or val:
         ax.legend()
     return fig
 

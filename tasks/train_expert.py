@@ -10,7 +10,7 @@ from typing import Any
 import mlflow
 
 from moa_core.base_model import load_base
-from moa_core.train import TrainResult, train_peft_lora
+from moa_core.train import TrainResult, early_stopping_summary, train_peft_lora
 
 from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
 
@@ -25,10 +25,12 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
         "trainable_params": result.trainable_params, "resumed_from": result.resumed_from,
         "ddp_world_size": world_size,
     }
+    summary.update(early_stopping_summary(result))
     log_history(result.history, "train/")
-    mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-    mlflow.log_figure(loss_curve([int(h["step"]) for h in result.history], [h["loss"] for h in result.history], title),
-                      "plots/loss.png")
+    log_history(result.val_history, "val/")
+    mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+    mlflow.log_figure(loss_curve([int(h["step"]) for h in result.history], [h["loss"] for h in result.history], title,
+                                 val=result.val_history, best_step=result.best_step), "plots/loss.png")
     mlflow.log_artifacts(str(out_dir), "adapter")
     path = ctx.layout.metrics / f"{metrics_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,12 +41,14 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
            metrics_name: str) -> dict[str, Any]:
     records = [ctx.split(d, "train") for d in domains]
+    val = [ctx.split(d, "val") for d in domains]
+    steps = ctx.cfg.train.step_budget(steps, sum(len(r) for r in records))
     fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
     with TORCH_LOCK, data_parallel_group() as dp:
         world = dp.world_size if dp else 1
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
-            train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp)
+            train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp, val_by_domain=val)
             return {"rank": dp.rank}
         with stage_run(ctx, run_name):
             mlflow.set_tag("base_model", model_id)
@@ -53,7 +57,7 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
                                **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                                **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
             result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt,
-                                     progress(run_name, steps), fp, dp=dp)
+                                     progress(run_name, steps), fp, dp=dp, val_by_domain=val)
             summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", world)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
     return summary

@@ -11,7 +11,7 @@ import mlflow
 
 from moa_core.base_model import load_base
 from moa_core.model import save_mixture
-from moa_core.train import fit_method
+from moa_core.train import early_stopping_summary, fit_method
 
 from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
 
@@ -26,6 +26,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     name = name or method
     lay, doms = ctx.layout, ctx.cfg.domain_names
     train = [ctx.split(d, "train") for d in doms]
+    val = [ctx.split(d, "val") for d in doms]
     ckpt = lay.checkpoints / f"mixture-{name}"
     fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
     expert_dirs = [lay.expert(d) for d in doms] if method == "moa" else None
@@ -34,7 +35,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
             fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
-                       eta=eta, fingerprint=fp, dp=dp)
+                       eta=eta, fingerprint=fp, dp=dp, val_by_domain=val)
             return {"rank": dp.rank}
         run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
         mlflow.set_tag("base_model", model_id)
@@ -45,6 +46,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         mm, phases = fit_method(
             ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt, eta=eta,
             fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps), dp=dp,
+            val_by_domain=val,
         )
         summary: dict[str, Any] = {
             "ddp_world_size": world,
@@ -52,13 +54,16 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
             "train_seconds": round(sum(r.seconds for r in phases.values()), 2),
             "trainable_params": sum(p.numel() for p in mm.mixture_parameters().values()),
             "phases": {k: {"final_loss": r.final_loss, "steps": r.steps, "seconds": round(r.seconds, 2),
-                           "tokens_per_second": round(r.tokens_per_second, 1)} for k, r in phases.items()},
+                           "tokens_per_second": round(r.tokens_per_second, 1), **early_stopping_summary(r)}
+                       for k, r in phases.items()},
         }
         for phase, r in phases.items():
             tag = phase.replace(":", "_")
             log_history(r.history, f"{tag}/")
+            log_history(r.val_history, f"{tag}/")
             mlflow.log_figure(loss_curve([int(h["step"]) for h in r.history], [h["loss"] for h in r.history],
-                                         f"{name} {phase}"), f"plots/loss_{tag}.png")
+                                         f"{name} {phase}", val=r.val_history, best_step=r.best_step),
+                              f"plots/loss_{tag}.png")
         mlflow.log_metrics({"train_seconds": summary["train_seconds"], "trainable_params": summary["trainable_params"]})
         out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
         mlflow.log_artifacts(str(out), "mixture")

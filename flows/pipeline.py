@@ -11,9 +11,10 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import dispatch_experts
+from moa_core.config import ConfigError
 from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads
 from tasks.prefect_tasks import (
-    curate_task, evaluate_task, register_task, train_expert_task, train_mixed_task, train_router_task,
+    curate_task, evaluate_task, intervals_task, register_task, train_expert_task, train_mixed_task, train_router_task,
 )
 
 
@@ -47,26 +48,41 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         for d, c in counts.items():
             log.info("curated %s: %s", d, c)
 
-        if expert_deployment:  # one flow run per domain on a work pool; the adapters land in the shared project dir
-            upstream = [train_mixed_task.submit(ctx)] if "mixed" in cfg.evaluate.baselines else []
-            dispatch_experts(params=str(Path(params).resolve()), profile=profile, deployment_name=expert_deployment,
-                             parent_run_id=parent.info.run_id)
-            experts = []
-        else:
-            experts = [train_expert_task.submit(ctx, d) for d in cfg.domain_names]
-            upstream = list(experts)
-            if "mixed" in cfg.evaluate.baselines:
-                upstream.append(train_mixed_task.submit(ctx))
-        router = train_router_task.submit(ctx, name=cfg.method, wait_for=experts if cfg.method == "moa" else [])
-        upstream.append(router)
-        if "moa_no_routing_loss" in cfg.evaluate.baselines:
-            upstream.append(train_router_task.submit(ctx, method="moa", eta=0.0, name="moa-no-routing-loss", wait_for=experts))
-        for other in dict.fromkeys(m for m in cfg.evaluate.compare_methods if m != cfg.method):
-            upstream.append(train_router_task.submit(ctx, method=other, name=other, wait_for=experts if other == "moa" else []))
-        evaluation = evaluate_task.submit(ctx, wait_for=upstream)
-        registered = register_task.submit(ctx, wait_for=[evaluation])
-        ev, reg = evaluation.result(), registered.result()
+        # One pass of training and evaluation per training seed (train.seeds); the curated data is shared.
+        # The first seed's mixture is the one registered; the intervals pool every seed's test rows.
+        if expert_deployment and len(ctx.seeds) > 1:
+            raise ConfigError("train.seeds with several seeds trains the experts in this flow run; run without "
+                              "--expert-deployment, or with one seed")
+        evaluations = []
+        for seed in ctx.seeds:
+            sctx = ctx.for_seed(seed)
+            if expert_deployment:  # one flow run per domain on a work pool; the adapters land in the shared project dir
+                upstream = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
+                dispatch_experts(params=str(Path(params).resolve()), profile=profile, deployment_name=expert_deployment,
+                                 parent_run_id=parent.info.run_id)
+                experts = []
+            else:
+                experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
+                upstream = list(experts)
+                if "mixed" in cfg.evaluate.baselines:
+                    upstream.append(train_mixed_task.submit(sctx))
+            router = train_router_task.submit(sctx, name=cfg.method, wait_for=experts if cfg.method == "moa" else [])
+            upstream.append(router)
+            if "moa_no_routing_loss" in cfg.evaluate.baselines:
+                upstream.append(train_router_task.submit(sctx, method="moa", eta=0.0, name="moa-no-routing-loss",
+                                                         wait_for=experts))
+            for other in dict.fromkeys(m for m in cfg.evaluate.compare_methods if m != cfg.method):
+                upstream.append(train_router_task.submit(sctx, method=other, name=other,
+                                                         wait_for=experts if other == "moa" else []))
+            evaluations.append(evaluate_task.submit(sctx, wait_for=upstream))
+        intervals = intervals_task.submit(ctx, wait_for=evaluations)
+        evaluation = evaluations[0]
+        registered = register_task.submit(ctx.for_seed(ctx.seeds[0]), wait_for=[intervals])
+        ev, reg, ci = evaluation.result(), registered.result(), intervals.result()
         log.info("evaluation:\n%s", ev["table"])
+        log.info("with 95 %% intervals over %d seed(s):\n%s", len(ctx.seeds), ci["table"])
         log.info("registered %s version %s (promoted: %s, %s)", reg["model"], reg["version"], reg["promoted"], reg["reason"])
-        return {"counts": counts, "evaluation": ev, "registered": reg, "mlflow_run_id": parent.info.run_id,
+        return {"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
+                "registered": reg,
+                "mlflow_run_id": parent.info.run_id,
                 "flow_run_id": ctx.flow_run_id}

@@ -136,6 +136,8 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
     result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
     print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
+    print(f"\nWith 95 % intervals ({len(ctx.seeds)} seed(s); reports/eval_intervals.md):\n")
+    print(result["intervals_table"])
     reg = result["registered"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,38 @@ def smollm2_gguf() -> Path:
     return path
 
 
+# SmolLM2-Instruct's chat special tokens (ChatML). transformers' GGUF reader has mapped them differently across
+# versions (5.17 made `<|im_start|>` the end-of-sequence token and set no pad token), so they are set by name.
+SMOLLM2_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}
+
+
+def set_special_tokens(tok: Any, model: Any, special: dict[str, str]) -> None:
+    """Give the tokenizer, the model config and its generation config the same special tokens, by name;
+    raises BaseModelError when a token is not in the vocabulary or an id does not read back."""
+    for attr, token in special.items():
+        tid = tok.convert_tokens_to_ids(token)
+        if tid is None or tid == tok.unk_token_id or tok.convert_ids_to_tokens(tid) != token:
+            raise BaseModelError(f"the tokenizer has no {token!r} token for {attr}; the model files are not the expected ones")
+        setattr(tok, attr, token)
+        id_attr = attr.replace("_token", "_token_id")
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None:
+                setattr(cfg, id_attr, tid)
+    check_special_tokens(tok, model, special)
+
+
+def check_special_tokens(tok: Any, model: Any, special: dict[str, str]) -> None:
+    """The tokenizer's special tokens are `special` and the model's configs use the same ids."""
+    for attr, token in special.items():
+        got = getattr(tok, attr, None)
+        id_attr = attr.replace("_token", "_token_id")
+        tid = getattr(tok, id_attr, None)
+        cfg_ids = {getattr(c, id_attr, None) for c in (model.config, getattr(model, "generation_config", None)) if c is not None}
+        if got != token or cfg_ids != {tid}:
+            raise BaseModelError(f"special token {attr} is {got!r} (id {tid}, model config {sorted(map(str, cfg_ids))}), "
+                                 f"expected {token!r}; delete the converted model directory and run again")
+
+
 def convert_smollm2(target: Path) -> Path:
     """GGUF -> plain HF checkpoint (fp32 safetensors + tokenizer) in `target`, atomically, once."""
     if (target / "config.json").exists():
@@ -55,6 +88,7 @@ def convert_smollm2(target: Path) -> Path:
     gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    set_special_tokens(tok, model, SMOLLM2_SPECIAL_TOKENS)
     # The GGUF loader tags the model as quantized, which blocks save_pretrained; the weights are already
     # dequantised to fp32, so dropping the tag is correct.
     model.hf_quantizer = None
@@ -115,6 +149,8 @@ def load_base(cfg: BaseModelConfig, root: str | Path = ".", device: torch.device
             f"cannot load base model {model_id!r} offline: {exc}. Download it once into a local directory "
             "and set base_model.source to that path."
         ) from None
+    if model_id == SMOLLM2_ID:  # a conversion made before the tokens were set by name is caught here
+        check_special_tokens(tok, model, SMOLLM2_SPECIAL_TOKENS)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()

@@ -7,12 +7,16 @@ padding so the LM loss counts response tokens only.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -20,6 +24,14 @@ PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A collated batch with its tensors on `device` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA when train.precision is bf16 (float32 weights, optimizer and loss reduction);
+    a no-op elsewhere."""
+    if cfg.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def format_prompt(tokenizer: Any, instruction: str) -> str:

@@ -128,6 +128,9 @@ class TrainConfig(_Strict):
     mixed_steps: int = Field(80, ge=1, description="LoRA-mixed baseline steps (all domains)")
     joint_steps: int = Field(40, ge=1, description="MoA stage 2 / MoSLD / MoDULA router steps")
     joint_lr: float = Field(1e-4, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: bfloat16 autocast for training and evaluation on CUDA (weights and optimizer "
+                            "stay float32); ignored on the CPU")
     epochs: float | None = Field(
         None, gt=0, le=100, description="when set, every stage's step budget is epochs x its training rows / batch_size "
                                         "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .batching import collate, encode, encode_prompt, to_device
+from .batching import autocast, collate, encode, encode_prompt, to_device
 from .config import MoAConfig
 from .model import MixtureModel
 from .stats import RowStats
@@ -69,8 +69,15 @@ def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], rout
     return chosen
 
 
-@torch.no_grad()
 def evaluate_system(
+    mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, list[Any]], cfg: MoAConfig, routing: Routing,
+    progress: Callable[[str], None] | None = None,
+) -> SystemEval:
+    with torch.no_grad(), autocast(cfg.train, next(mm.model.parameters()).device):
+        return _evaluate_system(mm, tokenizer, test_by_domain, cfg, routing, progress)
+
+
+def _evaluate_system(
     mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, list[Any]], cfg: MoAConfig, routing: Routing,
     progress: Callable[[str], None] | None = None,
 ) -> SystemEval:

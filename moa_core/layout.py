@@ -8,11 +8,20 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Layout:
+    """`seed`: in a run over several training seeds (train.seeds), each seed's models and metrics live under
+    `models/seed-<n>/` and `metrics/seed-<n>/`; the curated data and reports are shared. A one-seed run
+    (seed None) keeps the plain paths."""
+
     root: Path
+    seed: int | None = None
 
     @classmethod
-    def at(cls, root: str | Path = ".") -> "Layout":
-        return cls(Path(root).resolve())
+    def at(cls, root: str | Path = ".", seed: int | None = None) -> "Layout":
+        return cls(Path(root).resolve(), seed)
+
+    @property
+    def _models(self) -> Path:
+        return self.root / "models" / ("" if self.seed is None else f"seed-{self.seed}")
 
     # data
     def curated(self, domain: str) -> Path:
@@ -22,16 +31,16 @@ class Layout:
     # models
     def expert(self, domain: str) -> Path:
         """Stage-1 PEFT LoRA adapter directory (adapter_model.safetensors + adapter_config.json)."""
-        return self.root / "models" / "experts" / domain
+        return self._models / "experts" / domain
 
     @property
     def mixed(self) -> Path:
         """LoRA-mixed baseline adapter: one PEFT LoRA trained on all domains."""
-        return self.root / "models" / "mixed"
+        return self._models / "mixed"
 
     def mixture(self, method: str) -> Path:
         """The trained expert mixture (mixture.safetensors + mixture.json)."""
-        return self.root / "models" / "mixture" / method
+        return self._models / "mixture" / method
 
     def onboarded(self, domain: str) -> Path:
         """The candidate mixture of `moa onboard <domain>` (old experts + the new one, updated routers)."""
@@ -39,12 +48,12 @@ class Layout:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "models" / "checkpoints"
+        return self._models / "checkpoints"
 
     # reports
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics"
+        return self.root / "metrics" / ("" if self.seed is None else f"seed-{self.seed}")
 
     @property
     def reports(self) -> Path:

@@ -125,7 +125,8 @@ def _domain_samples(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str]
 
 def _summarise(samples: np.ndarray, per_seed: np.ndarray, level: float) -> Estimate:
     boot = samples[1:]
-    lo, hi = np.nanpercentile(boot, [50 * (1 - level), 50 * (1 + level)]) if boot.size else (math.nan, math.nan)
+    finite = boot[~np.isnan(boot)]
+    lo, hi = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)]) if finite.size else (math.nan, math.nan)
     return Estimate(float(samples[0]), float(lo), float(hi), tuple(float(v) for v in per_seed))
 
 
@@ -174,3 +175,63 @@ def paired_difference(a: Sequence[dict[str, RowStats]], b: Sequence[dict[str, Ro
     else:
         verdict = "within noise"
     return Difference(float(diff[0]), float(lo), float(hi), verdict)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+_LABEL = {"ppl": "PPL", "bleu": "BLEU", "rougeL": "R-L", "router_acc": "Router acc (%)"}
+_DIGITS = {"ppl": 2, "bleu": 2, "rougeL": 2, "router_acc": 1}
+
+
+def _cell(e: Estimate, metric: str) -> str:
+    if math.isnan(e.value):
+        return "–"
+    d = _DIGITS[metric]
+    return f"{e.value:.{d}f} [{e.low:.{d}f}, {e.high:.{d}f}]"
+
+
+def compare_systems(per_system: dict[str, Sequence[dict[str, RowStats]]], domains: Sequence[str], reference: str,
+                    *, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
+    """Every system's estimates (per domain and average, each metric) and, on the averages, the paired
+    difference `reference` minus the system, with the verdict for the reference ("ahead" = reference better). per_system: name -> one {domain: RowStats} per seed (the same seeds for every system)."""
+    out: dict[str, object] = {"domains": list(domains), "reference": reference, "bootstrap": n_boot,
+                              "seeds": len(next(iter(per_system.values()))), "systems": {}}
+    for name, seeds in per_system.items():
+        entry: dict[str, object] = {
+            m: {d: e.to_json() for d, e in estimate(seeds, domains, m, n_boot=n_boot, seed=seed).items()}
+            for m in METRICS}
+        if name != reference and reference in per_system:
+            entry["vs_reference"] = {
+                m: paired_difference(per_system[reference], seeds, domains, m, n_boot=n_boot, seed=seed).__dict__
+                for m in ("ppl", "bleu", "rougeL")}
+        out["systems"][name] = entry  # type: ignore[index]
+    return out
+
+
+def interval_table_markdown(comparison: dict[str, object]) -> str:
+    """Two markdown tables from `compare_systems`: averages with 95 % intervals and the paired verdicts
+    against the reference system; then every domain's figures."""
+    systems: dict[str, dict] = comparison["systems"]  # type: ignore[assignment]
+    domains: list[str] = comparison["domains"]  # type: ignore[assignment]
+    ref = comparison["reference"]
+    head = ["System"] + [f"Avg {_LABEL[m]}" for m in METRICS] + [f"{ref} − this: {_LABEL[m]}" for m in ("ppl", "bleu", "rougeL")]
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for name, entry in systems.items():
+        cells = [name] + [_cell(Estimate(**{**entry[m]["avg"], "per_seed": tuple(entry[m]["avg"]["per_seed"])}), m)
+                          for m in METRICS]
+        for m in ("ppl", "bleu", "rougeL"):
+            d = entry.get("vs_reference", {}).get(m)
+            cells.append("–" if d is None else f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    dom_head = ["System"] + [f"{d} {_LABEL[m]}" for d in domains for m in ("ppl", "bleu", "rougeL")]
+    dom = ["| " + " | ".join(dom_head) + " |", "|:---|" + "---:|" * (len(dom_head) - 1)]
+    for name, entry in systems.items():
+        cells = [name] + [_cell(Estimate(**{**entry[m][d], "per_seed": tuple(entry[m][d]["per_seed"])}), m)
+                          for d in domains for m in ("ppl", "bleu", "rougeL")]
+        dom.append("| " + " | ".join(cells) + " |")
+    n_seeds = comparison["seeds"]
+    note = (f"Mean over {n_seeds} training seed(s); [low, high] = 95 % bootstrap interval over test rows "
+            f"({comparison['bootstrap']} resamples, stratified by domain). \"{ref} − this\": the paired difference "
+            f"(same resampled rows for both systems) and whether {ref} is ahead of or behind that system; "
+            f"\"ahead\"/\"behind\" only where the interval excludes 0, else \"within noise\".\n")
+    return note + "\n" + "\n".join(lines) + "\n\nPer domain:\n\n" + "\n".join(dom) + "\n"

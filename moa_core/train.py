@@ -23,10 +23,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
 
-from .batching import balanced_batches, encode, fixed_batches, to_device
+from .batching import autocast, balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
-from .metrics import token_nll
 from .distributed import DataParallel, check_sums_loss
+from .metrics import token_nll
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -182,7 +182,8 @@ def train_loop(
             label_tokens = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
             batch = {**dp.shard(batch), LM_TOKENS: label_tokens.float() / dp.world_size}
         batch = to_device(batch, device)
-        loss, extra = step_fn(batch)
+        with autocast(cfg, device):
+            loss, extra = step_fn(batch)
         # every rank must see the same verdict, or the finite ones would wait forever in the all-reduce
         if not math.isfinite(dp.mean(float(loss.detach())) if dp is not None else float(loss.detach())):
             where = f"the last good checkpoint ({ckpt}) is kept" if ckpt and ckpt.exists() else "no checkpoint was written yet"
@@ -300,7 +301,7 @@ def train_peft_lora(
     def validate() -> float:
         def nll(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             return token_nll(peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-        with _eval_mode(peft_model):
+        with _eval_mode(peft_model), autocast(cfg.train, next(iter(params.values())).device):
             return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
 
     result = train_loop(
@@ -421,7 +422,7 @@ def train_mixture(
             out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert,
                      experts_off=route == "experts_off")
             return token_nll(out.logits, b["labels"])
-        with _eval_mode(mm):
+        with _eval_mode(mm), autocast(cfg.train, next(iter(params.values())).device):
             return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
 
     # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,

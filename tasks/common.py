@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -63,6 +64,10 @@ def progress(name: str, total: int):
     log = stage_logger()
 
     def on_log(step: int, entry: dict[str, float]) -> None:
+        if "val_loss" in entry:  # an early-stopping evaluation
+            log.info("%s step %d/%d validation loss %.4f (best at step %d)", name, step, total, entry["val_loss"],
+                     int(entry.get("best_step", 0)))
+            return
         extra = " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step", "loss") and isinstance(v, float))
         log.info("%s step %d/%d loss %.4f %s", name, step, total, entry["loss"], extra)
 
@@ -121,6 +126,7 @@ class StageContext:
     root: Path
     parent_run_id: str | None = None
     flow_run_id: str | None = None
+    seed: int | None = None  # set for each seed of a run over several training seeds (train.seeds)
 
     @classmethod
     def load(cls, params: str | Path = "params.yaml", profile: str | None = None, **kw: Any) -> "StageContext":
@@ -129,7 +135,17 @@ class StageContext:
 
     @property
     def layout(self) -> Layout:
-        return Layout.at(self.root)
+        return Layout.at(self.root, self.seed)
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.cfg.train.all_seeds
+
+    def for_seed(self, seed: int) -> "StageContext":
+        """The context of one training seed: train.seed set, and its own models/metrics folders when the run
+        has several seeds (a one-seed run keeps the plain layout)."""
+        cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"seed": seed})})
+        return dataclasses.replace(self, cfg=cfg, seed=seed if len(self.seeds) > 1 else None)
 
     def split(self, domain: str, split: str) -> list[Record]:
         path = self.layout.curated(domain) / f"{split}.jsonl"
@@ -211,6 +227,8 @@ def lineage_tags(ctx: StageContext) -> dict[str, str]:
     tags["dvc_lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else "none"
     if ctx.flow_run_id:
         tags["prefect_flow_run_id"] = ctx.flow_run_id
+    if ctx.seed is not None:
+        tags["moa.seed"] = str(ctx.seed)
     return tags
 
 
@@ -221,9 +239,11 @@ def stage_run(ctx: StageContext, name: str, **tags: str) -> Iterator[Any]:
     import mlflow
 
     exp_id = mlflow_experiment(ctx)
+    stage = name.split(":")[0]
+    name = name if ctx.seed is None else f"{name} [seed {ctx.seed}]"
     with mlflow.start_run(experiment_id=exp_id, run_name=name, parent_run_id=ctx.parent_run_id,
                           nested=ctx.parent_run_id is not None,
-                          tags={**lineage_tags(ctx), "moa.stage": name.split(":")[0], **tags}) as run:
+                          tags={**lineage_tags(ctx), "moa.stage": stage, **tags}) as run:
         yield run
 
 

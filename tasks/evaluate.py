@@ -11,12 +11,17 @@ from moa_core import metrics
 from moa_core.base_model import load_base
 from moa_core.evaluate import SystemEval, evaluate_system
 from moa_core.model import load_mixture
+from moa_core.stats import METRICS as STAT_METRICS
+from moa_core.stats import RowStats, compare_systems, interval_table_markdown
 from moa_core.train import build_mixture
 
 from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
+
+
+ROWS_FILE = "eval_rows.json"
 
 
 def _read(ctx: StageContext, name: str) -> dict[str, Any]:
@@ -104,6 +109,9 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     lay.metrics.mkdir(parents=True, exist_ok=True)
     lay.reports.mkdir(parents=True, exist_ok=True)
     (lay.metrics / "eval.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    # per test row, for the confidence intervals of `run_intervals` (several seeds pool these files)
+    row_stats = {SYSTEM_LABELS.get(name, name): {d: r.to_json() for d, r in ev.rows.items()} for name, ev in systems.items()}
+    (lay.metrics / ROWS_FILE).write_text(json.dumps(row_stats))
     samples = "\n".join(
         f"| {s['domain']} | {s['instruction'][:80]!r} | {s['reference'][:80]!r} | {s['prediction'][:80]!r} |"
         for s in routed.samples
@@ -123,3 +131,38 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
             mlflow.log_figure(confusion_heatmap(confusion, doms, f"{ctx.cfg.method} router (test split)"),
                               "plots/router_confusion.png")
     return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion}
+
+
+def run_intervals(ctx: StageContext) -> dict[str, Any]:
+    """The comparison over every training seed of the run, with 95 % bootstrap intervals over test rows and
+    paired verdicts against the method -> metrics/eval_intervals.json, reports/eval_intervals.md, MLflow."""
+    seeds = ctx.seeds
+    per_seed = []
+    for s in seeds:
+        path = ctx.for_seed(s).layout.metrics / ROWS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run the evaluate stage for seed {s} first")
+        per_seed.append(json.loads(path.read_text()))
+    systems = [name for name in per_seed[0] if all(name in p for p in per_seed)]
+    per_system = {name: [{d: RowStats.from_json(r) for d, r in p[name].items()} for p in per_seed] for name in systems}
+    comparison = compare_systems(per_system, ctx.cfg.domain_names, ctx.cfg.method, n_boot=ctx.cfg.evaluate.bootstrap)
+    comparison["seed_values"] = seeds
+    table = interval_table_markdown(comparison)
+    lay = ctx.layout
+    lay.metrics.mkdir(parents=True, exist_ok=True)
+    lay.reports.mkdir(parents=True, exist_ok=True)
+    (lay.metrics / "eval_intervals.json").write_text(json.dumps(comparison, indent=2, sort_keys=True))
+    report = f"# Evaluation with uncertainty ({ctx.cfg.method}, held-out test split, seeds {seeds})\n\n{table}"
+    (lay.reports / "eval_intervals.md").write_text(report)
+    with stage_run(ctx, "intervals"):
+        flat: dict[str, float] = {}
+        for name, entry in comparison["systems"].items():
+            for m in STAT_METRICS:
+                avg = entry[m]["avg"]
+                if avg["value"] == avg["value"]:  # not nan
+                    flat.update({f"{name}.avg_{m}": avg["value"], f"{name}.avg_{m}_low": avg["low"],
+                                 f"{name}.avg_{m}_high": avg["high"]})
+        mlflow.log_metrics(flat)
+        mlflow.log_text(report, "eval_intervals.md")
+        mlflow.log_dict(comparison, "eval_intervals.json")
+    return {"table": table, "comparison": comparison}

@@ -14,7 +14,7 @@ from moa_core.model import MixtureError
 from moa_core.train import NonFiniteLossError
 
 from .curate import run_curate
-from .evaluate import run_evaluate
+from .evaluate import run_evaluate, run_intervals
 from .register import run_register
 from .train_expert import run_train_expert, run_train_mixed
 from .train_router import run_train_router
@@ -42,4 +42,5 @@ train_mixed_task = task(run_train_mixed, name="train_mixed", retries=1, retry_de
 train_router_task = task(run_train_router, name="train_router", task_run_name="train_router[{name}]",
                          retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
 evaluate_task = task(run_evaluate, name="evaluate", **TASK_OPTIONS)
+intervals_task = task(run_intervals, name="intervals", **TASK_OPTIONS)
 register_task = task(run_register, name="register", retries=2, retry_delay_seconds=1, **TASK_OPTIONS)

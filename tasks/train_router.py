@@ -45,7 +45,8 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
                            "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})
         mm, phases = fit_method(
             ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt, eta=eta,
-            fingerprint=fp, on_log=progress(f"train_router:{name}", ctx.cfg.train.joint_steps), dp=dp,
+            fingerprint=fp, dp=dp,
+            on_log=progress(f"train_router:{name}", ctx.cfg.train.step_budget(ctx.cfg.train.joint_steps, sum(map(len, train)))),
             val_by_domain=val,
         )
         summary: dict[str, Any] = {

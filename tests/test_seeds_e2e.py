@@ -1,0 +1,80 @@
+"""The gpu profile's shape on the tiny model through the real flow: several training seeds, early stopping on
+the validation split, every test row evaluated, intervals pooled over seeds, the first seed registered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import tiny_raw_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory, tiny_model_dir: Path):
+    from flows.pipeline import moa_pipeline
+
+    root = tmp_path_factory.mktemp("seeds")
+    raw = tiny_raw_params(tiny_model_dir)
+    gpu = dict(raw["profiles"]["gpu"])
+    # the gpu profile's keys, at a CPU budget: 2 seeds, early stopping, every test row
+    gpu["curate"] = {"max_rows": 40}
+    gpu["train"] = {**gpu["train"], "precision": "bf16", "batch_size": 4, "max_length": 64, "epochs": 1.0,
+                    "eval_every": 2, "patience": 2, "val_rows": 4, "seeds": [3, 4], "lr": 0.001, "joint_lr": 0.0005}
+    gpu["evaluate"] = {**gpu["evaluate"], "max_new_tokens": 4, "batch_size": 16, "bootstrap": 200}
+    raw["profiles"]["seeds"] = gpu
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root, moa_pipeline(params=str(root / "params.yaml"), profile="seeds")
+
+
+def test_each_seed_trains_and_evaluates_in_its_own_folders(seeds_run):
+    root, result = seeds_run
+    for seed in (3, 4):
+        assert (root / f"models/seed-{seed}/mixture/moa/mixture.safetensors").exists()
+        assert (root / f"models/seed-{seed}/experts/code/adapter_model.safetensors").exists()
+        ev = json.loads((root / f"metrics/seed-{seed}/eval.json").read_text())
+        assert set(ev) >= {"base", "single-lora", "lora-mixed", "moa"}
+        expert = json.loads((root / f"metrics/seed-{seed}/train_expert_code.json").read_text())
+        assert 0 <= expert["best_step"] <= expert["steps_run"] <= expert["steps"]  # early stopping ran
+        rows = json.loads((root / f"metrics/seed-{seed}/eval_rows.json").read_text())
+        test_rows = sum(1 for _ in (root / "data/curated/finance/test.jsonl").open())
+        assert len(rows["moa"]["finance"]["rougeL"]) == test_rows  # max_samples 0: every test row generated
+    # the two seeds trained differently
+    a, b = (json.loads((root / f"metrics/seed-{s}/eval.json").read_text())["moa"]["avg_ppl"] for s in (3, 4))
+    assert a != b
+
+
+def test_intervals_pool_the_seeds_and_compare_paired(seeds_run):
+    root, result = seeds_run
+    comp = json.loads((root / "metrics/eval_intervals.json").read_text())
+    assert comp["seeds"] == 2 and comp["reference"] == "moa"
+    moa = comp["systems"]["moa"]
+    avg = moa["ppl"]["avg"]
+    assert len(avg["per_seed"]) == 2
+    assert avg["value"] == pytest.approx(sum(avg["per_seed"]) / 2)
+    assert avg["low"] <= avg["value"] <= avg["high"]
+    assert comp["systems"]["lora-mixed"]["vs_reference"]["ppl"]["verdict"] in ("ahead", "behind", "within noise")
+    assert "moa − this" in (root / "reports/eval_intervals.md").read_text()
+    assert result["registered"]["version"] == "1"
+
+
+def test_mlflow_has_per_seed_and_pooled_runs(seeds_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    root, result = seeds_run
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns/mlflow.db'}")
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  max_results=200)
+    names = {r.info.run_name for r in children}
+    assert {"evaluate [seed 3]", "evaluate [seed 4]", "train_expert:code [seed 3]", "intervals"} <= names
+    pooled = next(r for r in children if r.info.run_name == "intervals")
+    assert pooled.data.metrics["moa.avg_ppl_low"] <= pooled.data.metrics["moa.avg_ppl"] <= pooled.data.metrics["moa.avg_ppl_high"]
+    expert = next(r for r in children if r.info.run_name == "train_expert:code [seed 3]")
+    assert client.get_metric_history(expert.info.run_id, "val/val_loss")

@@ -62,10 +62,14 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
                                  parent_run_id=parent.info.run_id)
                 experts = []
             else:
-                experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
-                upstream = list(experts)
-                if "mixed" in cfg.evaluate.baselines:
-                    upstream.append(train_mixed_task.submit(sctx))
+                # experts_from: mixed -> every expert starts from the LoRA-mixed adapter, so that one trains first
+                if cfg.train.experts_from == "mixed":
+                    mixed = [train_mixed_task.submit(sctx)]
+                    experts = [train_expert_task.submit(sctx, d, wait_for=mixed) for d in cfg.domain_names]
+                else:
+                    experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
+                    mixed = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
+                upstream = list(experts) + mixed
             router = train_router_task.submit(sctx, name=cfg.method, wait_for=experts if cfg.method == "moa" else [])
             upstream.append(router)
             if "moa_no_routing_loss" in cfg.evaluate.baselines:

@@ -131,6 +131,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: bfloat16 autocast for training and evaluation on CUDA (weights and optimizer "
                             "stay float32); ignored on the CPU")
+    experts_from: Literal["base", "mixed"] = Field(
+        "base", description="stage-1 experts start from fresh LoRA weights (base) or from the trained LoRA-mixed "
+                            "adapter, then specialise on their domain (mixed; the experts then wait for train_mixed)")
     epochs: float | None = Field(
         None, gt=0, le=100, description="when set, every stage's step budget is epochs x its training rows / batch_size "
                                         "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")

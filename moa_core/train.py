@@ -273,18 +273,29 @@ def _val_encoded(tokenizer: Any, val_by_domain: list[list[Any]] | None, cfg: MoA
 def train_peft_lora(
     base: nn.Module, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, steps: int,
     out_dir: Path, ckpt_dir: Path | None = None, on_log: LogFn | None = None, fingerprint: str = "",
-    dp: DataParallel | None = None, val_by_domain: list[list[Any]] | None = None,
+    dp: DataParallel | None = None, val_by_domain: list[list[Any]] | None = None, init_from: Path | None = None,
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
     batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically
     (rank 0 only when `dp` spreads the batches over several processes). `steps` is replaced by
-    `train.epochs` when set; `val_by_domain` (same domains) enables early stopping when `train.eval_every` > 0."""
+    `train.epochs` when set; `val_by_domain` (same domains) enables early stopping when `train.eval_every` > 0.
+    `init_from`: a trained adapter (same lora settings) whose weights the LoRA starts from (train.experts_from: mixed)."""
     torch.manual_seed(cfg.train.seed)
     steps = cfg.train.step_budget(steps, sum(len(r) for r in records_by_domain))
-    peft_model = get_peft_model(base, PeftLoraConfig(
+    peft_cfg = PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
-    ))
+    )
+    if init_from is not None:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(base, str(init_from), is_trainable=True)
+        got = peft_model.peft_config["default"]
+        if (got.r, got.lora_alpha, set(got.target_modules)) != (peft_cfg.r, peft_cfg.lora_alpha, set(peft_cfg.target_modules)):
+            raise ValueError(f"{init_from} was trained with other lora settings (r={got.r}, alpha={got.lora_alpha}, "
+                             f"targets={sorted(got.target_modules)}); retrain it with the current lora section")
+    else:
+        peft_model = get_peft_model(base, peft_cfg)
     peft_model.train()
     encoded = encode_domains(tokenizer, records_by_domain, cfg.train.max_length)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -39,25 +40,32 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
 
 
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
-           metrics_name: str) -> dict[str, Any]:
+           metrics_name: str, init_from: Path | None = None) -> dict[str, Any]:
     records = [ctx.split(d, "train") for d in domains]
     val = [ctx.split(d, "val") for d in domains]
     steps = ctx.cfg.train.step_budget(steps, sum(len(r) for r in records))
     fp = fingerprint(ctx, "base_model", "lora", "train", domains=domains)
+    if init_from is not None:
+        if not (init_from / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(f"{init_from} is missing: train.experts_from is 'mixed', so train the LoRA-mixed "
+                                    "adapter first (moa stage train-mixed)")
+        fp += "-" + hashlib.sha256((init_from / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
     with TORCH_LOCK, data_parallel_group() as dp:
         world = dp.world_size if dp else 1
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
-            train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp, val_by_domain=val)
+            train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp, val_by_domain=val,
+                            init_from=init_from)
             return {"rank": dp.rank}
         with stage_run(ctx, run_name):
             mlflow.set_tag("base_model", model_id)
             mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
+                               "init_from": str(init_from) if init_from else "fresh",
                                "ddp_world_size": world,
                                **{f"lora.{k}": v for k, v in ctx.cfg.lora.model_dump().items()},
                                **{f"train.{k}": v for k, v in ctx.cfg.train.model_dump().items()}})
             result = train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt,
-                                     progress(run_name, steps), fp, dp=dp, val_by_domain=val)
+                                     progress(run_name, steps), fp, dp=dp, val_by_domain=val, init_from=init_from)
             summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", world)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
     return summary
@@ -67,7 +75,8 @@ def run_train_expert(ctx: StageContext, domain: str) -> dict[str, Any]:
     """Stage 1 for one domain -> models/experts/<domain>/ (PEFT adapter, safetensors)."""
     lay = ctx.layout
     return _train(ctx, [domain], ctx.cfg.train.expert_steps, lay.expert(domain), lay.checkpoints / f"expert-{domain}",
-                  f"train_expert:{domain}", f"train_expert_{domain}")
+                  f"train_expert:{domain}", f"train_expert_{domain}",
+                  init_from=lay.mixed if ctx.cfg.train.experts_from == "mixed" else None)
 
 
 def run_train_mixed(ctx: StageContext) -> dict[str, Any]:

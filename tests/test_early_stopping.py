@@ -124,3 +124,19 @@ def test_moa_stage_two_never_ends_worse_on_validation_than_its_stage_one_experts
     again = validation_loss(lambda b: token_nll(mm(b["input_ids"], b["attention_mask"], expert=b["expert"]).logits, b["labels"]),
                             enc, cfg.train.batch_size, tiny_tok.pad_token_id, torch.device("cpu"))
     assert again == pytest.approx(joint.best_val_loss, rel=1e-5)
+
+
+def test_an_expert_can_start_from_the_mixed_adapter(tiny_model_dir, tiny_tok, tiny_cfg, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    recs = toy_records(2, 8)
+    train_peft_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_tok, recs, tiny_cfg, 3, tmp_path / "mixed")
+    # with a vanishing rate the expert stays where it started: at the mixed adapter, not at a fresh LoRA
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"lr": 1e-9, "warmup_fraction": 0.0})})
+    train_peft_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_tok, [recs[0]], cfg, 1, tmp_path / "e",
+                    init_from=tmp_path / "mixed")
+    mixed, expert = load_file(tmp_path / "mixed/adapter_model.safetensors"), load_file(tmp_path / "e/adapter_model.safetensors")
+    assert mixed.keys() == expert.keys()
+    assert all(torch.allclose(mixed[k], expert[k], atol=1e-6) for k in mixed)  # started there (lr ~ 0)
+    assert any(mixed[k].abs().sum() > 0 for k in mixed if "lora_B" in k)  # a trained B, not zeros equal to zeros

@@ -323,14 +323,17 @@ def _explain(err: ValidationError, source: str) -> str:
 
 
 def parse_config(raw: dict[str, Any], source: str = "params.yaml", profile: str | None = None) -> MoAConfig:
-    """Validate a raw mapping. `profile` merges `profiles.<name>` over the top level (e.g. `quick`)."""
+    """Validate a raw mapping. `profile` merges `profiles.<name>` over the top level (e.g. `quick`); several
+    names separated by commas merge in order (`gpu,from_mixed`: the gpu profile, then from_mixed over it)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping at the top level")
-    if profile:
+    for name in (profile or "").split(","):
+        if not name.strip():
+            continue
         profiles = raw.get("profiles") or {}
-        if profile not in profiles:
-            raise ConfigError(f"profile {profile!r} not found under 'profiles' in {source}; have {sorted(profiles)}")
-        raw = _deep_merge(raw, profiles[profile])
+        if name.strip() not in profiles:
+            raise ConfigError(f"profile {name.strip()!r} not found under 'profiles' in {source}; have {sorted(profiles)}")
+        raw = _deep_merge(raw, profiles[name.strip()])
     try:
         return MoAConfig.model_validate(raw)
     except ValidationError as err:

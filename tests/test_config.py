@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tiny_raw_params
 from moa_core.base_model import BaseModelError, resolve_base_path
 from moa_core.config import BaseModelConfig, ConfigError, load_config, parse_config
 
@@ -114,3 +114,14 @@ def test_prefect_retries_only_what_a_retry_can_fix():
         assert _retryable(None, None, Failed(permanent)) is False, permanent
     for transient in (ConnectionError("sqlite busy"), TimeoutError("slow disk"), OSError(28, "No space left")):
         assert _retryable(None, None, Failed(transient)) is True, transient
+
+
+def test_profiles_compose_in_order(tiny_model_dir):
+    from moa_core.config import ConfigError, parse_config
+
+    raw = tiny_raw_params(tiny_model_dir)
+    cfg = parse_config(raw, profile="gpu,from_mixed")
+    assert cfg.train.experts_from == "mixed" and cfg.train.seeds == [0, 1, 2] and cfg.train.precision == "bf16"
+    assert parse_config(raw, profile="gpu").train.experts_from == "base"
+    with pytest.raises(ConfigError, match="'nope' not found"):
+        parse_config(raw, profile="gpu,nope")

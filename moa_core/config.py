@@ -139,6 +139,8 @@ class TrainConfig(_Strict):
                                         "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps with early stopping; 0 = off")
     patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="early stopping: a validation loss must beat the best by more "
+                                                     "than this (nats) to count as an improvement")
     val_rows: int = Field(0, ge=0, description="validation rows per domain for early stopping; 0 = all")
     seeds: list[int] = Field(default_factory=list,
                              description="train and evaluate once per seed (intervals pool them); empty = [seed]")

@@ -54,7 +54,8 @@ class TrainResult:
 
     @property
     def best_val_loss(self) -> float | None:
-        return min((v["val_loss"] for v in self.val_history), default=None)
+        """The validation loss of the kept step."""
+        return next((v["val_loss"] for v in self.val_history if v["step"] == self.best_step), None)
 
     @property
     def final_loss(self) -> float:
@@ -155,7 +156,7 @@ def train_loop(
             val = dp.mean(val)
         prev = result.best_val_loss
         result.val_history.append({"step": float(done), "val_loss": val})
-        if prev is None or val < prev:
+        if prev is None or val < prev - cfg.min_delta:
             best, result.best_step = snapshot(), done
         if on_log and main:
             on_log(done, {"step": float(done), "val_loss": val, "best_step": float(result.best_step or 0)})

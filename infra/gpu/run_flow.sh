@@ -14,6 +14,8 @@
 #   bash infra/gpu/run_flow.sh stage                     copy/install whatever this call carries (.whl, .gg1, .gg2, .gpu)
 #   bash infra/gpu/run_flow.sh run [PROFILE] [ARGS...]   stage what this call carries, check every piece is there,
 #                                                        assemble the GGUF, run `moa run --profile PROFILE ARGS...`
+#   bash infra/gpu/run_flow.sh seeds [PROFILE] [N]      N flows side by side on the GPU, one per seed (train.seeds
+#                                                        = [k]), in copies of the checkout; pool: infra/gpu/pool_seeds.py
 #   bash infra/gpu/run_flow.sh local [PROFILE] [ARGS...] the same run with this interpreter's own packages (no kit)
 #
 # PROFILE defaults to gpu; `default` runs params.yaml without a profile.
@@ -308,6 +310,39 @@ run_moa() {
   return "$rc"
 }
 
+# One flow per seed, side by side on the one GPU (each run is host-bound, so three share a GPU well), each in its
+# own copy of the checkout with train.seeds = [K]; their results are pooled afterwards by infra/gpu/pool_seeds.py.
+run_seeds() {
+  local profile=${1:-gpu} n=${2:-3} k pids=() rc=0 wrap=()
+  if [ "$TIME_LIMIT" -gt 0 ]; then
+    wrap=(timeout --signal=INT --kill-after=15 $((TIME_LIMIT - (SECONDS - START) - 40)))
+  fi
+  for k in $(seq 0 $((n - 1))); do
+    local dir=$STAGE/seed-$k
+    rm -rf "$dir" && mkdir -p "$dir"
+    (cd "$ROOT" && git ls-files -z | xargs -0 cp --parents -t "$dir")
+    "$PYTHON" -c 'import sys, yaml
+path, profile, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+raw = yaml.safe_load(open(path))
+train = raw["profiles"][profile].setdefault("train", {})
+train["seeds"], train["num_threads"] = [seed], 4
+open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" "$profile" "$k"
+    ( cd "$dir" && export PREFECT_HOME=$dir/.prefect PYTHONPATH=$dir:$SITE:$DATA &&
+      ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >"$OUT/run-seed$k.log" 2>&1 ) &
+    pids+=($!)
+    say "seed $k: flow started in $dir (log run-seed$k.log)"
+  done
+  for k in "${!pids[@]}"; do wait "${pids[$k]}" || { say "seed $k exited with an error"; rc=1; }; done
+  local list=$OUT/.files
+  for k in $(seq 0 $((n - 1))); do
+    (cd "$STAGE" && { find "seed-$k/metrics" "seed-$k/reports" -type f 2>/dev/null; find "seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null; })
+  done >"$list"
+  tar -czf "$OUT/results.tar.gz" -C "$STAGE" -T "$list"
+  rm -f "$list"
+  say "results in $OUT/results.tar.gz; exit $rc after $((SECONDS - START)) s"
+  return $rc
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in stage*|run|local) mkdir -p "$OUT" ;; esac
@@ -326,6 +361,14 @@ case "$cmd" in
     write_env
     require_gpu
     run_moa "$@"
+    ;;
+  seeds)
+    stage_pieces
+    assemble
+    kit_path
+    write_env
+    require_gpu
+    run_seeds "$@"
     ;;
   local)
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}

@@ -320,7 +320,10 @@ run_seeds() {
   for k in $(seq 0 $((n - 1))); do
     local dir=$STAGE/seed-$k
     rm -rf "$dir" && mkdir -p "$dir"
-    (cd "$ROOT" && git ls-files -z | xargs -0 cp --parents -t "$dir")
+    # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
+    tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
+        --exclude=./metrics --exclude=./reports --exclude=./.whl --exclude=./.gg1 --exclude=./.gg2 --exclude=./.gpu \
+        --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out -cf - . | tar -C "$dir" -xf -
     "$PYTHON" -c 'import sys, yaml
 path, profile, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 raw = yaml.safe_load(open(path))
@@ -333,9 +336,12 @@ open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" 
     say "seed $k: flow started in $dir (log run-seed$k.log)"
   done
   for k in "${!pids[@]}"; do wait "${pids[$k]}" || { say "seed $k exited with an error"; rc=1; }; done
-  local list=$OUT/.files
+  mkdir -p "$OUT"
+  local list
+  list=$(mktemp)
   for k in $(seq 0 $((n - 1))); do
-    (cd "$STAGE" && { find "seed-$k/metrics" "seed-$k/reports" -type f 2>/dev/null; find "seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null; })
+    (cd "$STAGE" && { find "seed-$k/metrics" "seed-$k/reports" -type f 2>/dev/null || true
+                      find "seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
   done >"$list"
   tar -czf "$OUT/results.tar.gz" -C "$STAGE" -T "$list"
   rm -f "$list"

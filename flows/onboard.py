@@ -70,7 +70,7 @@ def onboard_domain(domain: str, source: str, fields: dict[str, str] | None = Non
         mlflow.set_tag("prefect_flow_run_id", str(flow_run.id))
         counts = curate_new(plan)  # an empty or unreadable domain stops here
         log.info("curated %s: %s", domain, counts)
-        expert = train_new_expert(plan) if plan.method == "moa" else None
+        expert = train_new_expert(plan) if plan.recipe.needs_experts else None
         extended = extend(plan)
         evaluation = evaluate(plan)
         registered = register(plan, evaluation)

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .experts import ExpertMixtureLinear, LayerSlot, Route
-from .routing import LayerRouter, load_balance_loss, pool, top_k_gates
+from .routing import LayerRouter, Routing, load_balance_loss, pool, top_k_gates
 
 MIXTURE_WEIGHTS = "mixture.safetensors"
 MIXTURE_CONFIG = "mixture.json"
@@ -48,7 +48,8 @@ class MixtureError(ValueError):
 class MixtureSpec:
     """Everything needed to rebuild a mixture on a base model (saved as mixture.json).
 
-    routing: "sequence" (MoA top-1 per sequence), "topk" (MoSLD), "dense" (MoDULA softmax).
+    routing: a `Routing` (MoA top-1 per sequence, MoSLD top-k or MoDULA dense per token); mixture.json
+    holds its string value, which loads back as the enum.
     experts: expert names; for MoA/MoDULA these are the domains (MoDULA-Flan: "universal" first).
     experts_per_layer: number of routed experts in each transformer layer (MoSLD varies it by layer).
     """
@@ -59,7 +60,7 @@ class MixtureSpec:
     target_modules: list[str]
     r: int
     scaling: float
-    routing: str = "sequence"
+    routing: Routing = Routing.SEQUENCE
     dropout: float = 0.0
     shared_a: bool = False
     dropconnect_p: float = 0.0
@@ -72,6 +73,9 @@ class MixtureSpec:
     base_model: str = ""
     base_config_hash: str = ""
     domains: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.routing = Routing(self.routing)  # a string from mixture.json, or already the enum
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -247,7 +251,7 @@ class MixtureModel(nn.Module):
             slot.route = Route()
             return
         router = self.routers[layer]
-        if self.spec.routing == "sequence":
+        if self.spec.routing == Routing.SEQUENCE:
             logits = None
             if ctx.pool_mask is not None and ctx.pool_mask.shape[1] == h.shape[1]:
                 logits = router(pool(h, ctx.pool_mask, self.spec.pooling))  # [B, E]
@@ -264,7 +268,7 @@ class MixtureModel(nn.Module):
             slot.route = Route(index=ctx.forced)
             return
         logits = router(h)  # [B, T, E]
-        if self.spec.routing == "topk":
+        if self.spec.routing == Routing.TOPK:
             gates, probs = top_k_gates(logits, self.spec.top_k)
             if self.training and ctx.token_mask is not None:
                 ctx.balance.append(load_balance_loss(probs, gates, ctx.token_mask))
@@ -303,7 +307,7 @@ class MixtureModel(nn.Module):
         attention_mask, i.e. the prompt of a training row). `eta` weights the MoA domain cross-entropy
         (mean over layers); `balance_coef` the MoSLD balance loss (mean over layers). `num_items_in_batch`
         makes the LM loss a sum over label tokens divided by it (data-parallel training: see train_loop)."""
-        if pool_mask is None and self.spec.routing == "sequence":
+        if pool_mask is None and self.spec.routing == Routing.SEQUENCE:
             pool_mask = attention_mask if labels is None else attention_mask * (labels == -100)
         with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert,
                            pool_mask=pool_mask, token_mask=attention_mask) as ctx:
@@ -337,7 +341,7 @@ class MixtureModel(nn.Module):
         Positions are counted from each row's first real token, as `generate` counts them, so a
         left-padded prompt is routed as it was in training and its cache is the one generate would build.
         `compiled` runs the decoder through `torch.compile` (see `_run_decoder`)."""
-        if self.spec.routing != "sequence":
+        if self.spec.routing != Routing.SEQUENCE:
             raise MixtureError(f"route() is for sequence-level routing; {self.spec.method} routes per token")
         with self._routing(pool_mask=attention_mask) as ctx:
             out = self._run_decoder(input_ids, attention_mask, keep_cache, compiled)
@@ -358,7 +362,7 @@ class MixtureModel(nn.Module):
         Sequence routing decides once from the prompt and keeps the expert for every generated token.
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
         becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill."""
-        if self.spec.routing == "sequence" and expert is None and not adapters_off:
+        if self.spec.routing == Routing.SEQUENCE and expert is None and not adapters_off:
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
                 expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
                 gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .atomic import atomic_write_text
 from .methods import method_names, unknown_method_message
 
 
@@ -406,6 +406,4 @@ def add_domain_to_params(path: str | Path, name: str, entry: dict[str, Any]) -> 
     cfg = parse_config(raw, str(path))
     if name not in cfg.domain_names:
         raise ConfigError(f"could not add domain {name!r} to {path}; add it by hand")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

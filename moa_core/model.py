@@ -21,10 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_dir_write
 from .experts import ExpertMixtureLinear, LayerSlot, Route
 from .generation import RoutedGeneration, prompt_positions  # noqa: F401  (prompt_positions: public here too)
 from .routing import LayerRouter, Routing, load_balance_loss, pool, top_k_gates
@@ -401,20 +399,6 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Tensor], dict[
 
 
 # ------------------------------------------------------------------------------------ save / load
-def atomic_dir_write(target: Path, write: Any) -> None:
-    """Write a directory via a temporary sibling and an atomic rename, so a crash never leaves a half-written one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    write(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def save_mixture(mm: MixtureModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write mixture.safetensors (experts, universal expert, routers) + mixture.json (spec) atomically."""
     out = Path(out_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +24,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
 
+from .atomic import atomic_dir_write, atomic_write
 from .batching import autocast, balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .metrics import token_nll
-from .model import MixtureModel, atomic_dir_write
+from .model import MixtureModel
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"
@@ -84,10 +84,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def train_loop(

@@ -8,6 +8,7 @@ from typing import Any
 import mlflow
 
 from moa_core import metrics
+from moa_core.atomic import atomic_write_json, atomic_write_text
 from moa_core.base_model import load_base
 from moa_core.evaluate import EvalRouting, SystemEval, evaluate_system, learned_routing
 from moa_core.methods import experts_side_by_side, get_method, planned_mixtures
@@ -100,12 +101,10 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     data = metrics.results_to_json(rows)
     routed = systems[ctx.cfg.method]
     confusion = metrics.confusion_matrix(routed.gold, routed.routed, doms) if routed.routed else None
-    lay.metrics.mkdir(parents=True, exist_ok=True)
-    lay.reports.mkdir(parents=True, exist_ok=True)
-    (lay.metrics / "eval.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / "eval.json", data)
     # per test row, for the confidence intervals of `run_intervals` (several seeds pool these files)
     row_stats = {SYSTEM_LABELS.get(name, name): {d: r.to_json() for d, r in ev.rows.items()} for name, ev in systems.items()}
-    (lay.metrics / ROWS_FILE).write_text(json.dumps(row_stats))
+    atomic_write_text(lay.metrics / ROWS_FILE, json.dumps(row_stats))
     samples = "\n".join(
         f"| {s['domain']} | {s['instruction'][:80]!r} | {s['reference'][:80]!r} | {s['prediction'][:80]!r} |"
         for s in routed.samples
@@ -113,7 +112,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n"
               + (f"Router confusion (rows = gold domain, columns = routed expert, order {doms}): {confusion}\n\n" if confusion else "")
               + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
-    (lay.reports / "eval.md").write_text(report)
+    atomic_write_text(lay.reports / "eval.md", report)
     with stage_run(ctx, "evaluate"):
         flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
@@ -143,11 +142,9 @@ def run_intervals(ctx: StageContext) -> dict[str, Any]:
     comparison["seed_values"] = seeds
     table = interval_table_markdown(comparison)
     lay = ctx.layout
-    lay.metrics.mkdir(parents=True, exist_ok=True)
-    lay.reports.mkdir(parents=True, exist_ok=True)
-    (lay.metrics / "eval_intervals.json").write_text(json.dumps(comparison, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / "eval_intervals.json", comparison)
     report = f"# Evaluation with uncertainty ({ctx.cfg.method}, held-out test split, seeds {seeds})\n\n{table}"
-    (lay.reports / "eval_intervals.md").write_text(report)
+    atomic_write_text(lay.reports / "eval_intervals.md", report)
     with stage_run(ctx, "intervals"):
         flat: dict[str, float] = {}
         for name, entry in comparison["systems"].items():

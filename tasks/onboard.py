@@ -16,6 +16,7 @@ from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_dir_write
 from moa_core.base_model import load_base
 from moa_core.config import ConfigError, add_domain_to_params, load_raw, parse_config
 from moa_core.evaluate import evaluate_system, learned_routing
@@ -203,15 +204,7 @@ def run_onboard_register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[
         promote = bool(evaluation["passed"])
         set_promotion(ctx, version, promote, f"onboarding {d}: {evaluation['reason']}")
     if promote:
-        target = lay.mixture(plan.method)
-        staging = target.with_name(f".{target.name}.onboard-tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(lay.onboarded(d), staging)
-        old_copy = target.with_name(f".{target.name}.before-{d}")
-        shutil.rmtree(old_copy, ignore_errors=True)
-        target.rename(old_copy)
-        staging.rename(target)
-        shutil.rmtree(old_copy, ignore_errors=True)
+        atomic_dir_write(lay.mixture(plan.method), lambda tmp: shutil.copytree(lay.onboarded(d), tmp, dirs_exist_ok=True))
         add_domain_to_params(plan.params_path, d, plan.entry)
     return {"model": ctx.cfg.registry.model_name, "version": version, "promoted": promote,
             "reason": evaluation["reason"], "params_updated": promote, "run_id": run.info.run_id}

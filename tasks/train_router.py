@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
 from moa_core.methods import DomainData, fit_method, get_method
 from moa_core.model import save_mixture
@@ -71,7 +71,5 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
         mlflow.log_artifacts(str(out), "mixture")
     shutil.rmtree(ckpt, ignore_errors=True)
-    path = lay.metrics / f"train_router_{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / f"train_router_{name}.json", summary)
     return summary

@@ -40,7 +40,7 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
     """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
     pyfunc model, register a version, tag it."""
-    from moa_cli.pyfunc import MoAPyfunc, signature
+    from .pyfunc import MoAPyfunc, signature
 
     base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
     artifacts = {"mixture": str(mixture_dir)}

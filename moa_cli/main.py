@@ -275,10 +275,14 @@ def stage_train_mixed(params: Params = Path("params.yaml"), nproc_per_node: NPro
 
 @stage_app.command("train-router")
 def stage_train_router(params: Params = Path("params.yaml"), nproc_per_node: NProc = 1) -> None:
-    """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/."""
+    """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/, then, as the flow does,
+    the routing-loss ablation and evaluate.compare_methods where params.yaml asks for them."""
+    from moa_core.methods import planned_mixtures
     from tasks.train_router import run_train_router
 
-    _print_result(run_train_router(_train_ctx(params, "train-router", nproc_per_node)))
+    ctx = _train_ctx(params, "train-router", nproc_per_node)
+    for mix in planned_mixtures(ctx.cfg):
+        _print_result(run_train_router(ctx, method=mix.method, eta=mix.eta, name=mix.name))
 
 
 @stage_app.command("evaluate")

@@ -61,6 +61,13 @@ def test_repro_then_noop_then_one_domain(dvc_project):
     again = _run([dvc, "repro"], root, env)
     assert _ran(again) == set(), again
 
+    # a stage-2 key re-runs the router stage and what reads its mixture, not curation or the experts
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"]["joint_lr"] = raw["train"]["joint_lr"] * 2
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    joint = _ran(_run([dvc, "repro"], root, env))
+    assert "train_router" in joint and joint <= {"train_router", "evaluate", "register"}, joint
+
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["domains"]["code"]["description"] = "changed description"
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

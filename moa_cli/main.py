@@ -291,6 +291,16 @@ def stage_evaluate(params: Params = Path("params.yaml")) -> None:
     _evaluate(params, None, "evaluate")
 
 
+@stage_app.command("intervals")
+def stage_intervals(params: Params = Path("params.yaml")) -> None:
+    """95 % bootstrap intervals over the test rows (every seed of train.seeds) -> metrics/eval_intervals.json,
+    reports/eval_intervals.md."""
+    from tasks.evaluate import run_intervals
+
+    result = run_intervals(_stage_ctx(params, "intervals"))
+    print(result["table"])  # plain print: a markdown table must not be re-wrapped
+
+
 @stage_app.command("register")
 def stage_register(params: Params = Path("params.yaml")) -> None:
     """Register the mixture in the MLflow Model Registry; move @champion only if not worse."""

@@ -50,5 +50,6 @@ register_task = task(run_register, name="register", retries=2, retry_delay_secon
 # and the flow's task runs to this list, so the two definitions cannot drift apart.
 PIPELINE_STAGES: dict[str, Any] = {
     "curate": curate_task, "train_expert": train_expert_task, "train_mixed": train_mixed_task,
-    "train_router": train_router_task, "evaluate": evaluate_task, "register": register_task,
+    "train_router": train_router_task, "evaluate": evaluate_task, "intervals": intervals_task,
+    "register": register_task,
 }

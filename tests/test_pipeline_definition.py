@@ -51,3 +51,17 @@ def test_stage_two_keys_do_not_retrain_the_experts():
         assert "train" not in params and not {"train.joint_lr", "train.joint_steps", "router"} & set(params), name
     for name, stage in stages.items():
         assert not runtime & set(_params(stage)), name
+
+
+def test_every_param_dvc_reads_is_written_in_params_yaml():
+    """DVC refuses to run a stage whose params are missing from params.yaml (a default in config.py is not
+    enough): every key dvc.yaml lists is there."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in _dvc().items():
+        for key in _params(stage):
+            if "${" in key:  # domains.${key}: one per domain, present by construction
+                continue
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params.yaml has no {key}"
+                node = node[part]

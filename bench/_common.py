@@ -44,8 +44,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0),
 }
 
-try:  # moa_core.train -> moa_core.config -> pydantic
-    from moa_core.train import spec_from_config as _spec_from_config  # noqa: F401
+try:  # moa_core.config -> pydantic
     from moa_core.config import TrainConfig, parse_config
     HAVE_TRAIN = True
     TRAIN_IMPORT_ERROR = ""
@@ -92,13 +91,13 @@ def clone(model: nn.Module) -> nn.Module:
 
 
 def moa_spec(base: nn.Module, n_experts: int, dropout: float = 0.0):
-    """The MoA MixtureSpec for `n_experts` domains: through moa_core.train.spec_from_config (the pipeline's
+    """The MoA MixtureSpec for `n_experts` domains: through moa_core.methods.spec_from_config (the pipeline's
     own path) when pydantic is there, else the same fields by hand."""
     from moa_core.model import MixtureSpec, base_config_hash, decoder_layers
 
     names = [f"d{k}" for k in range(n_experts)]
     if HAVE_TRAIN:
-        from moa_core.train import spec_from_config
+        from moa_core.methods import spec_from_config
 
         raw = {"domains": {n: {"source": {"kind": "builtin", "name": "humaneval"}} for n in names},
                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": dropout, "target_modules": TARGETS}}

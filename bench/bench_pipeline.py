@@ -62,6 +62,7 @@ def make_project(tmp: Path, model_dir: Path, name: str, max_rows: int, threads: 
 
 def run_direct(params: Path, profile: str) -> dict[str, Any]:
     """The flow's stage sequence, as plain function calls; returns per-stage seconds."""
+    from moa_core.methods import planned_mixtures
     from tasks.common import StageContext, configure_env, set_torch_threads
     from tasks.curate import run_curate
     from tasks.evaluate import run_evaluate
@@ -87,11 +88,8 @@ def run_direct(params: Path, profile: str) -> dict[str, Any]:
         stage("train_expert", run_train_expert, ctx, d)
     if "mixed" in cfg.evaluate.baselines:
         stage("train_mixed", run_train_mixed, ctx)
-    stage("train_router", run_train_router, ctx, name=cfg.method)
-    if "moa_no_routing_loss" in cfg.evaluate.baselines:
-        stage("train_router", run_train_router, ctx, method="moa", eta=0.0, name="moa-no-routing-loss")
-    for other in dict.fromkeys(m for m in getattr(cfg.evaluate, "compare_methods", []) if m != cfg.method):
-        stage("train_router", run_train_router, ctx, method=other, name=other)
+    for mix in planned_mixtures(cfg):
+        stage("train_router", run_train_router, ctx, method=mix.method, eta=mix.eta, name=mix.name)
     stage("evaluate", run_evaluate, ctx)
     reg = stage("register", run_register, ctx)
     return {"stages_s": stages, "registered_version": reg.get("version")}

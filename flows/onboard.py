@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from moa_core.atomic import atomic_write_json
 from tasks.common import configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads
 from tasks.curate import run_curate
 from tasks.onboard import (
@@ -70,7 +71,7 @@ def onboard_domain(domain: str, source: str, fields: dict[str, str] | None = Non
         mlflow.set_tag("prefect_flow_run_id", str(flow_run.id))
         counts = curate_new(plan)  # an empty or unreadable domain stops here
         log.info("curated %s: %s", domain, counts)
-        expert = train_new_expert(plan) if plan.method == "moa" else None
+        expert = train_new_expert(plan) if plan.recipe.needs_experts else None
         extended = extend(plan)
         evaluation = evaluate(plan)
         registered = register(plan, evaluation)
@@ -79,9 +80,7 @@ def onboard_domain(domain: str, source: str, fields: dict[str, str] | None = Non
         result = {"domain": domain, "counts": counts, "extend": extended, "evaluation": evaluation,
                   "registered": registered, "cost": cost, "mlflow_run_id": parent.info.run_id,
                   "flow_run_id": str(flow_run.id)}
-        out = plan.new.layout.metrics / f"onboard_{domain}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        out = atomic_write_json(plan.new.layout.metrics / f"onboard_{domain}.json", result, default=str)
         mlflow.log_artifact(str(out))
     log.info("%s: %s; registered version %s (promoted: %s)", domain, evaluation["reason"], registered["version"],
              registered["promoted"])

@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import dispatch_experts
 from moa_core.config import ConfigError
+from moa_core.methods import planned_mixtures
 from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, intervals_task, register_task, train_expert_task, train_mixed_task, train_router_task,
@@ -70,14 +71,9 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
                     experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
                     mixed = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
                 upstream = list(experts) + mixed
-            router = train_router_task.submit(sctx, name=cfg.method, wait_for=experts if cfg.method == "moa" else [])
-            upstream.append(router)
-            if "moa_no_routing_loss" in cfg.evaluate.baselines:
-                upstream.append(train_router_task.submit(sctx, method="moa", eta=0.0, name="moa-no-routing-loss",
-                                                         wait_for=experts))
-            for other in dict.fromkeys(m for m in cfg.evaluate.compare_methods if m != cfg.method):
-                upstream.append(train_router_task.submit(sctx, method=other, name=other,
-                                                         wait_for=experts if other == "moa" else []))
+            for mix in planned_mixtures(cfg):  # the method, the routing-loss ablation, compare_methods
+                upstream.append(train_router_task.submit(sctx, method=mix.method, eta=mix.eta, name=mix.name,
+                                                         wait_for=experts if mix.needs_experts else []))
             evaluations.append(evaluate_task.submit(sctx, wait_for=upstream))
         intervals = intervals_task.submit(ctx, wait_for=evaluations)
         evaluation = evaluations[0]

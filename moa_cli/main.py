@@ -275,16 +275,30 @@ def stage_train_mixed(params: Params = Path("params.yaml"), nproc_per_node: NPro
 
 @stage_app.command("train-router")
 def stage_train_router(params: Params = Path("params.yaml"), nproc_per_node: NProc = 1) -> None:
-    """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/."""
+    """The method's mixture (MoA stage 2 / MoSLD / MoDULA) -> models/mixture/<method>/, then, as the flow does,
+    the routing-loss ablation and evaluate.compare_methods where params.yaml asks for them."""
+    from moa_core.methods import planned_mixtures
     from tasks.train_router import run_train_router
 
-    _print_result(run_train_router(_train_ctx(params, "train-router", nproc_per_node)))
+    ctx = _train_ctx(params, "train-router", nproc_per_node)
+    for mix in planned_mixtures(ctx.cfg):
+        _print_result(run_train_router(ctx, method=mix.method, eta=mix.eta, name=mix.name))
 
 
 @stage_app.command("evaluate")
 def stage_evaluate(params: Params = Path("params.yaml")) -> None:
     """Evaluate every system on the test split -> metrics/eval.json, reports/eval.md (`moa evaluate`, as DVC runs it)."""
     _evaluate(params, None, "evaluate")
+
+
+@stage_app.command("intervals")
+def stage_intervals(params: Params = Path("params.yaml")) -> None:
+    """95 % bootstrap intervals over the test rows (every seed of train.seeds) -> metrics/eval_intervals.json,
+    reports/eval_intervals.md."""
+    from tasks.evaluate import run_intervals
+
+    result = run_intervals(_stage_ctx(params, "intervals"))
+    print(result["table"])  # plain print: a markdown table must not be re-wrapped
 
 
 @stage_app.command("register")

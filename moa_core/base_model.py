@@ -9,9 +9,6 @@ wheel.
 from __future__ import annotations
 
 import importlib.metadata as md
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from torch import nn
 # from several task threads at once ("cannot import name 'AutoModelForCausalLM'" otherwise).
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .atomic import atomic_dir_write
 from .config import BaseModelConfig
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -96,14 +94,12 @@ def convert_smollm2(target: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = SMOLLM2_ID
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return atomic_dir_write(target, write)
 
 
 def resolve_base_path(cfg: BaseModelConfig, root: Path) -> tuple[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,10 +15,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["moa", "mosld", "modula-flan", "modula-res"]
-METHODS: tuple[str, ...] = ("moa", "mosld", "modula-flan", "modula-res")
+from .atomic import atomic_write_text
+from .methods import method_names, unknown_method_message
+
 
 _DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _check_method(name: str) -> str:
+    """A method name params.yaml may use: one in the method registry (built-in or registered by the user)."""
+    if name not in method_names():
+        raise ValueError(unknown_method_message(name))
+    return name
 
 
 class ConfigError(ValueError):
@@ -200,8 +207,15 @@ class EvalConfig(_Strict):
     baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss"]] = Field(
         default_factory=lambda: ["base", "single", "mixed"]
     )
-    compare_methods: list[Method] = Field(
+    compare_methods: list[str] = Field(
         default_factory=list, description="more methods trained and evaluated beside `method` (not registered)")
+
+    @field_validator("compare_methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_method(name)
+        return v
 
 
 class RegistryConfig(_Strict):
@@ -231,7 +245,7 @@ class TrackingConfig(_Strict):
 class MoAConfig(_Strict):
     """Root of `params.yaml`."""
 
-    method: Method = "moa"
+    method: str = Field("moa", description="a registered mixture method (moa_core.methods)")
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     domains: list[DomainConfig]
     curate: CurateConfig = Field(default_factory=CurateConfig)
@@ -245,6 +259,11 @@ class MoAConfig(_Strict):
     onboard: OnboardConfig = Field(default_factory=OnboardConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _check_method(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -389,6 +408,4 @@ def add_domain_to_params(path: str | Path, name: str, entry: dict[str, Any]) -> 
     cfg = parse_config(raw, str(path))
     if name not in cfg.domain_names:
         raise ConfigError(f"could not add domain {name!r} to {path}; add it by hand")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

@@ -1,11 +1,12 @@
 """Evaluating one system (a mixture with a routing rule) on the held-out test split of every domain.
 
-A "system" is a `MixtureModel` plus how its expert is chosen:
-- "off":    adapters off, i.e. the base model;
-- "gold":   each row's own domain expert (Single-LoRA, label known; the MoA paper's oracle row);
-- int k:    expert k for every row (LoRA-mixed: a one-expert mixture);
-- "router": MoA inference: the router decides once per prompt, the label is unknown;
-- "token":  token-level routers (MoSLD, MoDULA) decide per token.
+A "system" is a `MixtureModel` plus how its expert is chosen (an `EvalRouting`, or an int):
+- OFF:    adapters off, i.e. the base model;
+- GOLD:   each row's own domain expert (Single-LoRA, label known; the MoA paper's oracle row);
+- int k:  expert k for every row (LoRA-mixed: a one-expert mixture);
+- ROUTER: MoA inference: the router decides once per prompt, the label is unknown;
+- TOKEN:  token-level routers (MoSLD, MoDULA) decide per token.
+`learned_routing(spec)` is the one a trained mixture answers unlabeled prompts with (ROUTER or TOKEN).
 
 Per domain: perplexity of the response given the prompt over the whole test split, and BLEU/ROUGE-L
 of greedy generations on the first `evaluate.max_samples` test rows.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -23,10 +25,21 @@ from torch import Tensor
 from . import metrics
 from .batching import autocast, collate, encode, encode_prompt, to_device
 from .config import MoAConfig
-from .model import MixtureModel
+from .model import MixtureModel, MixtureSpec
+from .routing import Routing
 from .stats import RowStats
 
-Routing = str | int
+
+class EvalRouting(StrEnum):
+    OFF = "off"
+    GOLD = "gold"
+    ROUTER = "router"
+    TOKEN = "token"
+
+
+def learned_routing(spec: MixtureSpec) -> EvalRouting:
+    """How a trained mixture routes a prompt whose domain is unknown: its sequence router, or per token."""
+    return EvalRouting.ROUTER if spec.routing == Routing.SEQUENCE else EvalRouting.TOKEN
 
 
 @dataclass
@@ -52,12 +65,12 @@ def _on(mm: MixtureModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], routing: Routing, domain_idx: int,
+def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], routing: EvalRouting | int, domain_idx: int,
                 batch_size: int) -> list[int] | None:
-    """Expert index per row, or None for "off"/"token"."""
-    if routing in ("off", "token"):
+    """Expert index per row, or None for OFF/TOKEN."""
+    if routing in (EvalRouting.OFF, EvalRouting.TOKEN):
         return None
-    if routing == "gold":
+    if routing == EvalRouting.GOLD:
         return [domain_idx] * len(prompts)
     if isinstance(routing, int):
         return [routing] * len(prompts)
@@ -70,7 +83,7 @@ def _route_rows(mm: MixtureModel, tokenizer: Any, prompts: list[list[int]], rout
 
 
 def evaluate_system(
-    mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, list[Any]], cfg: MoAConfig, routing: Routing,
+    mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, list[Any]], cfg: MoAConfig, routing: EvalRouting | int,
     progress: Callable[[str], None] | None = None,
 ) -> SystemEval:
     with torch.no_grad(), autocast(cfg.train, next(mm.model.parameters()).device):
@@ -85,21 +98,21 @@ def _evaluate_system(
     ev = cfg.evaluate
     max_len = cfg.train.max_length
     result = SystemEval(per_domain={})
-    off = routing == "off"
+    off = routing == EvalRouting.OFF
     for name, records in test_by_domain.items():
         if progress:
             progress(name)
         dom_idx = mm.spec.experts.index(name) if name in mm.spec.experts else -1
-        if routing == "gold" and dom_idx < 0:
+        if routing == EvalRouting.GOLD and dom_idx < 0:
             raise ValueError(f"domain {name!r} has no expert in this mixture ({mm.spec.experts})")
         prompts = [encode_prompt(tokenizer, _field(r, "instruction"), max_len) for r in records]
         experts = _route_rows(mm, tokenizer, prompts, routing, dom_idx, ev.batch_size)
-        if routing == "router" and experts is not None:
+        if routing == EvalRouting.ROUTER and experts is not None:
             result.gold += [name] * len(records)
             result.routed += [mm.spec.experts[e] for e in experts]
         # perplexity of the response given the prompt
         row_stats = RowStats()
-        if routing == "router" and experts is not None:
+        if routing == EvalRouting.ROUTER and experts is not None:
             row_stats.routed_ok = [float(e == dom_idx) for e in experts]
         enc = [encode(tokenizer, r, max_len) for r in records]
         for i in range(0, len(enc), ev.batch_size):

@@ -1,11 +1,9 @@
 """Adding one domain to a trained mixture without retraining the others, and the regression gate.
 
-MoA (paper, section "new domain"): the new domain's stage-1 LoRA becomes one more expert; a short joint
-stage then trains that expert and every layer's router on the balanced mix of all domains, gold-routed,
-with LM + eta * CE(router, domain). The old experts' slices get zero gradients, so they stay bit-identical.
-MoDULA (paper, stage 2 then 3): the new domain expert is trained alone with the universal expert frozen,
-then the routers alone. MoSLD shares one A across experts, so a new expert would move the old ones: it is
-refused with the command that retrains instead.
+`extend_mixture` does what every method shares: refuse a method that cannot be extended (with the command
+that retrains instead), append one expert slot, hash the old experts, and check after training that they
+are bit-identical. What is trained in between is the method's own recipe (`MixtureMethod.extend` in
+moa_core.methods: MoA's short joint stage, MoDULA's stages 2 and 3 for the new domain).
 """
 
 from __future__ import annotations
@@ -14,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import MoAConfig
+from .methods import DomainData, StageRun, get_method, onboardable_methods
 from .model import MixtureModel
-from .train import LogFn, TrainResult, phase_helpers, train_mixture
+from .train import LogFn, TrainResult
 
-ONBOARDABLE = ("moa", "modula-flan", "modula-res")
 LOWER_IS_BETTER = {"ppl": True, "bleu": False, "rougeL": False}
 
 
@@ -41,12 +37,9 @@ class ExtendResult:
 
 
 def check_onboardable(mm: MixtureModel, old_domains: list[str], new_domain: str) -> None:
-    method = mm.spec.method
-    if method not in ONBOARDABLE:
-        raise OnboardError(
-            f"method {method!r} cannot add a domain without retraining: its experts share one A matrix per layer. "
-            f"Add the domain to params.yaml and retrain with `moa run` (or switch `method` to one of {ONBOARDABLE})."
-        )
+    method = get_method(mm.spec.method)
+    if not method.onboardable:
+        raise OnboardError(not_onboardable_message(method.name))
     have = list(mm.spec.domains)
     if have != list(old_domains):
         raise OnboardError(
@@ -57,49 +50,35 @@ def check_onboardable(mm: MixtureModel, old_domains: list[str], new_domain: str)
         raise OnboardError(f"domain {new_domain!r} already has an expert in the mixture; pick another name")
 
 
+def not_onboardable_message(method: str) -> str:
+    return (f"method {method!r} cannot add a domain without retraining: {get_method(method).why_not_onboardable}. "
+            f"Add the domain to params.yaml and retrain with `moa run` (or switch `method` to one of "
+            f"{onboardable_methods()}).")
+
+
 def extend_mixture(
-    mm: MixtureModel, cfg: MoAConfig, tokenizer: Any, domain: str, train_by_domain: list[list[Any]],
+    mm: MixtureModel, cfg: MoAConfig, tokenizer: Any, domain: str, data: DomainData | list[list[Any]],
     adapter_dir: str | Path | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
     fingerprint: str = "",
 ) -> ExtendResult:
     """Add `domain` as one more expert of `mm` and update the routers; returns what was trained.
 
-    train_by_domain: train records of every domain in mixture order, the new domain last.
-    adapter_dir: MoA only, the new domain's stage-1 PEFT adapter.
+    data: records of every domain in mixture order, the new domain last (a list of train records per
+    domain, or a DomainData with the validation records too).
+    adapter_dir: the new domain's stage-1 PEFT adapter (methods that `needs_experts`).
     Raises OnboardError before training when the method cannot be extended, and RuntimeError if an old
     expert changed (it would be a bug: the check is the guarantee the issue asks for)."""
     old = list(mm.spec.domains)
     check_onboardable(mm, old, domain)
-    if len(train_by_domain) != len(old) + 1:
-        raise ValueError(f"need train records for {len(old) + 1} domains (old ones, then {domain!r}), got {len(train_by_domain)}")
-    method, t = mm.spec.method, cfg.train
+    data = data if isinstance(data, DomainData) else DomainData(data)
+    if len(data) != len(old) + 1:
+        raise ValueError(f"need train records for {len(old) + 1} domains (old ones, then {domain!r}), got {len(data)}")
     n_slots = len(mm.spec.experts)
     hashes = {name: mm.expert_hash(k) for k, name in enumerate(mm.spec.experts)}
     k_new = mm.add_expert(domain)
-    frozen = list(range(n_slots))
-    phases: dict[str, TrainResult] = {}
-    ck, log = phase_helpers(ckpt_root, on_log)
-
-    if method == "moa":
-        if adapter_dir is None:
-            raise ValueError("MoA onboarding needs the new domain's stage-1 adapter (adapter_dir)")
-        mm.load_peft_expert(k_new, adapter_dir)
-        phases["joint"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=cfg.onboard.router_steps, lr=t.joint_lr, train_experts=True,
-            train_routers=True, route="gold", eta=cfg.router.eta, frozen_experts=frozen, ckpt_dir=ck("joint"),
-            on_log=log("joint"), fingerprint=fingerprint)
-    else:
-        if method == "modula-flan":  # domain experts use the first domain_r ranks of the shared slot size
-            with torch.no_grad():
-                for w in mm.wrapped.values():
-                    w.lora_A.data[k_new, cfg.modula.domain_r:] = 0
-        phases[f"domain:{domain}"] = train_mixture(
-            mm, tokenizer, [train_by_domain[-1]], cfg, steps=t.expert_steps, lr=t.lr, train_experts=True,
-            train_routers=False, route=k_new, frozen_experts=frozen, ckpt_dir=ck("domain"), on_log=log("domain"),
-            fingerprint=fingerprint)
-        phases["router"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=cfg.onboard.router_steps, lr=t.lr, train_experts=False,
-            train_routers=True, route="learned", ckpt_dir=ck("router"), on_log=log("router"), fingerprint=fingerprint)
+    phases = get_method(mm.spec.method).extend(
+        mm, cfg, tokenizer, data, k_new, list(range(n_slots)), StageRun(ckpt_root, on_log, fingerprint),
+        Path(adapter_dir) if adapter_dir is not None else None)
     changed = [name for k, name in enumerate(mm.spec.experts[:n_slots]) if mm.expert_hash(k) != hashes[name]]
     if changed:
         raise RuntimeError(f"onboarding {domain!r} changed the old experts {changed}; nothing was saved")

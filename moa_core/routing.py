@@ -1,10 +1,10 @@
 """Routers and their auxiliary losses: one router per transformer layer, reading that layer's input.
 
-- MoA (`SequenceRouter`): bias-free linear over the pooled hidden state of the prompt -> [B, E] logits;
-  top-1 per sequence; trained with cross-entropy on the domain label.
-- MoSLD (`top_k_gates` + `load_balance_loss`): token-level softmax, top-k renormalised, Switch-style
+- MoA (`Routing.SEQUENCE`): each layer's `LayerRouter` over the pooled hidden state of the prompt ->
+  [B, E] logits; top-1 per sequence; trained with cross-entropy on the domain label.
+- MoSLD (`Routing.TOPK`: `top_k_gates` + `load_balance_loss`): token-level softmax, top-k renormalised, Switch-style
   balance loss.
-- MoDULA: token-level dense softmax over the experts.
+- MoDULA (`Routing.DENSE`): token-level dense softmax over the experts.
 
 Routers read the residual stream entering the layer after a parameter-free RMS normalisation: the
 stream's scale grows with depth, and normalising keeps one learning rate sensible for every layer's
@@ -13,9 +13,23 @@ router without adding parameters (the paper's router is a plain linear, which th
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Routing(StrEnum):
+    """How a mixture's routers choose experts (`MixtureSpec.routing`; saved in mixture.json as the value)."""
+
+    SEQUENCE = "sequence"  # one expert per sequence, decided from the prompt (MoA)
+    TOPK = "topk"  # per token, the top-k experts' renormalised softmax weights (MoSLD)
+    DENSE = "dense"  # per token, a softmax over every expert (MoDULA)
+
+    @property
+    def per_token(self) -> bool:
+        return self is not Routing.SEQUENCE
 
 
 def _rms(h: Tensor, eps: float = 1e-6) -> Tensor:

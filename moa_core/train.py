@@ -1,6 +1,7 @@
-"""Training recipes: stage-1 PEFT LoRAs, MoA stage 2, MoSLD joint, MoDULA's three stages.
+"""Training loops: stage-1 PEFT LoRAs (`train_peft_lora`) and one phase of a mixture (`train_mixture`).
 
-All recipes share `train_loop`: AdamW, linear warm-up + cosine decay, gradient clipping, a checkpoint
+Each method's recipe (which phases, with which parameter groups and routing) lives in moa_core.methods.
+All of them share `train_loop`: AdamW, linear warm-up + cosine decay, gradient clipping, a checkpoint
 every `checkpoint_every` steps (trainable tensors, optimizer, scheduler, step, loss history) written
 atomically, automatic resume from it, and a hard stop on a non-finite loss that keeps the last good
 checkpoint. Batches are deterministic in (seed, step), so a resumed run sees the batches an
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
 
+from .atomic import atomic_dir_write, atomic_write
 from .batching import autocast, balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .metrics import token_nll
-from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
+from .model import MixtureModel
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"
@@ -83,10 +85,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def train_loop(
@@ -328,62 +327,25 @@ def train_peft_lora(
 
 
 # ---------------------------------------------------------------------------------- mixture models
-def _groups(per_group: list[int], n_layers: int) -> list[int]:
-    """Spread expert-count groups over the layers in order: [8,6,4,2] on 32 layers -> 8 x 8, 8 x 6, ..."""
-    return [per_group[min(len(per_group) - 1, i * len(per_group) // n_layers)] for i in range(n_layers)]
+class TrainRoute(StrEnum):
+    """Which expert each training row goes through (`train_mixture(route=...)`; an int = that expert)."""
 
-
-def spec_from_config(cfg: MoAConfig, method: str, base: nn.Module, model_id: str) -> MixtureSpec:
-    """The mixture a method needs on this base model, from params.yaml."""
-    L = len(decoder_layers(base))
-    doms = list(cfg.domain_names)
-    common = dict(method=method, base_model=model_id, base_config_hash=base_config_hash(base.config), domains=list(doms),
-                  scaling=cfg.lora.scaling, dropout=cfg.lora.dropout, pooling=cfg.router.pooling,
-                  inference=cfg.router.inference)
-    if method == "moa":
-        return MixtureSpec(experts=doms, experts_per_layer=[len(doms)] * L, target_modules=list(cfg.lora.target_modules),
-                           r=cfg.lora.r, routing="sequence", **common)
-    if method == "mosld":
-        per_layer = _groups(cfg.mosld.experts_per_layer, L)
-        return MixtureSpec(experts=[f"e{i}" for i in range(max(per_layer))], experts_per_layer=per_layer,
-                           target_modules=list(cfg.mosld.target_modules), r=cfg.lora.r, routing="topk",
-                           shared_a=True, dropconnect_p=cfg.mosld.dropconnect_p, top_k=cfg.mosld.top_k, **common)
-    if method == "modula-flan":
-        # The universal expert is expert 0 of the parallel stack; domain experts are zero-padded from
-        # domain_r to universal_r (padded rows/columns get exactly zero gradient, so they stay rank domain_r).
-        return MixtureSpec(experts=["universal", *doms], experts_per_layer=[len(doms) + 1] * L,
-                           target_modules=list(cfg.lora.target_modules),
-                           r=max(cfg.modula.universal_r, cfg.modula.domain_r), routing="dense", **common)
-    if method == "modula-res":
-        return MixtureSpec(experts=doms, experts_per_layer=[len(doms)] * L, target_modules=list(cfg.lora.target_modules),
-                           r=cfg.modula.domain_r, routing="dense", universal_r=cfg.modula.universal_r,
-                           universal_scaling=cfg.lora.alpha / cfg.modula.universal_r,
-                           leaky_slope=cfg.modula.leaky_slope, **common)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def build_mixture(cfg: MoAConfig, method: str, base: nn.Module, model_id: str) -> MixtureModel:
-    torch.manual_seed(cfg.train.seed)
-    mm = MixtureModel(base, spec_from_config(cfg, method, base, model_id))
-    if method == "modula-flan":
-        with torch.no_grad():
-            for w in mm.wrapped.values():
-                w.lora_A.data[1:, cfg.modula.domain_r:] = 0
-    return mm
+    GOLD = "gold"  # the row's own domain expert (MoA stage 2, onboarding)
+    LEARNED = "learned"  # the routers decide (MoSLD, MoDULA's router stage)
+    EXPERTS_OFF = "experts_off"  # the universal expert only (MoDULA-Res stage 1)
 
 
 def train_mixture(
     mm: MixtureModel, tokenizer: Any, records_by_domain: list[list[Any]], cfg: MoAConfig, *, steps: int, lr: float,
-    train_experts: bool, train_routers: bool, train_universal: bool = False, route: str | int = "gold",
+    train_experts: bool, train_routers: bool, train_universal: bool = False, route: TrainRoute | int = TrainRoute.GOLD,
     eta: float = 0.0, balance_coef: float = 0.0, ckpt_dir: Path | None = None, on_log: LogFn | None = None,
     fingerprint: str = "", frozen_experts: Sequence[int] = (), dp: DataParallel | None = None,
     val_by_domain: list[list[Any]] | None = None,
 ) -> TrainResult:
     """Train chosen parameter groups of a mixture on balanced mixed-domain batches.
 
-    route: "gold" = each row's own domain expert (MoA stage 2), "learned" = the routers decide
-    (MoSLD, MoDULA router stage), "experts_off" = universal expert only (MoDULA-Res stage 1), or an
-    int = that expert for every row (MoDULA stages 1-2).
+    route: a `TrainRoute` (gold, learned, experts_off), or an int = that expert for every row (MoDULA
+    stages 1-2).
     frozen_experts: expert slots whose A/B slices must stay bit-identical although they share the stacked
     tensors with trained experts (onboarding a domain): their gradients are zeroed before the optimizer.
     dp: spread each batch over torchrun processes (DDP); see moa_core.distributed.
@@ -404,25 +366,25 @@ def train_mixture(
     runner = dp.wrap(mm) if dp is not None else mm
 
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        if route == "gold":
+        if route == TrainRoute.GOLD:
             expert = b["expert"]
         elif isinstance(route, int):
             expert = torch.full_like(b["expert"], route)
         else:
             expert = None
         out = runner(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=eta,
-                     balance_coef=balance_coef, experts_off=route == "experts_off", num_items_in_batch=b.get(LM_TOKENS))
+                     balance_coef=balance_coef, experts_off=route == TrainRoute.EXPERTS_OFF, num_items_in_batch=b.get(LM_TOKENS))
         extra = {"lm_loss": float(out.lm_loss.detach())}
         if out.aux_loss is not None:
             extra["aux_loss"] = float(out.aux_loss.detach())
-        if out.router_logits and route == "gold":
+        if out.router_logits and route == TrainRoute.GOLD:
             acc = torch.stack([lg.argmax(-1) == b["expert"] for lg in out.router_logits]).float()
             extra["router_acc_last"] = float(acc[-1].mean())
             extra["router_acc_mean"] = float(acc.mean())
         return out.loss, extra
 
     val = _val_encoded(tokenizer, val_by_domain, cfg)
-    routers_only = route == "gold" and train_routers and not (train_experts or train_universal)
+    routers_only = route == TrainRoute.GOLD and train_routers and not (train_experts or train_universal)
 
     def validate() -> float:
         def nll(b: dict[str, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
@@ -430,9 +392,9 @@ def train_mixture(
                 out = mm(b["input_ids"], b["attention_mask"], expert=b["expert"], eta=1.0,
                          pool_mask=b["attention_mask"] * (b["labels"] == -100))
                 return out.aux_loss  # type: ignore[return-value]
-            expert = b["expert"] if route == "gold" else (torch.full_like(b["expert"], route) if isinstance(route, int) else None)
+            expert = b["expert"] if route == TrainRoute.GOLD else (torch.full_like(b["expert"], route) if isinstance(route, int) else None)
             out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert,
-                     experts_off=route == "experts_off")
+                     experts_off=route == TrainRoute.EXPERTS_OFF)
             return token_nll(out.logits, b["labels"])
         with _eval_mode(mm), autocast(cfg.train, next(iter(params.values())).device):
             return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
@@ -473,83 +435,10 @@ def _zero_expert_grads(mm: MixtureModel, frozen: list[int]) -> list[Any]:
     return hooks
 
 
-def phase_helpers(ckpt_root: Path | None, on_log: LogFn | None) -> tuple[
-        Callable[[str], Path | None], Callable[[str], LogFn | None]]:
-    """For multi-phase recipes: (checkpoint dir of a phase, a logger that tags each entry with its phase)."""
+def __getattr__(name: str) -> Any:
+    """Model building and the method recipes moved to moa_core.methods; old imports keep working."""
+    if name in ("build_mixture", "spec_from_config", "fit_method"):
+        from . import methods
 
-    def ck(name: str) -> Path | None:
-        return ckpt_root / name if ckpt_root else None
-
-    def log(phase: str) -> LogFn | None:
-        return (lambda step, entry: on_log(step, {**entry, "phase": phase})) if on_log else None  # type: ignore[misc]
-
-    return ck, log
-
-
-def fit_method(
-    cfg: MoAConfig, method: str, base: nn.Module, tokenizer: Any, model_id: str, train_by_domain: list[list[Any]],
-    expert_dirs: list[Path] | None = None, ckpt_root: Path | None = None, on_log: LogFn | None = None,
-    eta: float | None = None, fingerprint: str = "", dp: DataParallel | None = None,
-    val_by_domain: list[list[Any]] | None = None,
-) -> tuple[MixtureModel, dict[str, TrainResult]]:
-    """Build and train a method's mixture after stage 1. Returns the model and one TrainResult per phase.
-
-    - moa: load the stage-1 PEFT experts (`expert_dirs`, one per domain, in domain order), then stage 2:
-      experts + routers jointly on balanced mixed batches, gold routing, loss LM + eta * CE(router, domain).
-    - mosld: one joint stage from scratch (shared A with DropConnect, top-k routers, balance loss).
-    - modula-flan / modula-res: the universal expert on all domains, then each domain expert alone with
-      the universal frozen, then the routers alone with every expert frozen.
-
-    With `val_by_domain` and `train.eval_every` > 0 every phase stops early at its validation minimum. MoA's
-    stage 2 then keeps its experts at the step of lowest validation LM loss (step 0, i.e. the stage-1 experts,
-    included), and a last phase trains the routers alone on the kept experts, so the routers match the
-    experts that ship.
-    """
-    v = val_by_domain
-    early = bool(v) and cfg.train.eval_every > 0
-    t = cfg.train
-    mm = build_mixture(cfg, method, base, model_id)
-    phases: dict[str, TrainResult] = {}
-    ck, log = phase_helpers(ckpt_root, on_log)
-
-    if method == "moa":
-        if not expert_dirs or len(expert_dirs) != len(train_by_domain):
-            raise ValueError("MoA stage 2 needs one stage-1 adapter per domain")
-        for k, d in enumerate(expert_dirs):
-            mm.load_peft_expert(k, d)
-        eta = cfg.router.eta if eta is None else eta
-        # eta = 0 (the routing-loss ablation): the routers get no gradient, so they are not trained (DDP
-        # refuses parameters that receive none; one process would skip them all the same)
-        phases["joint"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=True,
-            train_routers=eta > 0, route="gold", eta=eta, ckpt_dir=ck("moa-joint"),
-            on_log=log("joint"), fingerprint=fingerprint, dp=dp, val_by_domain=v)
-        if early and eta > 0:
-            phases["router"] = train_mixture(
-                mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.joint_lr, train_experts=False,
-                train_routers=True, route="gold", eta=eta, ckpt_dir=ck("moa-router"), on_log=log("router"),
-                fingerprint=fingerprint, dp=dp, val_by_domain=v)
-    elif method == "mosld":
-        phases["joint"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=True, train_routers=True,
-            route="learned", balance_coef=cfg.mosld.balance_coef, ckpt_dir=ck("mosld-joint"), on_log=log("joint"),
-            fingerprint=fingerprint, dp=dp, val_by_domain=v)
-    elif method in ("modula-flan", "modula-res"):
-        res = method == "modula-res"
-        phases["universal"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=cfg.modula.universal_steps, lr=t.lr, train_experts=not res,
-            train_routers=False, train_universal=res, route="experts_off" if res else 0,
-            ckpt_dir=ck(f"{method}-universal"), on_log=log("universal"), fingerprint=fingerprint, dp=dp, val_by_domain=v)
-        offset = 0 if res else 1  # Flan: expert 0 is the universal one
-        for k, recs in enumerate(train_by_domain):
-            phases[f"domain:{cfg.domain_names[k]}"] = train_mixture(
-                mm, tokenizer, [recs], cfg, steps=t.expert_steps, lr=t.lr, train_experts=True, train_routers=False,
-                route=k + offset, ckpt_dir=ck(f"{method}-domain-{k}"), on_log=log(f"domain:{k}"),
-                fingerprint=fingerprint, dp=dp, val_by_domain=[v[k]] if v else None)
-        phases["router"] = train_mixture(
-            mm, tokenizer, train_by_domain, cfg, steps=t.joint_steps, lr=t.lr, train_experts=False, train_routers=True,
-            route="learned", ckpt_dir=ck(f"{method}-router"), on_log=log("router"), fingerprint=fingerprint, dp=dp,
-            val_by_domain=v)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return mm, phases
+        return getattr(methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

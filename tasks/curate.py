@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_write_json
 from moa_core.data import curate, require_rows, write_curated
 from moa_core.sources import load_source
 
@@ -30,9 +30,7 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
     }
     out = ctx.layout.curated(domain)
     write_curated(out, result, card)
-    metrics_path = ctx.layout.metrics / f"curate_{domain}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(result.counts, indent=2, sort_keys=True))
+    atomic_write_json(ctx.layout.metrics / f"curate_{domain}.json", result.counts)
     with stage_run(ctx, f"curate:{domain}", domain=domain) as _run:
         mlflow.log_params({"domain": domain, "source": dom.source.kind, **{f"curate.{k}": v for k, v in ctx.cfg.curate.model_dump().items()}})
         mlflow.log_metrics({k: float(v) for k, v in result.counts.items() if isinstance(v, int | float)})

@@ -8,12 +8,13 @@ from typing import Any
 import mlflow
 
 from moa_core import metrics
+from moa_core.atomic import atomic_write_json, atomic_write_text
 from moa_core.base_model import load_base
-from moa_core.evaluate import SystemEval, evaluate_system
+from moa_core.evaluate import EvalRouting, SystemEval, evaluate_system, learned_routing
+from moa_core.methods import experts_side_by_side, get_method, planned_mixtures
 from moa_core.model import load_mixture
 from moa_core.stats import METRICS as STAT_METRICS
 from moa_core.stats import RowStats, compare_systems, interval_table_markdown
-from moa_core.train import build_mixture
 
 from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
 
@@ -43,14 +44,12 @@ def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, Syste
     if not wanted & {"base", "single", "mixed"}:
         return out
     base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root)
-    mm = build_mixture(ctx.cfg, "moa", base, model_id)
-    for k, d in enumerate(ctx.cfg.domain_names):
-        mm.load_peft_expert(k, ctx.layout.expert(d))
+    mm = experts_side_by_side(ctx.cfg, base, model_id, [ctx.layout.expert(d) for d in ctx.cfg.domain_names])
     doms = list(test)
     if "base" in wanted:
-        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, "off", eval_progress("base", doms))
+        out["base"] = evaluate_system(mm, tok, test, ctx.cfg, EvalRouting.OFF, eval_progress("base", doms))
     if "single" in wanted:
-        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, "gold", eval_progress("single-lora", doms))
+        out["single"] = evaluate_system(mm, tok, test, ctx.cfg, EvalRouting.GOLD, eval_progress("single-lora", doms))
     if "mixed" in wanted and ctx.layout.mixed.exists():
         k = mm.add_expert("__mixed__")
         mm.load_peft_expert(k, ctx.layout.mixed)
@@ -61,8 +60,7 @@ def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, Syste
 def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) -> SystemEval:
     base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
     mm = load_mixture(base, ctx.layout.mixture(name))
-    return evaluate_system(mm, tok, test, ctx.cfg, "router" if mm.spec.routing == "sequence" else "token",
-                           eval_progress(name, list(test)))
+    return evaluate_system(mm, tok, test, ctx.cfg, learned_routing(mm.spec), eval_progress(name, list(test)))
 
 
 def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
@@ -79,7 +77,8 @@ def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
     r = _read(ctx, f"train_router_{system}")
     if not r:
         return None, None
-    seconds = r["train_seconds"] + (sum(e.get("train_seconds", 0.0) for e in experts) if r["method"] == "moa" else 0.0)
+    stage1 = sum(e.get("train_seconds", 0.0) for e in experts) if get_method(r["method"]).needs_experts else 0.0
+    seconds = r["train_seconds"] + stage1
     return r["trainable_params"], seconds
 
 
@@ -88,11 +87,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
     lay, doms = ctx.layout, ctx.cfg.domain_names
     test = ctx.splits("test")
-    ev_cfg = ctx.cfg.evaluate
-    mixtures = [ctx.cfg.method] + (["moa-no-routing-loss"] if "moa_no_routing_loss" in ev_cfg.baselines else [])
-    # the comparison rows, each where trained (the pipeline trains them; a lone DVC stage may not have)
-    mixtures += [m for m in dict.fromkeys(ev_cfg.compare_methods)
-                 if m not in mixtures and (lay.mixture(m) / "mixture.json").exists()]
+    mixtures = [p.name for p in planned_mixtures(ctx.cfg) if p.required or (lay.mixture(p.name) / "mixture.json").exists()]
     with TORCH_LOCK:
         systems = _baselines(ctx, test)
         for name in mixtures:
@@ -106,12 +101,10 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     data = metrics.results_to_json(rows)
     routed = systems[ctx.cfg.method]
     confusion = metrics.confusion_matrix(routed.gold, routed.routed, doms) if routed.routed else None
-    lay.metrics.mkdir(parents=True, exist_ok=True)
-    lay.reports.mkdir(parents=True, exist_ok=True)
-    (lay.metrics / "eval.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / "eval.json", data)
     # per test row, for the confidence intervals of `run_intervals` (several seeds pool these files)
     row_stats = {SYSTEM_LABELS.get(name, name): {d: r.to_json() for d, r in ev.rows.items()} for name, ev in systems.items()}
-    (lay.metrics / ROWS_FILE).write_text(json.dumps(row_stats))
+    atomic_write_text(lay.metrics / ROWS_FILE, json.dumps(row_stats))
     samples = "\n".join(
         f"| {s['domain']} | {s['instruction'][:80]!r} | {s['reference'][:80]!r} | {s['prediction'][:80]!r} |"
         for s in routed.samples
@@ -119,7 +112,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n"
               + (f"Router confusion (rows = gold domain, columns = routed expert, order {doms}): {confusion}\n\n" if confusion else "")
               + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
-    (lay.reports / "eval.md").write_text(report)
+    atomic_write_text(lay.reports / "eval.md", report)
     with stage_run(ctx, "evaluate"):
         flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
@@ -149,11 +142,9 @@ def run_intervals(ctx: StageContext) -> dict[str, Any]:
     comparison["seed_values"] = seeds
     table = interval_table_markdown(comparison)
     lay = ctx.layout
-    lay.metrics.mkdir(parents=True, exist_ok=True)
-    lay.reports.mkdir(parents=True, exist_ok=True)
-    (lay.metrics / "eval_intervals.json").write_text(json.dumps(comparison, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / "eval_intervals.json", comparison)
     report = f"# Evaluation with uncertainty ({ctx.cfg.method}, held-out test split, seeds {seeds})\n\n{table}"
-    (lay.reports / "eval_intervals.md").write_text(report)
+    atomic_write_text(lay.reports / "eval_intervals.md", report)
     with stage_run(ctx, "intervals"):
         flat: dict[str, float] = {}
         for name, entry in comparison["systems"].items():

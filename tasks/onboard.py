@@ -16,11 +16,13 @@ from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_dir_write
 from moa_core.base_model import load_base
 from moa_core.config import ConfigError, add_domain_to_params, load_raw, parse_config
-from moa_core.evaluate import evaluate_system
+from moa_core.evaluate import evaluate_system, learned_routing
+from moa_core.methods import DomainData, MixtureMethod, get_method
 from moa_core.model import load_mixture, read_spec, save_mixture
-from moa_core.onboard import ONBOARDABLE, OnboardError, extend_mixture, regression_gate
+from moa_core.onboard import OnboardError, extend_mixture, not_onboardable_message, regression_gate
 from moa_core.sources import FILE_SUFFIXES
 
 from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
@@ -42,6 +44,11 @@ class OnboardPlan:
     @property
     def method(self) -> str:
         return self.old.cfg.method
+
+    @property
+    def recipe(self) -> MixtureMethod:
+        """The method's registry entry: how it is extended, whether it needs the new domain's stage-1 expert."""
+        return get_method(self.method)
 
 
 def source_from_spec(spec: str, fields: dict[str, str] | None, root: Path, split: str = "train") -> dict[str, Any]:
@@ -79,9 +86,8 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
     if domain in old.cfg.domain_names:
         raise OnboardError(f"domain {domain!r} already exists in {params_path.name} (domains: {old.cfg.domain_names}); "
                            "pick a new name, or change its source there and retrain with `moa run`")
-    if old.cfg.method not in ONBOARDABLE:
-        raise OnboardError(f"method {old.cfg.method!r} cannot add a domain without retraining (its experts share A); "
-                           f"add it to params.yaml and run `moa run`, or use one of {ONBOARDABLE}")
+    if not get_method(old.cfg.method).onboardable:
+        raise OnboardError(not_onboardable_message(old.cfg.method))
     mixture = old.layout.mixture(old.cfg.method)
     if not (mixture / "mixture.json").exists():
         raise OnboardError(f"no trained {old.cfg.method} mixture at {mixture}; run the pipeline first (`moa run`)")
@@ -118,11 +124,12 @@ def run_extend(plan: OnboardPlan) -> dict[str, Any]:
     lay, doms = ctx.layout, ctx.cfg.domain_names
     train = [ctx.split(x, "train") for x in doms]
     ckpt = lay.checkpoints / f"onboard-{d}"
-    fp = fingerprint(ctx, "base_model", "lora", "train", "router", "modula", "onboard", domains=doms)
+    fp = fingerprint(ctx, *plan.recipe.config_sections, "onboard", domains=doms)
     with TORCH_LOCK, stage_run(ctx, f"onboard_extend:{d}", domain=d, method=plan.method):
         base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
         mm = load_mixture(base, lay.mixture(plan.method))
-        res = extend_mixture(mm, ctx.cfg, tok, d, train, adapter_dir=lay.expert(d) if plan.method == "moa" else None,
+        res = extend_mixture(mm, ctx.cfg, tok, d, DomainData(train),
+                             adapter_dir=lay.expert(d) if plan.recipe.needs_experts else None,
                              ckpt_root=ckpt, on_log=progress(f"onboard_extend:{d}", ctx.cfg.onboard.router_steps),
                              fingerprint=fp)
         after = {name: mm.expert_hash(k) for k, name in enumerate(mm.spec.experts)}
@@ -150,7 +157,7 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
     with TORCH_LOCK:
         base, tok, _ = load_base(old.cfg.base_model, old.root)
         mm_old = load_mixture(base, old.layout.mixture(plan.method))
-        routing = "router" if mm_old.spec.routing == "sequence" else "token"
+        routing = learned_routing(mm_old.spec)
         before = evaluate_system(mm_old, tok, old.splits("test"), old.cfg, routing,
                                  eval_progress("old mixture", old.cfg.domain_names))
         base, tok, _ = load_base(new.cfg.base_model, new.root)
@@ -197,15 +204,7 @@ def run_onboard_register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[
         promote = bool(evaluation["passed"])
         set_promotion(ctx, version, promote, f"onboarding {d}: {evaluation['reason']}")
     if promote:
-        target = lay.mixture(plan.method)
-        staging = target.with_name(f".{target.name}.onboard-tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(lay.onboarded(d), staging)
-        old_copy = target.with_name(f".{target.name}.before-{d}")
-        shutil.rmtree(old_copy, ignore_errors=True)
-        target.rename(old_copy)
-        staging.rename(target)
-        shutil.rmtree(old_copy, ignore_errors=True)
+        atomic_dir_write(lay.mixture(plan.method), lambda tmp: shutil.copytree(lay.onboarded(d), tmp, dirs_exist_ok=True))
         add_domain_to_params(plan.params_path, d, plan.entry)
     return {"model": ctx.cfg.registry.model_name, "version": version, "promoted": promote,
             "reason": evaluation["reason"], "params_updated": promote, "run_id": run.info.run_id}
@@ -223,8 +222,8 @@ def onboarding_cost(plan: OnboardPlan, expert: dict[str, Any] | None, extend: di
 
     experts = [read(f"train_expert_{x}") for x in old]
     router = read(f"train_router_{plan.method}")
-    retrain_s = router.get("train_seconds", 0.0) + (sum(e.get("train_seconds", 0.0) for e in experts)
-                                                     if plan.method == "moa" else 0.0)
+    stage1 = sum(e.get("train_seconds", 0.0) for e in experts) if plan.recipe.needs_experts else 0.0
+    retrain_s = router.get("train_seconds", 0.0) + stage1
     onboard_s = extend["train_seconds"] + (expert or {}).get("train_seconds", 0.0)
     spec_params = _mixture_params(plan.new.layout.onboarded(plan.domain))
     return {

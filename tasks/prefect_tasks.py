@@ -44,3 +44,12 @@ train_router_task = task(run_train_router, name="train_router", task_run_name="t
 evaluate_task = task(run_evaluate, name="evaluate", **TASK_OPTIONS)
 intervals_task = task(run_intervals, name="intervals", **TASK_OPTIONS)
 register_task = task(run_register, name="register", retries=2, retry_delay_seconds=1, **TASK_OPTIONS)
+
+# The pipeline's stages in run order: moa_pipeline (flows/pipeline.py) runs them as these tasks, dvc.yaml has one
+# stage of each name running `moa stage <name, with - for _>`. tests/test_pipeline_definition.py holds dvc.yaml
+# and the flow's task runs to this list, so the two definitions cannot drift apart.
+PIPELINE_STAGES: dict[str, Any] = {
+    "curate": curate_task, "train_expert": train_expert_task, "train_mixed": train_mixed_task,
+    "train_router": train_router_task, "evaluate": evaluate_task, "intervals": intervals_task,
+    "register": register_task,
+}

@@ -9,6 +9,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
+from moa_core.atomic import atomic_write_json
 from moa_core.base_model import resolve_base_path
 
 from .common import StageContext, stage_run
@@ -39,7 +40,7 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
 def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
     """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
     pyfunc model, register a version, tag it."""
-    from moa_cli.pyfunc import MoAPyfunc, signature
+    from .pyfunc import MoAPyfunc, signature
 
     base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
     artifacts = {"mixture": str(mixture_dir)}
@@ -89,5 +90,5 @@ def run_register(ctx: StageContext) -> dict[str, Any]:
         mlflow.log_metric(reg.promote_metric, value)
     result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
               "metric": value, "run_id": run.info.run_id}
-    (ctx.layout.metrics / "registered.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    atomic_write_json(ctx.layout.metrics / "registered.json", result)
     return result

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
 from moa_core.train import TrainResult, early_stopping_summary, train_peft_lora
 
@@ -33,9 +33,7 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
     mlflow.log_figure(loss_curve([int(h["step"]) for h in result.history], [h["loss"] for h in result.history], title,
                                  val=result.val_history, best_step=result.best_step), "plots/loss.png")
     mlflow.log_artifacts(str(out_dir), "adapter")
-    path = ctx.layout.metrics / f"{metrics_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_json(ctx.layout.metrics / f"{metrics_name}.json", summary)
     return summary
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from typing import Any
 
 import mlflow
 
+from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
+from moa_core.methods import DomainData, fit_method, get_method
 from moa_core.model import save_mixture
-from moa_core.train import early_stopping_summary, fit_method
+from moa_core.train import early_stopping_summary
 
 from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
 
@@ -28,14 +29,16 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     train = [ctx.split(d, "train") for d in doms]
     val = [ctx.split(d, "val") for d in doms]
     ckpt = lay.checkpoints / f"mixture-{name}"
-    fp = fingerprint(ctx, "base_model", "lora", "train", "router", "mosld", "modula", domains=doms) + f"-{eta}"
-    expert_dirs = [lay.expert(d) for d in doms] if method == "moa" else None
+    recipe = get_method(method)
+    fp = fingerprint(ctx, *recipe.config_sections, domains=doms) + f"-{eta}"
+    expert_dirs = [lay.expert(d) for d in doms] if recipe.needs_experts else None
+    data = DomainData(train, val)
     with TORCH_LOCK, data_parallel_group() as dp, contextlib.ExitStack() as run:
         world = dp.world_size if dp else 1
         base, tok, model_id = load_base(ctx.cfg.base_model, ctx.root, dp.device if dp else None)
         if dp is not None and not dp.is_main:  # a helper rank computes its rows of each batch; rank 0 logs, saves
-            fit_method(ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt,
-                       eta=eta, fingerprint=fp, dp=dp, val_by_domain=val)
+            fit_method(ctx.cfg, method, base, tok, model_id, data, expert_dirs=expert_dirs, ckpt_root=ckpt,
+                       eta=eta, fingerprint=fp, dp=dp)
             return {"rank": dp.rank}
         run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
         mlflow.set_tag("base_model", model_id)
@@ -44,10 +47,9 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
                            **{f"router.{k}": v for k, v in ctx.cfg.router.model_dump().items()},
                            "train.joint_steps": ctx.cfg.train.joint_steps, "train.joint_lr": ctx.cfg.train.joint_lr})
         mm, phases = fit_method(
-            ctx.cfg, method, base, tok, model_id, train, expert_dirs=expert_dirs, ckpt_root=ckpt, eta=eta,
+            ctx.cfg, method, base, tok, model_id, data, expert_dirs=expert_dirs, ckpt_root=ckpt, eta=eta,
             fingerprint=fp, dp=dp,
             on_log=progress(f"train_router:{name}", ctx.cfg.train.step_budget(ctx.cfg.train.joint_steps, sum(map(len, train)))),
-            val_by_domain=val,
         )
         summary: dict[str, Any] = {
             "ddp_world_size": world,
@@ -69,7 +71,5 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
         mlflow.log_artifacts(str(out), "mixture")
     shutil.rmtree(ckpt, ignore_errors=True)
-    path = lay.metrics / f"train_router_{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_json(lay.metrics / f"train_router_{name}.json", summary)
     return summary

@@ -24,7 +24,8 @@ def main(model_dir: Path, out_root: Path) -> None:
     from helpers import tiny_raw_params, toy_records
     from moa_core.config import parse_config
     from moa_core.distributed import init_from_env, shutdown
-    from moa_core.train import build_mixture, train_mixture, train_peft_lora
+    from moa_core.methods import build_mixture
+    from moa_core.train import train_mixture, train_peft_lora
 
     dp = init_from_env()
     torch.set_num_threads(1)

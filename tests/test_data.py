@@ -211,6 +211,28 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
 
 
+def test_failed_atomic_writes_of_a_file_or_directory_leave_the_old_one(tmp_path: Path) -> None:
+    import torch
+
+    from moa_core.atomic import atomic_dir_write, atomic_write, atomic_write_json
+
+    def half_then_fail(tmp: Path) -> None:
+        (tmp / "weights.bin").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    target = atomic_dir_write(tmp_path / "adapter", lambda tmp: (tmp / "weights.bin").write_bytes(b"old"))
+    with pytest.raises(OSError, match="No space"):
+        atomic_dir_write(target, half_then_fail)
+    ckpt = atomic_write(tmp_path / "checkpoint.pt", lambda tmp: torch.save({"step": 1}, tmp))
+    with pytest.raises(TypeError):
+        atomic_write(ckpt, lambda tmp: torch.save({"step": 2}, tmp) or json.dumps(object()))
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "metrics.json", {"x": object()})
+    assert (target / "weights.bin").read_bytes() == b"old"
+    assert torch.load(ckpt, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "checkpoint.pt"]  # no temporaries left
+
+
 def test_read_jsonl_names_the_corrupt_line(tmp_path: Path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_text('{"a": 1}\n{"a": \n')

@@ -31,7 +31,8 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
 
     from moa_core.config import parse_config
     from moa_core.evaluate import evaluate_system
-    from moa_core.train import build_mixture, train_mixture
+    from moa_core.methods import build_mixture
+    from moa_core.train import train_mixture
 
     raw = tiny_raw_params(model_dir)
     raw["domains"] = {d: {"source": {"kind": "builtin", "name": "humaneval"}} for d in ("alpha", "beta", "gamma")}
@@ -63,7 +64,7 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from moa_core.config import parse_config
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
 
     raw = tiny_raw_params(model_dir)
     raw["domains"] = {d: {"source": {"kind": "builtin", "name": "humaneval"}} for d in ("alpha", "beta", "gamma")}

@@ -53,13 +53,20 @@ def test_repro_then_noop_then_one_domain(dvc_project):
     root, env, dvc = dvc_project
     first = _run([dvc, "repro"], root, env)
     assert _ran(first) == {"curate@code", "curate@medicine", "train_expert@code", "train_expert@medicine",
-                           "train_mixed", "train_router", "evaluate", "register"}
+                           "train_mixed", "train_router", "evaluate", "intervals", "register"}
     assert json.loads((root / "metrics/eval.json").read_text())["moa"]["avg_ppl"] > 1.0
     metrics = _run([dvc, "metrics", "show", "--json"], root, env)
     assert "avg_rougeL" in metrics
 
     again = _run([dvc, "repro"], root, env)
     assert _ran(again) == set(), again
+
+    # a stage-2 key re-runs the router stage and what reads its mixture, not curation or the experts
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"]["joint_lr"] = raw["train"]["joint_lr"] * 2
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    joint = _ran(_run([dvc, "repro"], root, env))
+    assert "train_router" in joint and joint <= {"train_router", "evaluate", "intervals", "register"}, joint
 
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["domains"]["code"]["description"] = "changed description"

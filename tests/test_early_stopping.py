@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from helpers import toy_records
-from moa_core.train import fit_method, train_loop, train_peft_lora
+from moa_core.methods import DomainData, fit_method
+from moa_core.train import train_loop, train_peft_lora
 
 
 def _scripted(values: list[float], seen: list[float], p: nn.Parameter):
@@ -112,7 +113,7 @@ def test_moa_stage_two_never_ends_worse_on_validation_than_its_stage_one_experts
         dirs.append(tmp_path / f"e{k}")
         train_peft_lora(base, tiny_tok, [r], cfg, 4, dirs[-1])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    mm, phases = fit_method(cfg, "moa", base, tiny_tok, "tiny", recs, expert_dirs=dirs, val_by_domain=val)
+    mm, phases = fit_method(cfg, "moa", base, tiny_tok, "tiny", DomainData(recs, val), expert_dirs=dirs)
     joint = phases["joint"]
     assert joint.val_history[0]["step"] == 0
     assert joint.best_val_loss <= joint.val_history[0]["val_loss"]  # never worse than the stage-1 experts

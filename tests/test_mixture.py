@@ -13,9 +13,10 @@ from peft import PeftModel, get_peft_model
 from conftest import toy_records
 from moa_core.batching import collate, encode
 from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
+from moa_core.methods import build_mixture
 from moa_core.model import MixtureError, load_mixture, save_mixture
 from moa_core.routing import load_balance_loss, pool, top_k_gates
-from moa_core.train import NonFiniteLossError, build_mixture, train_loop, train_mixture
+from moa_core.train import NonFiniteLossError, train_loop, train_mixture
 
 
 def _random_peft_adapter(base, out: Path, seed: int, r: int = 4, alpha: float = 8.0,

@@ -58,7 +58,8 @@ def test_modula_onboarding_trains_only_the_new_expert_and_routers(method, tiny_c
     import torch
 
     from moa_core.onboard import extend_mixture
-    from moa_core.train import build_mixture, train_mixture
+    from moa_core.methods import build_mixture
+    from moa_core.train import train_mixture
 
     cfg = tiny_cfg.model_copy(update={"method": method})
     mm = build_mixture(cfg, method, tiny_base, "tiny")
@@ -81,7 +82,7 @@ def test_modula_onboarding_trains_only_the_new_expert_and_routers(method, tiny_c
 
 def test_mosld_cannot_be_onboarded_and_says_what_to_do(tiny_cfg, tiny_base, tiny_tok):
     from moa_core.onboard import OnboardError, extend_mixture
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
 
     mm = build_mixture(tiny_cfg.model_copy(update={"method": "mosld"}), "mosld", tiny_base, "tiny")
     with pytest.raises(OnboardError, match="moa run"):

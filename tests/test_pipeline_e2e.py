@@ -78,6 +78,12 @@ def test_every_stage_is_a_prefect_task_run(pipeline_result: dict):
     for name in ["curate[code]", "train_expert[sports]", "train_router[moa]"]:
         assert by_name.get(name) == "COMPLETED", by_name
     assert any(n.startswith("evaluate") for n in by_name) and any(n.startswith("register") for n in by_name)
+    # the flow ran exactly the stages dvc.yaml defines (tests/test_pipeline_definition.py)
+    import re
+
+    from tasks.prefect_tasks import PIPELINE_STAGES
+
+    assert {re.split(r"[\[-]", n)[0] for n in by_name} == set(PIPELINE_STAGES), sorted(by_name)
 
 
 def test_a_worse_model_does_not_take_champion(project: Path, pipeline_result: dict):

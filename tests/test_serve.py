@@ -66,3 +66,14 @@ def test_mlflow_models_serve_answers_rest_requests(spawn, project: Path, pipelin
     assert r.status_code == 400 and "prompt" in r.text, r.text
     assert httpx.get(f"{base}/ping", timeout=10).status_code == 200
     print(f"served moa-model v{version} on {base}: {preds}")
+
+
+def test_versions_pickled_before_the_pyfunc_moved_to_tasks_still_load():
+    """Versions registered before the pyfunc moved to tasks/ name moa_cli.pyfunc.MoAPyfunc in their pickle."""
+    import pickle
+
+    from tasks.pyfunc import MoAPyfunc
+
+    old = pickle.dumps(MoAPyfunc(), protocol=0).replace(b"tasks.pyfunc", b"moa_cli.pyfunc")
+    assert b"moa_cli.pyfunc\nMoAPyfunc" in old
+    assert type(pickle.loads(old)) is MoAPyfunc

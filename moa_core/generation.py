@@ -1,0 +1,156 @@
+"""Generation for a `MixtureModel`: `generate()` routes each prompt once and decodes with its expert, reusing
+the routing pass's KV cache as generate's prompt cache, and torch.compile / a static cache where HF's
+generate uses them. Kept apart from moa_core.model (the routing model and its training forward): this is
+the inference-speed code, whose rules follow HF's generate (which settings make it build, pick or compile
+its own cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .routing import Routing
+
+
+def prompt_positions(attention_mask: Tensor) -> Tensor:
+    """[B, T] mask of a (left-)padded prompt -> position ids counted from each row's first real token,
+    the way HF's generate derives them (padding positions get 0; attention never reads them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _cache_reusable(model: nn.Module, input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
+    """Whether generate's prompt cache can come from the routing pass: one sequence per prompt (no beams,
+    no extra return sequences), a cache generate would build itself (dynamic or static) and that the model's
+    own generation config does not choose, a prompt of 2+ tokens. Settings come from the call, else the
+    model's generation config."""
+    return (
+        input_ids.shape[1] >= 2
+        and _gen_setting(model, gen_kwargs, "use_cache", True)
+        and "past_key_values" not in gen_kwargs
+        and "generation_config" not in gen_kwargs
+        and getattr(model.generation_config, "cache_implementation", None) is None
+        and gen_kwargs.get("cache_implementation") in (None, "dynamic", "static")
+        and _rows_per_prompt(model, gen_kwargs) == 1
+    )
+
+
+def _gen_setting(model: nn.Module, gen_kwargs: dict[str, Any], key: str, default: Any) -> Any:
+    """A generate setting as HF will use it: the call's, else the model's generation config, else `default`."""
+    value = gen_kwargs.get(key, getattr(model.generation_config, key, None))
+    return default if value is None else value
+
+
+def _rows_per_prompt(model: nn.Module, gen_kwargs: dict[str, Any]) -> int:
+    """How many rows HF's generate expands each prompt into (beams, or returned sequences)."""
+    return max(int(_gen_setting(model, gen_kwargs, "num_beams", 1)),
+               int(_gen_setting(model, gen_kwargs, "num_return_sequences", 1)))
+
+
+def _hf_compiles_decode(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
+    """Whether HF's generate will torch.compile its decode step for these arguments: a static cache, on an
+    accelerator or with a compile_config that compiles on every device, and compilation not disabled."""
+    if gen_kwargs.get("cache_implementation") != "static" or gen_kwargs.get("disable_compile"):
+        return False
+    cc = gen_kwargs.get("compile_config") or model.generation_config.compile_config
+    return model.device.type != "cpu" or bool(cc is not None and getattr(cc, "_compile_all_devices", False))
+
+
+def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
+    gc = model.generation_config
+    new = gen_kwargs.get("max_new_tokens", gc.max_new_tokens)
+    if new is None:
+        new = gen_kwargs.get("max_length", gc.max_length) - prompt_len
+    return int(new)
+
+
+class RoutedGeneration:
+    """`MixtureModel.generate` and its prompt cache. Mixed into MixtureModel, whose `model` (the HF causal LM),
+    `spec`, `_routing(...)` context, `route` and `_routing_pass` it uses."""
+
+    model: nn.Module
+    spec: Any  # MixtureSpec
+
+    def _init_generation(self) -> None:
+        self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
+        self._compiled: Any = None  # the compiled decoder, see _run_decoder
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
+                 adapters_off: bool = False, reuse_routing_cache: bool = True,
+                 **gen_kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """Left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None).
+
+        Sequence routing decides once from the prompt and keeps the expert for every generated token.
+        The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
+        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill."""
+        if self.spec.routing == Routing.SEQUENCE and expert is None and not adapters_off:
+            if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
+                expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
+                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
+                gen_kwargs["past_key_values"] = cache
+            else:
+                expert, _ = self.route(input_ids, attention_mask)
+        forced = expert
+        if expert is not None and (k := _rows_per_prompt(self.model, gen_kwargs)) > 1:
+            forced = expert.repeat_interleave(k)  # generate repeats each prompt k times in place (beams)
+        with self._routing(adapters_off=adapters_off, forced=forced):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        return out, expert
+
+    def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor,
+                                   gen_kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
+        """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache).
+
+        A row whose layers all chose its final expert ran the prompt through exactly the weights generation
+        uses, so its keys and values are already right (a trained MoA router agrees with itself across
+        layers almost always). The other rows are run again with their final expert and their cache rows
+        replaced. The cache is cut to T - 1 positions: generate then runs only the last prompt token, which
+        yields the first token's logits through generate's own logits processing. With
+        `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
+        decode step keeps its static addresses; and where HF compiles that decode step (a static cache on
+        an accelerator, or a compile_config that asks for it), the routing pass is compiled too: it stands
+        in for the prefill, and eagerly its per-projection LoRA kernels and per-layer router hooks are
+        launch-bound."""
+        T = input_ids.shape[1]
+        compiled = _hf_compiles_decode(self.model, gen_kwargs)
+        expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
+        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
+        if stale.numel():
+            with self._routing(forced=expert[stale]):
+                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled).past_key_values
+            for mine, theirs in zip(cache.layers, redo.layers):
+                mine.keys[stale] = theirs.keys
+                mine.values[stale] = theirs.values
+        cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
+        if gen_kwargs.get("cache_implementation") != "static":
+            return expert, cache
+        static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
+        for i, layer in enumerate(cache.layers):
+            static.update(layer.keys, layer.values, i)
+        return expert, static
+
+    def _run_decoder(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool, compiled: bool) -> Any:
+        """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as
+        `generate` counts them. `compiled`: through `torch.compile`, built once, in inductor's default mode (no
+        CUDA graphs, since prompt shapes vary between calls); the router hooks trace into the graph."""
+        if compiled and self._compiled is None:
+            self._compiled = torch.compile(self.model.base_model)
+        decoder = self._compiled if compiled else self.model.base_model
+        return decoder(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=prompt_positions(attention_mask), use_cache=use_cache)
+
+    def _static_cache(self, batch: int, max_len: int) -> Any:
+        """One StaticCache per (batch, length), reset between calls, as HF's generate keeps its own: a new one
+        per call would give the compiled decode step new tensor addresses (a CUDA-graph re-capture)."""
+        from transformers import StaticCache
+
+        key = (batch, max_len)
+        if self._static is not None and self._static[0] == key:
+            self._static[1].reset()
+            return self._static[1]
+        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
+        self._static = (key, cache)
+        return cache

@@ -134,7 +134,8 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     console.print(f"[bold]moa_pipeline[/bold]: method={ctx.cfg.method}, domains={ctx.cfg.domain_names}, "
                   f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
-    result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
+    with _stoppable(ctx, "moa run" + (f" --profile {profile}" if profile else "")):
+        result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
     print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
     print(f"\nWith 95 % intervals ({len(ctx.seeds)} seed(s); reports/eval_intervals.md):\n")
     print(result["intervals_table"])
@@ -144,6 +145,26 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
         f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
         f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000"
     )
+
+
+@contextlib.contextmanager
+def _stoppable(ctx, rerun: str):
+    """SIGINT/SIGTERM stop the running jobs at their next step boundary (moa_core.stopping); the command then
+    exits with 130/143 after a normal interpreter exit, which stops the Prefect server it started."""
+    from moa_core import stopping
+    from tasks.common import announce_stop
+
+    try:
+        with stopping.stop_on_signals(announce_stop(ctx, rerun)):
+            yield
+    except Exception as exc:
+        if not stopping.stop_requested():
+            raise
+        code = stopping.exit_code()
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        console.print(f"[yellow]stopped[/yellow] ({stopping.stop_signal().name if stopping.stop_signal() else 'stop'}"
+                      f"): {detail}\nThe checkpoints under {ctx.layout.checkpoints} resume with `{rerun}`.", soft_wrap=True)
+        raise typer.Exit(code) from None
 
 
 def _evaluate(params: Path, profile: str | None, holder: str) -> None:

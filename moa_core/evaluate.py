@@ -25,6 +25,7 @@ from .batching import autocast, collate, encode, encode_prompt, to_device
 from .config import MoAConfig
 from .model import MixtureModel
 from .stats import RowStats
+from .stopping import raise_if_stop_requested
 
 Routing = str | int
 
@@ -87,6 +88,7 @@ def _evaluate_system(
     result = SystemEval(per_domain={})
     off = routing == "off"
     for name, records in test_by_domain.items():
+        raise_if_stop_requested(f"evaluation stopped before domain {name!r}")
         if progress:
             progress(name)
         dom_idx = mm.spec.experts.index(name) if name in mm.spec.experts else -1

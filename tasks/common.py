@@ -74,6 +74,25 @@ def progress(name: str, total: int):
     return on_log
 
 
+def announce_stop(ctx: StageContext, rerun: str):
+    """moa_core.stopping's `announce` callback: one line on stderr (and in the run's log) when a signal asks
+    the running jobs to stop at their next step boundary."""
+    import signal
+    import sys
+
+    def announce(sig: signal.Signals) -> None:
+        line = (f"stop requested ({sig.name}): finishing the current step; the checkpoint goes under "
+                f"{ctx.layout.checkpoints}; re-run `{rerun}` to resume (send the signal again to kill at once)")
+        try:  # inside a flow run: its logger prints the line and keeps it in the Prefect UI
+            from prefect import get_run_logger
+
+            get_run_logger().warning(line)
+        except Exception:  # noqa: BLE001 - outside a run (or the log fails): plain stderr; never a crash here
+            print(f"moa: {line}", file=sys.stderr, flush=True)
+
+    return announce
+
+
 # Torch work of tasks that share one process runs one job at a time. Two trainings in two threads of one
 # process produced a NaN loss on the second step here (each alone is finite), and on a 2-core machine
 # they would only split the same cores anyway. Parallel training = separate processes (a work pool).

@@ -143,7 +143,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
         f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
-        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000"
+        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints."
     )
 
 
@@ -181,7 +181,7 @@ def _evaluate(params: Path, profile: str | None, holder: str) -> None:
         console.print(f"[red]cannot evaluate[/red]: {exc}")
         raise typer.Exit(2) from None
     print(result["table"])  # plain print: a markdown table must not be re-wrapped
-    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000")
+    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints.")
 
 
 @app.command()
@@ -316,30 +316,110 @@ def stage_register(params: Params = Path("params.yaml")) -> None:
     console.print_json(json.dumps(run_register(_stage_ctx(params, "register"))))
 
 
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no holder
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def mlflow_links(ctx, base: str) -> dict[str, str]:
+    """Direct links into the MLflow 3 UI, which otherwise opens on its GenAI view (traces) and hides the runs and
+    the registry until one switches to "Model training": the runs list and the registered model."""
+    import mlflow
+
+    from tasks.common import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(ctx))
+    exp = mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment)
+    runs = (f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp is not None
+            else f"{base}/#/experiments?workflowType=machine_learning")
+    return {"runs": runs, "model": f"{base}/#/models/{ctx.cfg.registry.model_name}"}
+
+
 @app.command()
 def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1",
        prefect: Annotated[bool, typer.Option(help="also start the Prefect UI (server) on --prefect-port")] = False,
        prefect_port: int = 4200) -> None:
-    """Start the MLflow UI (and optionally the Prefect UI) on loopback."""
+    """Start the MLflow UI (and optionally the Prefect UI) on loopback; Ctrl-C or SIGTERM stops both."""
+    import signal
+
     from tasks.common import tracking_uri
 
     ctx = _ctx(params)
-    procs = []
+    wanted = [("MLflow UI", port, "--port")] + ([("Prefect UI", prefect_port, "--prefect-port")] if prefect else [])
+    taken = [(what, p, opt) for what, p, opt in wanted if _port_taken(host, p)]
+    if taken:
+        for what, p, opt in taken:
+            console.print(f"[red]port {p} on {host} is taken[/red]: the {what} cannot start there. Another `moa ui` "
+                          f"(or another server) holds it: stop that one, or pick a free port with {opt} N.")
+        raise typer.Exit(2)
+    cmds = [("MLflow UI", [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
+                           "--backend-store-uri", tracking_uri(ctx)],
+             {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})]
     if prefect:
         # `--port` alone leaves the UI calling the API on PREFECT_SERVER_API_PORT (4200) or $PREFECT_API_URL
-        api_env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
-                   "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                       "--port", str(prefect_port)], env=api_env))
+        cmds.append(("Prefect UI", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                    "--port", str(prefect_port)],
+                     {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
+                      "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}))
+    links = mlflow_links(ctx, f"http://{host}:{port}")
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # each server in its own process group: stopping it stops its workers too, and a terminal's Ctrl-C reaches
+    # only this process, which stops them in order
+    procs = [(name, subprocess.Popen(cmd, env=env, start_new_session=True)) for name, cmd, env in cmds]
+    console.print(f"MLflow UI: http://{host}:{port}\n  runs: {links['runs']}\n  registered model: {links['model']}",
+                  soft_wrap=True)
+    if prefect:
         console.print(f"Prefect UI: http://{host}:{prefect_port}")
-    console.print(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    console.print("Ctrl-C (or SIGTERM) stops the servers.")
+    failed = None
     try:
-        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
-                        "--backend-store-uri", tracking_uri(ctx)], env=env, check=False)
+        while stop["signal"] is None and failed is None:
+            failed = next(((n, p) for n, p in procs if p.poll() is not None), None)
+            if failed is None:
+                import time
+
+                time.sleep(0.2)
     finally:
-        for p in procs:
-            p.terminate()
+        for _name, p in procs:
+            _stop_group(p)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if failed is not None:
+        name, p = failed
+        console.print(f"[red]{name} exited with {p.returncode}[/red]; the other servers were stopped. Its output is "
+                      "above; a port taken meanwhile or a broken store are the usual causes.")
+        raise typer.Exit(1)
+    console.print(f"stopped ({signal.Signals(stop['signal']).name}): the servers are down.")
+
+
+def _stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to a server's process group, SIGKILL after `grace` seconds."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived their leader
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 from moa_cli import deploy_cmd  # noqa: E402  `moa deploy`

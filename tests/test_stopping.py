@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,3 +132,38 @@ def torch_step(root: Path) -> int:
     import torch
 
     return int(torch.load(root / CKPT, map_location="cpu", weights_only=True)["step"])
+
+
+@pytest.mark.slow
+def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(tmp_path: Path, tiny_model_dir: Path):
+    """`kill <pid>` of `moa ui --prefect` stops the MLflow and Prefect servers it started; a second `moa ui` on the
+    same ports exits non-zero naming the port instead of exiting 0 with no server."""
+    from procs import free_port, wait_http
+
+    root = _project(tmp_path / "p", tiny_model_dir)
+    exe = str(Path(sys.executable).parent / "moa")
+    mlflow_port, prefect_port = free_port(), free_port()
+    args = ["ui", "--params", str(root / "params.yaml"), "--port", str(mlflow_port), "--prefect",
+            "--prefect-port", str(prefect_port)]
+    ui = Proc("moa ui", [exe, *args], root / "ui.log", env=os.environ.copy(), cwd=root)
+    try:
+        wait_http(ui, f"http://127.0.0.1:{mlflow_port}/health", timeout=180)
+        wait_http(ui, f"http://127.0.0.1:{prefect_port}/api/health", timeout=180)
+        out = ui.tail()
+        assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in out, out
+        assert f"http://127.0.0.1:{mlflow_port}/#/models/moa-model" in out, out
+
+        second = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0, second.stderr
+        assert f"port {mlflow_port}" in second.stderr and f"port {prefect_port}" in second.stderr, second.stderr
+        assert "--port" in second.stderr, second.stderr
+
+        kids, ports = _descendants(ui)
+        assert {mlflow_port, prefect_port} <= ports, ports
+        os.kill(ui.p.pid, signal.SIGTERM)
+        assert ui.p.wait(timeout=30) == 0, ui.tail()
+        gone, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive, f"servers left behind: {[p.cmdline() for p in alive]}"
+        assert _port_free(mlflow_port) and _port_free(prefect_port)
+    finally:
+        ui.stop()

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -42,7 +43,7 @@ def _ctx(params: Path, profile: str | None = None):
     try:
         return StageContext.load(params, profile)
     except ConfigError as exc:
-        console.print(f"[red]config error[/red]: {exc}")
+        console.print(f"[red]config error[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -163,7 +164,7 @@ def _stoppable(ctx, rerun: str):
         code = stopping.exit_code()
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         console.print(f"[yellow]stopped[/yellow] ({stopping.stop_signal().name if stopping.stop_signal() else 'stop'}"
-                      f"): {detail}\nThe checkpoints under {ctx.layout.checkpoints} resume with `{rerun}`.", soft_wrap=True)
+                      f"): {escape(detail)}\nThe checkpoints under {ctx.layout.checkpoints} resume with `{rerun}`.", soft_wrap=True)
         raise typer.Exit(code) from None
 
 
@@ -175,10 +176,10 @@ def _evaluate(params: Path, profile: str | None, holder: str) -> None:
     try:
         result = run_evaluate(ctx)
     except FileNotFoundError as exc:
-        console.print(f"[red]nothing to evaluate yet[/red]: {exc}\nRun `moa run{' --profile ' + profile if profile else ''}` first.")
+        console.print(f"[red]nothing to evaluate yet[/red]: {escape(str(exc))}\nRun `moa run{' --profile ' + profile if profile else ''}` first.")
         raise typer.Exit(2) from None
     except MixtureError as exc:
-        console.print(f"[red]cannot evaluate[/red]: {exc}")
+        console.print(f"[red]cannot evaluate[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from None
     print(result["table"])  # plain print: a markdown table must not be re-wrapped
     console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints.")
@@ -206,7 +207,7 @@ def _field_map(values: list[str]) -> dict[str, str]:
 @app.command()
 def onboard(
     domain: Annotated[str, typer.Option("--domain", "-d", help="name of the new domain (lowercase, digits, _)")],
-    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, builtin:NAME[/CATEGORY] (e.g. builtin:bbc/tech), or a dataset id in the local HF cache")],
+    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, builtin:NAME\\[/CATEGORY] (e.g. builtin:bbc/tech), or a dataset id in the local HF cache")],
     field: Annotated[list[str], typer.Option("--field", "-f", help="column mapping OURS=THEIRS (instruction, response, input, id); repeatable")] = [],  # noqa: B006
     description: Annotated[str, typer.Option(help="one line for the data card and params.yaml")] = "",
     params: Params = Path("params.yaml"),
@@ -224,13 +225,16 @@ def onboard(
 
     _ctx(params, profile)  # params.yaml itself must be valid first
     fields = _field_map(field)
-    from flows.onboard import onboard_domain
+    from tasks.onboard import plan_onboarding
 
-    try:
+    try:  # the request is checked here too, before the flow run (and its Prefect server) starts
+        plan_onboarding(params, domain, source, fields or None, description, profile)
+        from flows.onboard import onboard_domain
+
         result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
                                 params=str(params.resolve()), profile=profile)
     except (OnboardError, ConfigError, SourceError, EmptyDomainError) as exc:
-        console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {exc}\n"
+        console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {escape(str(exc))}\n"
                       "params.yaml and the model registry are unchanged.")
         raise typer.Exit(2) from None
     ev, reg, cost = result["evaluation"], result["registered"], result["cost"]

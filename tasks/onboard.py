@@ -79,6 +79,14 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
     if domain in old.cfg.domain_names:
         raise OnboardError(f"domain {domain!r} already exists in {params_path.name} (domains: {old.cfg.domain_names}); "
                            "pick a new name, or change its source there and retrain with `moa run`")
+    # the request itself first (name, source, fields): it needs no trained model to be checked
+    entry: dict[str, Any] = {"description": description or f"onboarded from {source}",
+                             "source": source_from_spec(source, fields, root)}
+    new_raw = {**raw, "domains": {**_domain_mapping(raw), domain: entry}}
+    try:
+        new_cfg = parse_config(new_raw, f"{params_path.name} + domain {domain!r}", profile)
+    except ConfigError as exc:
+        raise OnboardError(f"the new domain does not validate: {exc}") from None
     if old.cfg.method not in ONBOARDABLE:
         raise OnboardError(f"method {old.cfg.method!r} cannot add a domain without retraining (its experts share A); "
                            f"add it to params.yaml and run `moa run`, or use one of {ONBOARDABLE}")
@@ -89,13 +97,6 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
     if list(spec.domains) != old.cfg.domain_names:
         raise OnboardError(f"the mixture at {mixture} holds {spec.domains} but params.yaml lists "
                            f"{old.cfg.domain_names}; run the pipeline so they agree, then onboard")
-    entry: dict[str, Any] = {"description": description or f"onboarded from {source}",
-                             "source": source_from_spec(source, fields, root)}
-    new_raw = {**raw, "domains": {**_domain_mapping(raw), domain: entry}}
-    try:
-        new_cfg = parse_config(new_raw, f"{params_path.name} + domain {domain!r}", profile)
-    except ConfigError as exc:
-        raise OnboardError(f"the new domain does not validate: {exc}") from None
     return OnboardPlan(domain, old, StageContext(cfg=new_cfg, root=root), params_path, entry)
 
 

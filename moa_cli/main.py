@@ -35,6 +35,21 @@ def _env(params: Path) -> None:
     configure_env(params.resolve().parent)
 
 
+def _check_sources(ctx) -> None:
+    """Open every domain's source cheaply (moa_core.sources.check_source); all problems at once, then exit 2."""
+    from moa_core.sources import SourceError, check_source
+
+    problems = []
+    for d in ctx.cfg.domains:
+        try:
+            check_source(d.source, ctx.root)
+        except SourceError as exc:
+            problems.append(f"  - domains.{d.name}.source: {exc}")
+    if problems:
+        console.print("[red]source error[/red]:\n" + escape("\n".join(problems)), soft_wrap=True)
+        raise typer.Exit(2)
+
+
 def _ctx(params: Path, profile: str | None = None):
     from moa_core.config import ConfigError
     from tasks.common import StageContext
@@ -108,8 +123,10 @@ def _print_result(result: dict) -> None:
 
 @app.command()
 def validate(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
-    """Check params.yaml and print the resolved settings."""
+    """Check params.yaml (the base values, then with the profile) and open every domain's source cheaply
+    (builtin names, files, formats, column mappings); print the resolved settings."""
     ctx = _ctx(params, profile)
+    _check_sources(ctx)
     t = Table(title=f"{params} ({profile or 'default'})")
     t.add_column("setting")
     t.add_column("value")
@@ -128,6 +145,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
                  "moa_train_expert/process (python -m flows.dispatch deploy; infra/README.md)")] = None) -> None:
     """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register)."""
     ctx = _ctx(params, profile)
+    _check_sources(ctx)  # seconds, before a Prefect server starts and the other domains curate
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import moa_pipeline

@@ -327,6 +327,8 @@ def parse_config(raw: dict[str, Any], source: str = "params.yaml", profile: str 
     names separated by commas merge in order (`gpu,from_mixed`: the gpu profile, then from_mixed over it)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping at the top level")
+    if profile:  # the base values first: a profile that overrides a bad value must not hide it until a full run
+        parse_config(raw, f"{source} (before profile {profile!r})")
     for name in (profile or "").split(","):
         if not name.strip():
             continue

@@ -21,7 +21,7 @@ from moa_core.config import ConfigError, add_domain_to_params, load_raw, parse_c
 from moa_core.evaluate import evaluate_system
 from moa_core.model import load_mixture, read_spec, save_mixture
 from moa_core.onboard import ONBOARDABLE, OnboardError, extend_mixture, regression_gate
-from moa_core.sources import FILE_SUFFIXES
+from moa_core.sources import FILE_SUFFIXES, check_source
 
 from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
 from .evaluate import eval_progress
@@ -87,6 +87,7 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
         new_cfg = parse_config(new_raw, f"{params_path.name} + domain {domain!r}", profile)
     except ConfigError as exc:
         raise OnboardError(f"the new domain does not validate: {exc}") from None
+    check_source(new_cfg.domain(domain).source, root)  # SourceError: the file, format or columns are wrong
     if old.cfg.method not in ONBOARDABLE:
         raise OnboardError(f"method {old.cfg.method!r} cannot add a domain without retraining (its experts share A); "
                            f"add it to params.yaml and run `moa run`, or use one of {ONBOARDABLE}")

@@ -260,10 +260,12 @@ def onboard(
     for col in ("domain", "before", "after", "router acc"):
         t.add_column(col)
     acc = ev["router_accuracy_by_domain"]
+    acc_before = ev.get("router_accuracy_by_domain_before", {})
     for d, vals in ev["after"].items():
         before = ev["before"].get(d, {}).get(ev["metric"])
-        t.add_row(d, "-" if before is None else f"{before:.3f}", f"{vals[ev['metric']]:.3f}",
-                  f"{acc[d]:.0%}" if d in acc else "-")
+        shown = f"{before:.3f}" if before is not None else f"{ev['base_new_domain'][ev['metric']]:.3f} (base model)"
+        router = (f"{acc_before[d]:.0%} -> " if d in acc_before else "") + (f"{acc[d]:.0%}" if d in acc else "-")
+        t.add_row(d, shown, f"{vals[ev['metric']]:.3f}", router)
     console.print(t)
     console.print(
         f"cost: {cost['onboard_train_seconds']} s and {cost['onboard_trainable_params']:,} trainable parameters "

@@ -42,6 +42,10 @@ class SystemEval:
     def router_accuracy(self) -> float | None:
         return metrics.router_accuracy(self.gold, self.routed) if self.routed else None
 
+    @property
+    def router_accuracy_by_domain(self) -> dict[str, float]:
+        return metrics.router_accuracy_by_domain(self.gold, self.routed) if self.routed else {}
+
 
 def _field(rec: Any, name: str) -> str:
     return rec[name] if isinstance(rec, dict) else getattr(rec, name)

@@ -166,11 +166,14 @@ class StageContext:
         cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"seed": seed})})
         return dataclasses.replace(self, cfg=cfg, seed=seed if len(self.seeds) > 1 else None)
 
-    def split(self, domain: str, split: str) -> list[Record]:
+    def split_path(self, domain: str, split: str) -> Path:
         path = self.layout.curated(domain) / f"{split}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the curate stage for {domain!r} first (moa stage curate {domain})")
-        return read_records(path)
+        return path
+
+    def split(self, domain: str, split: str) -> list[Record]:
+        return read_records(self.split_path(domain, split))
 
     def splits(self, split: str, domains: list[str] | None = None) -> dict[str, list[Record]]:
         return {d: self.split(d, split) for d in (domains or self.cfg.domain_names)}

@@ -159,13 +159,19 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
         mm_new = load_mixture(base, new.layout.onboarded(d))
         after = evaluate_system(mm_new, tok, new.splits("test"), new.cfg, routing,
                                 eval_progress(f"with {d}", new.cfg.domain_names))
-    gate = regression_gate(before.per_domain, after.per_domain, ob.regression_metric, ob.tolerance)
+        # what the new domain gets without any expert: the figure the onboarding summary starts from
+        base_new = evaluate_system(mm_new, tok, {d: new.split(d, "test")}, new.cfg, "off",
+                                   eval_progress("base model", [d])).per_domain[d]
+    gate = regression_gate(before.per_domain, after.per_domain, ob.regression_metric, ob.tolerance,
+                           before.router_accuracy_by_domain, after.router_accuracy_by_domain,
+                           ob.router_accuracy_tolerance)
     result = {
         "domain": d, "metric": ob.regression_metric, "tolerance": ob.tolerance, "passed": gate.passed,
         "reason": gate.reason, "compared": gate.compared,
-        "before": before.per_domain, "after": after.per_domain,
+        "before": before.per_domain, "after": after.per_domain, "base_new_domain": base_new,
         "router_accuracy_before": before.router_accuracy, "router_accuracy_after": after.router_accuracy,
-        "router_accuracy_by_domain": _accuracy_by_domain(after.gold, after.routed),
+        "router_accuracy_by_domain": after.router_accuracy_by_domain,
+        "router_accuracy_by_domain_before": before.router_accuracy_by_domain,
     }
     with stage_run(new, f"onboard_evaluate:{d}", domain=d):
         for dom, vals in after.per_domain.items():
@@ -175,14 +181,6 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
         mlflow.set_tag("moa.regression_gate", gate.reason)
         mlflow.log_dict(result, "onboard_evaluate.json")
     return result
-
-
-def _accuracy_by_domain(gold: list[str], routed: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for dom in dict.fromkeys(gold):
-        pairs = [(g, r) for g, r in zip(gold, routed) if g == dom]
-        out[dom] = sum(g == r for g, r in pairs) / len(pairs)
-    return out
 
 
 def run_onboard_register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[str, Any]:

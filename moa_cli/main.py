@@ -241,7 +241,7 @@ def onboard(
     from moa_core.onboard import OnboardError
     from moa_core.sources import SourceError
 
-    _ctx(params, profile)  # params.yaml itself must be valid first
+    ctx = _ctx(params, profile)  # params.yaml itself must be valid first
     fields = _field_map(field)
     from tasks.onboard import plan_onboarding
 
@@ -249,8 +249,9 @@ def onboard(
         plan_onboarding(params, domain, source, fields or None, description, profile)
         from flows.onboard import onboard_domain
 
-        result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
-                                params=str(params.resolve()), profile=profile)
+        with _stoppable(ctx, f"moa onboard -d {domain} -s {source}"):
+            result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
+                                    params=str(params.resolve()), profile=profile)
     except (OnboardError, ConfigError, SourceError, EmptyDomainError) as exc:
         console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {escape(str(exc))}\n"
                       "params.yaml and the model registry are unchanged.")
@@ -277,6 +278,21 @@ def onboard(
            f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {ev['reason']}. "
            "params.yaml and @champion are unchanged; try more data or onboard.router_steps, then onboard again.")
     )
+
+
+@stage_app.callback()
+def _stage_logging() -> None:
+    """A stage run alone (DVC's `moa stage ...`) prints its progress: training steps, evaluated domains. Inside a
+    Prefect run the same lines go to the run's logger; here the `moa` logger gets a stderr handler."""
+    import logging
+
+    log = logging.getLogger("moa")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @stage_app.command("curate")

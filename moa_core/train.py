@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,10 @@ from .distributed import DataParallel, check_sums_loss
 from .metrics import token_nll
 from .model import MixtureModel, MixtureSpec, atomic_dir_write, base_config_hash, decoder_layers
 from .stopping import StopRequested, stop_requested
+
+# PEFT's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every adapter it wraps: one
+# FutureWarning per expert, retry and thread in a run's log, about PEFT's code, not ours. Only that message.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"

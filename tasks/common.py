@@ -37,6 +37,8 @@ def configure_env(root: Path) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    # MLflow's artifact progress bars are carriage-return redraws: noise in a log file or a CI log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Prefect's embedded server gets 20 s to start by default: not enough on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from transformers.utils import logging as hf_logging

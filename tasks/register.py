@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,16 +105,10 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
     return True, f"candidate {candidate:.4f} is not worse than champion {champion:.4f}"
 
 
-def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
-    """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
-    pyfunc model, register a version, tag it."""
+def _log_pyfunc(ctx: StageContext, artifacts: dict[str, str], base_path: Path, model_id: str) -> Any:
     from moa_cli.pyfunc import MoAPyfunc, signature
 
-    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
-    artifacts = {"mixture": str(mixture_dir)}
-    if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
-        artifacts["base"] = str(base_path)
-    info = mlflow.pyfunc.log_model(
+    return mlflow.pyfunc.log_model(
         name="moa-model", python_model=MoAPyfunc(),
         artifacts=artifacts,
         model_config={"base_path": str(base_path), "base_model": model_id,
@@ -123,6 +118,20 @@ def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, st
         signature=signature(ctx.cfg.evaluate.max_new_tokens),  # declares `max_new_tokens`: else MLflow drops params
         registered_model_name=ctx.cfg.registry.model_name,
     )
+
+
+def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
+    """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
+    pyfunc model, register a version, tag it."""
+    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
+    artifacts = {"mixture": str(mixture_dir)}
+    if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
+        artifacts["base"] = str(base_path)
+    with warnings.catch_warnings():
+        # MLflow asks for an input example, in a warning with raw ANSI colour codes in every log; validating an
+        # example would load the base model once more per registration, and the signature is the schema.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        info = _log_pyfunc(ctx, artifacts, base_path, model_id)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for k, v in tags.items():

@@ -114,6 +114,11 @@ def test_sigterm_stops_training_at_a_step_and_the_next_run_resumes(tmp_path: Pat
         assert again.p.wait(timeout=600) == 0, again.tail()
     finally:
         again.stop()
+    # the whole run's output, read as a user would: the table once, no warning spam, no raw colour codes
+    out = again.tail(1_000_000)
+    assert out.count("| System |") == 1, out
+    assert "\x1b[" not in out and "is_gradient_checkpointing" not in out and "input example" not in out, out
+    assert "Downloading artifacts" not in out, out
     summary = json.loads((root / "metrics/train_expert_code.json").read_text())
     assert summary["resumed_from"] == step, (summary, step)
     assert summary["steps"] == EXPERT_STEPS

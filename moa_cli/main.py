@@ -269,13 +269,16 @@ def onboard(
         t.add_row(d, shown, f"{vals[ev['metric']]:.3f}", router)
     console.print(t)
     console.print(
-        f"cost: {cost['onboard_train_seconds']} s and {cost['onboard_trainable_params']:,} trainable parameters "
-        f"(the last full pipeline trained {cost['pipeline_train_seconds_old_domains']} s; the whole mixture has "
-        f"{cost['full_mixture_trainable_params']:,})\n"
+        f"cost, training time against training time (evaluation excluded on both sides): onboarding trained "
+        f"{cost['onboard_train_seconds']} s (new expert {cost['onboard_expert_train_seconds']} s + update "
+        f"{cost['onboard_router_train_seconds']} s) and {cost['onboard_trainable_params']:,} parameters; "
+        f"the last full pipeline trained the old domains' experts and router for "
+        f"{cost['pipeline_train_seconds_old_domains']} s, and the whole mixture has "
+        f"{cost['full_mixture_trainable_params']:,} parameters.\n"
         + (f"[green]promoted[/green]: {reg['model']} v{reg['version']} is @champion and params.yaml lists {domain!r}; "
            "`dvc repro` and scheduled retrains include it from now on."
            if reg["promoted"] else
-           f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {ev['reason']}. "
+           f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {escape(ev['reason'])}. "
            "params.yaml and @champion are unchanged; try more data or onboard.router_steps, then onboard again.")
     )
 

@@ -228,7 +228,9 @@ def onboarding_cost(plan: OnboardPlan, expert: dict[str, Any] | None, extend: di
     onboard_s = extend["train_seconds"] + (expert or {}).get("train_seconds", 0.0)
     spec_params = _mixture_params(plan.new.layout.onboarded(plan.domain))
     return {
-        "onboard_train_seconds": round(onboard_s, 2),
+        "onboard_train_seconds": round(onboard_s, 2),  # training loops only, as the pipeline's figure
+        "onboard_expert_train_seconds": round((expert or {}).get("train_seconds", 0.0), 2),
+        "onboard_router_train_seconds": round(extend["train_seconds"], 2),
         "pipeline_train_seconds_old_domains": round(retrain_s, 2),
         "onboard_trainable_params": extend["trainable_params"],
         "full_mixture_trainable_params": spec_params,

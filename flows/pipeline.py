@@ -109,7 +109,7 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         # the table itself: reports/eval.md and MLflow (and `moa run` prints it once, without a log prefix)
         log.info("evaluated: %s; report %s", ", ".join(f"{k} {v:.4g}" for k, v in ev["metrics"][cfg.method].items()
                                                       if k.startswith("avg_")), ctx.layout.reports / "eval.md")
-        log.info("with 95 %% intervals over %d seed(s):\n%s", len(ctx.seeds), ci["table"])
+        log.info("95 %% intervals over %d seed(s): %s", len(ctx.seeds), ctx.layout.reports / "eval_intervals.md")
         log.info("registered %s version %s (promoted: %s, %s)", reg["model"], reg["version"], reg["promoted"], reg["reason"])
         return {"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
                 "registered": reg,

@@ -161,7 +161,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     reg = result["registered"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
-        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
+        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + escape(reg['reason'])}).\n"
         f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints."
     )
 

@@ -155,7 +155,7 @@ def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(tmp_path: P
     try:
         wait_http(ui, f"http://127.0.0.1:{mlflow_port}/health", timeout=180)
         wait_http(ui, f"http://127.0.0.1:{prefect_port}/api/health", timeout=180)
-        out = ui.tail()
+        out = ui.tail(1_000_000)
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in out, out
         assert f"http://127.0.0.1:{mlflow_port}/#/models/moa-model" in out, out
 

@@ -186,14 +186,23 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
 def run_onboard_register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Register the candidate; promote it, install it as the project's mixture and record the domain in
     params.yaml only when the regression gate passed."""
-    from .register import log_mixture_version, set_promotion
+    from moa_core import metrics
+
+    from .register import EVAL_FINGERPRINT, ROUTER_ACCURACY, eval_fingerprint, log_mixture_version, set_promotion
 
     ctx, d = plan.new, plan.domain
     lay = ctx.layout
+    # the figures the register stage's gate reads, measured here on all domains' test split: the next `moa run`
+    # compares against them without evaluating this version again
+    flat = metrics.results_to_json([metrics.EvalRow(system="candidate", per_domain=evaluation["after"])])["candidate"]
+    key = ctx.cfg.registry.promote_metric
+    figures = {EVAL_FINGERPRINT: eval_fingerprint(ctx),
+               ROUTER_ACCURACY: json.dumps(evaluation["router_accuracy_by_domain"], sort_keys=True),
+               **({key: str(flat[key])} if key in flat else {})}
     with stage_run(ctx, f"onboard_register:{d}", domain=d) as run:
         version = log_mixture_version(ctx, lay.onboarded(d), {
             "moa.method": plan.method, "moa.domains": ",".join(ctx.cfg.domain_names), "moa.onboarded": d,
-            f"onboard.{evaluation['metric']}_gate": "passed" if evaluation["passed"] else "failed"})
+            f"onboard.{evaluation['metric']}_gate": "passed" if evaluation["passed"] else "failed", **figures})
         promote = bool(evaluation["passed"])
         set_promotion(ctx, version, promote, f"onboarding {d}: {evaluation['reason']}")
     if promote:

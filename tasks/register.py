@@ -55,8 +55,8 @@ def _candidate(ctx: StageContext) -> Figures:
 
 
 def champion_figures(ctx: StageContext, fingerprint: str) -> tuple[str, Figures] | None:
-    """(which champion and how it was measured, figures) of @champion on the current test split: its stored tags when they were measured on
-    it, else the champion evaluated again. None only when the registered model has no @champion alias; any
+    """(which champion and how it was measured, figures) of @champion on the current test split: its stored tags
+    when they were measured on it, else the champion evaluated again. None only when the registered model has no @champion alias; any
     error reading the registry or evaluating the champion propagates (the caller must not promote then)."""
     client, name = MlflowClient(), ctx.cfg.registry.model_name
     version = client.get_registered_model(name).aliases.get(CHAMPION)  # the model exists: a version was just added
@@ -75,11 +75,11 @@ def champion_figures(ctx: StageContext, fingerprint: str) -> tuple[str, Figures]
 def _evaluate_version(ctx: StageContext, version: str, fingerprint: str) -> Figures:
     """A registered version's mixture on the current test split of the current domains (a domain the version
     has no expert for is routed like any prompt; its router accuracy is only kept for the version's domains)."""
+    import yaml
+
     from moa_core import metrics
     from moa_core.evaluate import evaluate_system
     from moa_core.model import load_mixture
-
-    import yaml
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{ctx.cfg.registry.model_name}/{version}"))
     # the pyfunc's MLmodel says where its `mixture` artifact lies (artifacts/<the logged directory's name>)

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import dispatch_experts
 from moa_core.config import ConfigError
 from moa_core.methods import planned_mixtures
-from tasks.common import StageContext, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads
+from moa_core.stopping import raise_if_stop_requested, stop_on_signals, stop_requested, stop_signal
+from tasks.common import (
+    StageContext, announce_stop, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads,
+)
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, intervals_task, register_task, train_expert_task, train_mixed_task, train_router_task,
 )
@@ -35,7 +40,10 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
     cfg = ctx.cfg
     log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source, threads)
     exp = mlflow_experiment(ctx)
-    with project_lock(ctx.root, f"moa_pipeline flow run {flow_run.id}"), \
+    # Prefect's flow engine turns SIGTERM into an exception in this thread, which would leave the training
+    # threads running to their end: inside the flow, both signals ask every job to stop at its next step
+    rerun = "moa run" + (f" --profile {profile}" if profile else "")
+    with stop_on_signals(announce_stop(ctx, rerun)), project_lock(ctx.root, f"moa_pipeline flow run {flow_run.id}"), \
             mlflow.start_run(experiment_id=exp, run_name=f"pipeline:{cfg.method}", tags=lineage_tags(ctx)) as parent:
         mlflow.log_params({"method": cfg.method, "domains": ",".join(cfg.domain_names), "profile": profile or "default",
                            "base_model": cfg.base_model.source})
@@ -43,44 +51,61 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         ctx = dataclasses.replace(ctx, parent_run_id=parent.info.run_id, flow_run_id=str(flow_run.id))
         mlflow.set_tag("prefect_flow_run_id", ctx.flow_run_id)
 
-        # curation of every domain finishes before any training starts: an empty domain stops the run here
-        curated = {d: curate_task.submit(ctx, d) for d in cfg.domain_names}
-        counts = {d: f.result() for d, f in curated.items()}
-        for d, c in counts.items():
-            log.info("curated %s: %s", d, c)
+        submitted: list[PrefectFuture] = []
+        try:
+            # curation of every domain finishes before any training starts: an empty domain stops the run here
+            curated = {d: curate_task.submit(ctx, d) for d in cfg.domain_names}
+            submitted += curated.values()
+            counts = {d: f.result() for d, f in curated.items()}
+            for d, c in counts.items():
+                log.info("curated %s: %s", d, c)
+            raise_if_stop_requested("the pipeline stopped after curation, before any training")
 
-        # One pass of training and evaluation per training seed (train.seeds); the curated data is shared.
-        # The first seed's mixture is the one registered; the intervals pool every seed's test rows.
-        if expert_deployment and len(ctx.seeds) > 1:
-            raise ConfigError("train.seeds with several seeds trains the experts in this flow run; run without "
-                              "--expert-deployment, or with one seed")
-        evaluations = []
-        for seed in ctx.seeds:
-            sctx = ctx.for_seed(seed)
-            if expert_deployment:  # one flow run per domain on a work pool; the adapters land in the shared project dir
-                upstream = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
-                dispatch_experts(params=str(Path(params).resolve()), profile=profile, deployment_name=expert_deployment,
-                                 parent_run_id=parent.info.run_id)
-                experts = []
-            else:
-                # experts_from: mixed -> every expert starts from the LoRA-mixed adapter, so that one trains first
-                if cfg.train.experts_from == "mixed":
-                    mixed = [train_mixed_task.submit(sctx)]
-                    experts = [train_expert_task.submit(sctx, d, wait_for=mixed) for d in cfg.domain_names]
+            # One pass of training and evaluation per training seed (train.seeds); the curated data is shared.
+            # The first seed's mixture is the one registered; the intervals pool every seed's test rows.
+            if expert_deployment and len(ctx.seeds) > 1:
+                raise ConfigError("train.seeds with several seeds trains the experts in this flow run; run without "
+                                  "--expert-deployment, or with one seed")
+            evaluations = []
+            for seed in ctx.seeds:
+                sctx = ctx.for_seed(seed)
+                if expert_deployment:  # one flow run per domain on a work pool; the adapters land in the shared project dir
+                    upstream = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
+                    dispatch_experts(params=str(Path(params).resolve()), profile=profile, deployment_name=expert_deployment,
+                                     parent_run_id=parent.info.run_id)
+                    experts = []
                 else:
-                    experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
-                    mixed = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
-                upstream = list(experts) + mixed
-            for mix in planned_mixtures(cfg):  # the method, the routing-loss ablation, compare_methods
-                upstream.append(train_router_task.submit(sctx, method=mix.method, eta=mix.eta, name=mix.name,
-                                                         wait_for=experts if mix.needs_experts else []))
-            evaluations.append(evaluate_task.submit(sctx, wait_for=upstream))
-        intervals = intervals_task.submit(ctx, wait_for=evaluations)
-        evaluation = evaluations[0]
-        registered = register_task.submit(ctx.for_seed(ctx.seeds[0]), wait_for=[intervals])
-        ev, reg, ci = evaluation.result(), registered.result(), intervals.result()
-        log.info("evaluation:\n%s", ev["table"])
-        log.info("with 95 %% intervals over %d seed(s):\n%s", len(ctx.seeds), ci["table"])
+                    # experts_from: mixed -> every expert starts from the LoRA-mixed adapter, so that one trains first
+                    if cfg.train.experts_from == "mixed":
+                        mixed = [train_mixed_task.submit(sctx)]
+                        experts = [train_expert_task.submit(sctx, d, wait_for=mixed) for d in cfg.domain_names]
+                    else:
+                        experts = [train_expert_task.submit(sctx, d) for d in cfg.domain_names]
+                        mixed = [train_mixed_task.submit(sctx)] if "mixed" in cfg.evaluate.baselines else []
+                    upstream = list(experts) + mixed
+                for mix in planned_mixtures(cfg):  # the method, the routing-loss ablation, compare_methods
+                    upstream.append(train_router_task.submit(sctx, method=mix.method, eta=mix.eta, name=mix.name,
+                                                             wait_for=experts if mix.needs_experts else []))
+                evaluations.append(evaluate_task.submit(sctx, wait_for=upstream))
+                submitted += [*upstream, evaluations[-1]]
+            intervals = intervals_task.submit(ctx, wait_for=evaluations)
+            evaluation = evaluations[0]
+            registered = register_task.submit(ctx.for_seed(ctx.seeds[0]), wait_for=[intervals])
+            submitted += [intervals, registered]
+            ev, reg, ci = evaluation.result(), registered.result(), intervals.result()
+        except Exception:
+            if not stop_requested():
+                raise
+            wait(submitted)  # the running jobs stop at their next step boundary; leave none behind the lock
+            mlflow.end_run("KILLED")
+            log.warning("moa_pipeline stopped by request: the checkpoints under %s resume with `%s`",
+                        ctx.layout.checkpoints, rerun)
+            return Cancelled(message=f"stopped by {stop_signal().name if stop_signal() else 'request'}; "
+                                     "re-run to resume from the checkpoints")
+        # the table itself: reports/eval.md and MLflow (and `moa run` prints it once, without a log prefix)
+        log.info("evaluated: %s; report %s", ", ".join(f"{k} {v:.4g}" for k, v in ev["metrics"][cfg.method].items()
+                                                      if k.startswith("avg_")), ctx.layout.reports / "eval.md")
+        log.info("95 %% intervals over %d seed(s): %s", len(ctx.seeds), ctx.layout.reports / "eval_intervals.md")
         log.info("registered %s version %s (promoted: %s, %s)", reg["model"], reg["version"], reg["promoted"], reg["reason"])
         return {"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
                 "registered": reg,

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 DEFAULT_API = "http://127.0.0.1:4200/api"
@@ -105,7 +106,7 @@ def deploy(
     r = _prefect(args, env, root)
     out = r.stdout + r.stderr
     if r.returncode != 0 or "Skipping deployment configuration" in out:
-        console.print(f"[red]prefect deploy failed[/red] (exit {r.returncode}):\n{out}")
+        console.print(f"[red]prefect deploy failed[/red] (exit {r.returncode}):\n{escape(out)}")
         raise typer.Exit(1)
     console.print(f"deployed {[d['name'] for d in ready]} to {api_url} from {root}")
     workers = "".join(f"  prefect worker start --pool {p}    # executes the deployments' flow runs\n" for p in pools)

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -34,6 +35,21 @@ def _env(params: Path) -> None:
     configure_env(params.resolve().parent)
 
 
+def _check_sources(ctx) -> None:
+    """Open every domain's source cheaply (moa_core.sources.check_source); all problems at once, then exit 2."""
+    from moa_core.sources import SourceError, check_source
+
+    problems = []
+    for d in ctx.cfg.domains:
+        try:
+            check_source(d.source, ctx.root)
+        except SourceError as exc:
+            problems.append(f"  - domains.{d.name}.source: {exc}")
+    if problems:
+        console.print("[red]source error[/red]:\n" + escape("\n".join(problems)), soft_wrap=True)
+        raise typer.Exit(2)
+
+
 def _ctx(params: Path, profile: str | None = None):
     from moa_core.config import ConfigError
     from tasks.common import StageContext
@@ -42,7 +58,7 @@ def _ctx(params: Path, profile: str | None = None):
     try:
         return StageContext.load(params, profile)
     except ConfigError as exc:
-        console.print(f"[red]config error[/red]: {exc}")
+        console.print(f"[red]config error[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -107,8 +123,10 @@ def _print_result(result: dict) -> None:
 
 @app.command()
 def validate(params: Params = Path("params.yaml"), profile: Profile = None) -> None:
-    """Check params.yaml and print the resolved settings."""
+    """Check params.yaml (the base values, then with the profile) and open every domain's source cheaply
+    (builtin names, files, formats, column mappings); print the resolved settings."""
     ctx = _ctx(params, profile)
+    _check_sources(ctx)
     t = Table(title=f"{params} ({profile or 'default'})")
     t.add_column("setting")
     t.add_column("value")
@@ -127,6 +145,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
                  "moa_train_expert/process (python -m flows.dispatch deploy; infra/README.md)")] = None) -> None:
     """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register)."""
     ctx = _ctx(params, profile)
+    _check_sources(ctx)  # seconds, before a Prefect server starts and the other domains curate
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import moa_pipeline
@@ -134,16 +153,37 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     console.print(f"[bold]moa_pipeline[/bold]: method={ctx.cfg.method}, domains={ctx.cfg.domain_names}, "
                   f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
-    result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
+    with _stoppable(ctx, "moa run" + (f" --profile {profile}" if profile else "")):
+        result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
     print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
     print(f"\nWith 95 % intervals ({len(ctx.seeds)} seed(s); reports/eval_intervals.md):\n")
     print(result["intervals_table"])
     reg = result["registered"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
-        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + reg['reason']}).\n"
-        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000"
+        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + escape(reg['reason'])}).\n"
+        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints."
     )
+
+
+@contextlib.contextmanager
+def _stoppable(ctx, rerun: str):
+    """SIGINT/SIGTERM stop the running jobs at their next step boundary (moa_core.stopping); the command then
+    exits with 130/143 after a normal interpreter exit, which stops the Prefect server it started."""
+    from moa_core import stopping
+    from tasks.common import announce_stop
+
+    try:
+        with stopping.stop_on_signals(announce_stop(ctx, rerun)):
+            yield
+    except Exception as exc:
+        if not stopping.stop_requested():
+            raise
+        code = stopping.exit_code()
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        console.print(f"[yellow]stopped[/yellow] ({stopping.stop_signal().name if stopping.stop_signal() else 'stop'}"
+                      f"): {escape(detail)}\nThe checkpoints under {ctx.layout.checkpoints} resume with `{rerun}`.", soft_wrap=True)
+        raise typer.Exit(code) from None
 
 
 def _evaluate(params: Path, profile: str | None, holder: str) -> None:
@@ -154,13 +194,13 @@ def _evaluate(params: Path, profile: str | None, holder: str) -> None:
     try:
         result = run_evaluate(ctx)
     except FileNotFoundError as exc:
-        console.print(f"[red]nothing to evaluate yet[/red]: {exc}\nRun `moa run{' --profile ' + profile if profile else ''}` first.")
+        console.print(f"[red]nothing to evaluate yet[/red]: {escape(str(exc))}\nRun `moa run{' --profile ' + profile if profile else ''}` first.")
         raise typer.Exit(2) from None
     except MixtureError as exc:
-        console.print(f"[red]cannot evaluate[/red]: {exc}")
+        console.print(f"[red]cannot evaluate[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from None
     print(result["table"])  # plain print: a markdown table must not be re-wrapped
-    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui` then http://127.0.0.1:5000")
+    console.print(f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints.")
 
 
 @app.command()
@@ -185,7 +225,7 @@ def _field_map(values: list[str]) -> dict[str, str]:
 @app.command()
 def onboard(
     domain: Annotated[str, typer.Option("--domain", "-d", help="name of the new domain (lowercase, digits, _)")],
-    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, builtin:NAME[/CATEGORY] (e.g. builtin:bbc/tech), or a dataset id in the local HF cache")],
+    source: Annotated[str, typer.Option("--source", "-s", help="a local .jsonl/.json/.parquet/.csv file, builtin:NAME\\[/CATEGORY] (e.g. builtin:bbc/tech), or a dataset id in the local HF cache")],
     field: Annotated[list[str], typer.Option("--field", "-f", help="column mapping OURS=THEIRS (instruction, response, input, id); repeatable")] = [],  # noqa: B006
     description: Annotated[str, typer.Option(help="one line for the data card and params.yaml")] = "",
     params: Params = Path("params.yaml"),
@@ -201,15 +241,19 @@ def onboard(
     from moa_core.onboard import OnboardError
     from moa_core.sources import SourceError
 
-    _ctx(params, profile)  # params.yaml itself must be valid first
+    ctx = _ctx(params, profile)  # params.yaml itself must be valid first
     fields = _field_map(field)
-    from flows.onboard import onboard_domain
+    from tasks.onboard import plan_onboarding
 
-    try:
-        result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
-                                params=str(params.resolve()), profile=profile)
+    try:  # the request is checked here too, before the flow run (and its Prefect server) starts
+        plan_onboarding(params, domain, source, fields or None, description, profile)
+        from flows.onboard import onboard_domain
+
+        with _stoppable(ctx, f"moa onboard -d {domain} -s {source}"):
+            result = onboard_domain(domain=domain, source=source, fields=fields or None, description=description,
+                                    params=str(params.resolve()), profile=profile)
     except (OnboardError, ConfigError, SourceError, EmptyDomainError) as exc:
-        console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {exc}\n"
+        console.print(f"[red]onboarding {domain!r} stopped before training[/red]: {escape(str(exc))}\n"
                       "params.yaml and the model registry are unchanged.")
         raise typer.Exit(2) from None
     ev, reg, cost = result["evaluation"], result["registered"], result["cost"]
@@ -217,21 +261,41 @@ def onboard(
     for col in ("domain", "before", "after", "router acc"):
         t.add_column(col)
     acc = ev["router_accuracy_by_domain"]
+    acc_before = ev.get("router_accuracy_by_domain_before", {})
     for d, vals in ev["after"].items():
         before = ev["before"].get(d, {}).get(ev["metric"])
-        t.add_row(d, "-" if before is None else f"{before:.3f}", f"{vals[ev['metric']]:.3f}",
-                  f"{acc[d]:.0%}" if d in acc else "-")
+        shown = f"{before:.3f}" if before is not None else f"{ev['base_new_domain'][ev['metric']]:.3f} (base model)"
+        router = (f"{acc_before[d]:.0%} -> " if d in acc_before else "") + (f"{acc[d]:.0%}" if d in acc else "-")
+        t.add_row(d, shown, f"{vals[ev['metric']]:.3f}", router)
     console.print(t)
     console.print(
-        f"cost: {cost['onboard_train_seconds']} s and {cost['onboard_trainable_params']:,} trainable parameters "
-        f"(the last full pipeline trained {cost['pipeline_train_seconds_old_domains']} s; the whole mixture has "
-        f"{cost['full_mixture_trainable_params']:,})\n"
+        f"cost, training time against training time (evaluation excluded on both sides): onboarding trained "
+        f"{cost['onboard_train_seconds']} s (new expert {cost['onboard_expert_train_seconds']} s + update "
+        f"{cost['onboard_router_train_seconds']} s) and {cost['onboard_trainable_params']:,} parameters; "
+        f"the last full pipeline trained the old domains' experts and router for "
+        f"{cost['pipeline_train_seconds_old_domains']} s, and the whole mixture has "
+        f"{cost['full_mixture_trainable_params']:,} parameters.\n"
         + (f"[green]promoted[/green]: {reg['model']} v{reg['version']} is @champion and params.yaml lists {domain!r}; "
            "`dvc repro` and scheduled retrains include it from now on."
            if reg["promoted"] else
-           f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {ev['reason']}. "
+           f"[yellow]not promoted[/yellow]: {reg['model']} v{reg['version']} registered, {escape(ev['reason'])}. "
            "params.yaml and @champion are unchanged; try more data or onboard.router_steps, then onboard again.")
     )
+
+
+@stage_app.callback()
+def _stage_logging() -> None:
+    """A stage run alone (DVC's `moa stage ...`) prints its progress: training steps, evaluated domains. Inside a
+    Prefect run the same lines go to the run's logger; here the `moa` logger gets a stderr handler."""
+    import logging
+
+    log = logging.getLogger("moa")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @stage_app.command("curate")
@@ -309,30 +373,110 @@ def stage_register(params: Params = Path("params.yaml")) -> None:
     console.print_json(json.dumps(run_register(_stage_ctx(params, "register"))))
 
 
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no holder
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def mlflow_links(ctx, base: str) -> dict[str, str]:
+    """Direct links into the MLflow 3 UI, which otherwise opens on its GenAI view (traces) and hides the runs and
+    the registry until one switches to "Model training": the runs list and the registered model."""
+    import mlflow
+
+    from tasks.common import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(ctx))
+    exp = mlflow.get_experiment_by_name(ctx.cfg.tracking.experiment)
+    runs = (f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp is not None
+            else f"{base}/#/experiments?workflowType=machine_learning")
+    return {"runs": runs, "model": f"{base}/#/models/{ctx.cfg.registry.model_name}"}
+
+
 @app.command()
 def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.0.0.1",
        prefect: Annotated[bool, typer.Option(help="also start the Prefect UI (server) on --prefect-port")] = False,
        prefect_port: int = 4200) -> None:
-    """Start the MLflow UI (and optionally the Prefect UI) on loopback."""
+    """Start the MLflow UI (and optionally the Prefect UI) on loopback; Ctrl-C or SIGTERM stops both."""
+    import signal
+
     from tasks.common import tracking_uri
 
     ctx = _ctx(params)
-    procs = []
+    wanted = [("MLflow UI", port, "--port")] + ([("Prefect UI", prefect_port, "--prefect-port")] if prefect else [])
+    taken = [(what, p, opt) for what, p, opt in wanted if _port_taken(host, p)]
+    if taken:
+        for what, p, opt in taken:
+            console.print(f"[red]port {p} on {host} is taken[/red]: the {what} cannot start there. Another `moa ui` "
+                          f"(or another server) holds it: stop that one, or pick a free port with {opt} N.")
+        raise typer.Exit(2)
+    cmds = [("MLflow UI", [sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
+                           "--backend-store-uri", tracking_uri(ctx)],
+             {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})]
     if prefect:
         # `--port` alone leaves the UI calling the API on PREFECT_SERVER_API_PORT (4200) or $PREFECT_API_URL
-        api_env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
-                   "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                       "--port", str(prefect_port)], env=api_env))
+        cmds.append(("Prefect UI", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                    "--port", str(prefect_port)],
+                     {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
+                      "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}))
+    links = mlflow_links(ctx, f"http://{host}:{port}")
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # each server in its own process group: stopping it stops its workers too, and a terminal's Ctrl-C reaches
+    # only this process, which stops them in order
+    procs = [(name, subprocess.Popen(cmd, env=env, start_new_session=True)) for name, cmd, env in cmds]
+    console.print(f"MLflow UI: http://{host}:{port}\n  runs: {links['runs']}\n  registered model: {links['model']}",
+                  soft_wrap=True)
+    if prefect:
         console.print(f"Prefect UI: http://{host}:{prefect_port}")
-    console.print(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    console.print("Ctrl-C (or SIGTERM) stops the servers.")
+    failed = None
     try:
-        subprocess.run([sys.executable, "-m", "mlflow", "ui", "--host", host, "--port", str(port), "--workers", "1",
-                        "--backend-store-uri", tracking_uri(ctx)], env=env, check=False)
+        while stop["signal"] is None and failed is None:
+            failed = next(((n, p) for n, p in procs if p.poll() is not None), None)
+            if failed is None:
+                import time
+
+                time.sleep(0.2)
     finally:
-        for p in procs:
-            p.terminate()
+        for _name, p in procs:
+            _stop_group(p)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if failed is not None:
+        name, p = failed
+        console.print(f"[red]{name} exited with {p.returncode}[/red]; the other servers were stopped. Its output is "
+                      "above; a port taken meanwhile or a broken store are the usual causes.")
+        raise typer.Exit(1)
+    console.print(f"stopped ({signal.Signals(stop['signal']).name}): the servers are down.")
+
+
+def _stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to a server's process group, SIGKILL after `grace` seconds."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived their leader
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 from moa_cli import deploy_cmd  # noqa: E402  `moa deploy`

@@ -223,6 +223,8 @@ class RegistryConfig(_Strict):
     promote_metric: str = "avg_rougeL"
     higher_is_better: bool = True
     tolerance: float = Field(0.0, ge=0)
+    router_accuracy_tolerance: float = Field(
+        0.0, ge=0, le=1, description="a domain's router accuracy may drop by this much (absolute, 0-1), no more")
     include_base: bool = Field(
         False, description="log the base model inside each registered version, so it serves on a machine "
                            "without this project's base model (costs the base model's size per version)")
@@ -234,6 +236,8 @@ class OnboardConfig(_Strict):
     router_steps: int = Field(8, ge=1, description="MoA: joint steps (new expert + routers); MoDULA: router-only steps")
     regression_metric: Literal["ppl", "bleu", "rougeL"] = "ppl"
     tolerance: float = Field(0.05, ge=0, description="relative: an old domain may get this much worse, no more")
+    router_accuracy_tolerance: float = Field(
+        0.0, ge=0, le=1, description="an old domain's router accuracy may drop by this much (absolute, 0-1), no more")
 
 
 class TrackingConfig(_Strict):
@@ -348,6 +352,8 @@ def parse_config(raw: dict[str, Any], source: str = "params.yaml", profile: str 
     names separated by commas merge in order (`gpu,from_mixed`: the gpu profile, then from_mixed over it)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping at the top level")
+    if profile:  # the base values first: a profile that overrides a bad value must not hide it until a full run
+        parse_config(raw, f"{source} (before profile {profile!r})")
     for name in (profile or "").split(","):
         if not name.strip():
             continue

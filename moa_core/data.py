@@ -267,8 +267,12 @@ def _counts(rows_in: int, selected: list[_Clean], capped: int, result: Curation)
     }
 
 
-def require_rows(curation: Curation, domain: str) -> None:
-    """Stop the pipeline with a useful message when a domain has no training rows."""
+REJECTED_QUARANTINE = "quarantine.rejected.jsonl"  # a curation with nothing to train on leaves the splits alone
+
+
+def require_rows(curation: Curation, domain: str, quarantine: str | Path | None = None) -> None:
+    """Stop the pipeline with a useful message when a domain has no training rows (`quarantine`: where the
+    rejected rows were written, default data/curated/<domain>/quarantine.jsonl)."""
     if curation.train:
         return
     c = curation.counts
@@ -276,7 +280,7 @@ def require_rows(curation: Curation, domain: str) -> None:
     raise EmptyDomainError(
         f"domain {domain!r} has no training rows after curation: {c.get('rows_in', 0)} rows in, "
         f"{c.get('kept', 0)} kept, {c.get('quarantined', 0)} quarantined (by reason: {reasons}). "
-        f"See data/curated/{domain}/quarantine.jsonl for examples, then fix the domain's `source` in params.yaml "
+        f"See {quarantine or f'data/curated/{domain}/quarantine.jsonl'} for examples, then fix the domain's `source` in params.yaml "
         "(path, or a `fields` mapping to the right columns) or relax `curate` (min_chars, max_row_bytes)."
     )
 

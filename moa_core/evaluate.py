@@ -28,6 +28,7 @@ from .config import MoAConfig
 from .model import MixtureModel, MixtureSpec
 from .routing import Routing
 from .stats import RowStats
+from .stopping import raise_if_stop_requested
 
 
 class EvalRouting(StrEnum):
@@ -53,6 +54,10 @@ class SystemEval:
     @property
     def router_accuracy(self) -> float | None:
         return metrics.router_accuracy(self.gold, self.routed) if self.routed else None
+
+    @property
+    def router_accuracy_by_domain(self) -> dict[str, float]:
+        return metrics.router_accuracy_by_domain(self.gold, self.routed) if self.routed else {}
 
 
 def _field(rec: Any, name: str) -> str:
@@ -100,6 +105,7 @@ def _evaluate_system(
     result = SystemEval(per_domain={})
     off = routing == EvalRouting.OFF
     for name, records in test_by_domain.items():
+        raise_if_stop_requested(f"evaluation stopped before domain {name!r}")
         if progress:
             progress(name)
         dom_idx = mm.spec.experts.index(name) if name in mm.spec.experts else -1

@@ -141,6 +141,17 @@ def router_accuracy(gold: list[str], predicted: list[str]) -> float:
     return sum(g == p for g, p in zip(gold, predicted)) / len(gold)
 
 
+def router_accuracy_by_domain(gold: list[str], predicted: list[str]) -> dict[str, float]:
+    """Router accuracy of each gold domain's rows, in order of first appearance."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions; they must pair up")
+    out: dict[str, float] = {}
+    for dom in dict.fromkeys(gold):
+        pairs = [(g, p) for g, p in zip(gold, predicted) if g == dom]
+        out[dom] = sum(g == p for g, p in pairs) / len(pairs)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 @dataclass
@@ -156,6 +167,7 @@ class EvalRow:
     router_accuracy: float | None = None
     trainable_params: int | None = None
     train_seconds: float | None = None
+    router_accuracy_by_domain: dict[str, float] = field(default_factory=dict)
 
     @property
     def average(self) -> dict[str, float]:
@@ -216,13 +228,14 @@ def results_table_markdown(rows: list[EvalRow], domains: list[str]) -> str:
 
 
 _SCALARS: tuple[str, ...] = ("router_accuracy", "trainable_params", "train_seconds")
+_ROUTER = "router_accuracy"  # "<domain>_router_accuracy": that domain's share of rows routed to its own expert
 
 
 def results_to_json(rows: list[EvalRow]) -> dict[str, dict[str, float]]:
     """Flat, DVC-metrics-friendly mapping.
 
     `{system: {"avg_ppl", "avg_bleu", "avg_rougeL", "<domain>_ppl", "<domain>_bleu", "<domain>_rougeL",
-    "router_accuracy", "trainable_params", "train_seconds"}}`; None values are left out.
+    "router_accuracy", "<domain>_router_accuracy", "trainable_params", "train_seconds"}}`; None values are left out.
     """
     out: dict[str, dict[str, float]] = {}
     for row in rows:
@@ -233,6 +246,7 @@ def results_to_json(rows: list[EvalRow]) -> dict[str, dict[str, float]]:
         flat: dict[str, float] = {f"{_RESERVED_DOMAIN}_{m}": v for m, v in row.average.items()}
         for domain, scores in row.per_domain.items():
             flat.update({f"{domain}_{m}": scores[m] for m in METRICS})
+        flat.update({f"{domain}_{_ROUTER}": acc for domain, acc in row.router_accuracy_by_domain.items()})
         for key in _SCALARS:
             value = getattr(row, key)
             if value is not None:
@@ -246,10 +260,13 @@ def results_from_json(data: dict[str, dict[str, float]]) -> list[EvalRow]:
     rows = []
     for system, flat in data.items():
         per_domain: dict[str, dict[str, float]] = {}
+        by_domain: dict[str, float] = {}
         for key, value in flat.items():
             domain, _, metric = key.rpartition("_")
             if metric in METRICS and domain != _RESERVED_DOMAIN:
                 per_domain.setdefault(domain, {})[metric] = float(value)
+            elif key.endswith(f"_{_ROUTER}"):
+                by_domain[key.removesuffix(f"_{_ROUTER}")] = float(value)
         params = flat.get("trainable_params")
         rows.append(
             EvalRow(
@@ -258,6 +275,7 @@ def results_from_json(data: dict[str, dict[str, float]]) -> list[EvalRow]:
                 router_accuracy=flat.get("router_accuracy"),
                 trainable_params=None if params is None else int(params),
                 train_seconds=flat.get("train_seconds"),
+                router_accuracy_by_domain=by_domain,
             )
         )
     return rows

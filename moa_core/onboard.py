@@ -102,7 +102,8 @@ class Regression:
     allowed: float
 
     def __str__(self) -> str:
-        return f"{self.domain}: {self.metric} {self.before:.4g} -> {self.after:.4g} (allowed up to {self.allowed:.4g})"
+        bound = "up to" if LOWER_IS_BETTER.get(self.metric, False) else "down to"
+        return f"{self.domain}: {self.metric} {self.before:.4g} -> {self.after:.4g} (allowed {bound} {self.allowed:.4g})"
 
 
 @dataclass
@@ -122,10 +123,13 @@ class GateResult:
 
 
 def regression_gate(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], metric: str,
-                    tolerance: float) -> GateResult:
+                    tolerance: float, router_before: dict[str, float] | None = None,
+                    router_after: dict[str, float] | None = None, router_tolerance: float = 0.0) -> GateResult:
     """Compare every old domain's `metric` before vs after onboarding. `tolerance` is relative: with ppl
     (lower is better) an old domain regresses when after > before * (1 + tolerance); with bleu/rougeL
-    when after < before * (1 - tolerance)."""
+    when after < before * (1 - tolerance). With `router_before`/`router_after` (router accuracy per domain,
+    0-1), an old domain also regresses when its accuracy drops by more than `router_tolerance` (absolute):
+    its prompts then reach another domain's expert although its perplexity may hardly move."""
     if metric not in LOWER_IS_BETTER:
         raise ValueError(f"unknown regression metric {metric!r}; use one of {sorted(LOWER_IS_BETTER)}")
     missing = sorted(set(before) - set(after))
@@ -139,4 +143,11 @@ def regression_gate(before: dict[str, dict[str, float]], after: dict[str, dict[s
         worse = a > allowed if LOWER_IS_BETTER[metric] else a < allowed
         if worse or a != a:  # NaN counts as a regression
             gate.regressions.append(Regression(d, metric, b, a, allowed))
+    for d, b in (router_before or {}).items():
+        if d not in before:
+            continue
+        a = (router_after or {}).get(d, float("nan"))
+        gate.compared[d].update({"router_accuracy_before": b, "router_accuracy_after": a})
+        if not a >= b - router_tolerance:  # NaN (not measured) counts as a regression
+            gate.regressions.append(Regression(d, "router accuracy", b, a, b - router_tolerance))
     return gate

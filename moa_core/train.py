@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,6 +31,11 @@ from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .metrics import token_nll
 from .model import MixtureModel
+from .stopping import StopRequested, stop_requested
+
+# PEFT's PeftModel reads transformers' deprecated `is_gradient_checkpointing` on every adapter it wraps: one
+# FutureWarning per expert, retry and thread in a run's log, about PEFT's code, not ours. Only that message.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 LogFn = Callable[[int, dict[str, float]], None]
 CKPT_FILE = "checkpoint.pt"
@@ -207,7 +213,10 @@ def train_loop(
             stop = evaluate_and_decide(done)
             if stop:
                 result.stopped_at = done
-        if main and ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps or stop):
+        # a stop request (SIGINT/SIGTERM) ends the loop here, after a checkpoint; every rank must agree
+        halt = done < steps and not stop and (
+            stop_requested() if dp is None else dp.sum(float(stop_requested())) > 0)
+        if main and ckpt is not None and (done % cfg.checkpoint_every == 0 or done == steps or stop or halt):
             result.seconds = time.perf_counter() - t0
             _save_checkpoint(ckpt, {
                 "step": done, "params": snapshot(),
@@ -216,6 +225,9 @@ def train_loop(
                 "fingerprint": fingerprint, "val_history": result.val_history, "best_step": result.best_step,
                 "best": best, "stopped_at": result.stopped_at,
             })
+        if halt:
+            where = f"checkpoint {ckpt}" if main and ckpt is not None else "no checkpoint (this job keeps none)"
+            raise StopRequested(f"stopped after step {done}/{steps}; {where}; re-run to resume")
     if early and best is not None:
         with torch.no_grad():  # keep the parameters of the best validation loss
             for name, p in params.items():

@@ -37,6 +37,8 @@ def configure_env(root: Path) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    # MLflow's artifact progress bars are carriage-return redraws: noise in a log file or a CI log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Prefect's embedded server gets 20 s to start by default: not enough on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from transformers.utils import logging as hf_logging
@@ -72,6 +74,25 @@ def progress(name: str, total: int):
         log.info("%s step %d/%d loss %.4f %s", name, step, total, entry["loss"], extra)
 
     return on_log
+
+
+def announce_stop(ctx: StageContext, rerun: str):
+    """moa_core.stopping's `announce` callback: one line on stderr (and in the run's log) when a signal asks
+    the running jobs to stop at their next step boundary."""
+    import signal
+    import sys
+
+    def announce(sig: signal.Signals) -> None:
+        line = (f"stop requested ({sig.name}): finishing the current step; the checkpoint goes under "
+                f"{ctx.layout.checkpoints}; re-run `{rerun}` to resume (send the signal again to kill at once)")
+        try:  # inside a flow run: its logger prints the line and keeps it in the Prefect UI
+            from prefect import get_run_logger
+
+            get_run_logger().warning(line)
+        except Exception:  # noqa: BLE001 - outside a run (or the log fails): plain stderr; never a crash here
+            print(f"moa: {line}", file=sys.stderr, flush=True)
+
+    return announce
 
 
 # Torch work of tasks that share one process runs one job at a time. Two trainings in two threads of one
@@ -147,11 +168,14 @@ class StageContext:
         cfg = self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"seed": seed})})
         return dataclasses.replace(self, cfg=cfg, seed=seed if len(self.seeds) > 1 else None)
 
-    def split(self, domain: str, split: str) -> list[Record]:
+    def split_path(self, domain: str, split: str) -> Path:
         path = self.layout.curated(domain) / f"{split}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the curate stage for {domain!r} first (moa stage curate {domain})")
-        return read_records(path)
+        return path
+
+    def split(self, domain: str, split: str) -> list[Record]:
+        return read_records(self.split_path(domain, split))
 
     def splits(self, split: str, domains: list[str] | None = None) -> dict[str, list[Record]]:
         return {d: self.split(d, split) for d in (domains or self.cfg.domain_names)}

@@ -8,7 +8,7 @@ from typing import Any
 import mlflow
 
 from moa_core.atomic import atomic_write_json
-from moa_core.data import curate, require_rows, write_curated
+from moa_core.data import REJECTED_QUARANTINE, curate, require_rows, write_curated, write_jsonl_atomic
 from moa_core.sources import load_source
 
 from .common import StageContext, stage_run
@@ -29,6 +29,10 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
         "counts": result.counts, "settings": ctx.cfg.curate.model_dump(),
     }
     out = ctx.layout.curated(domain)
+    if not result.train:  # the earlier splits stay: nothing here is worth replacing them with
+        rejected = out / REJECTED_QUARANTINE
+        write_jsonl_atomic(rejected, result.quarantine)
+        require_rows(result, domain, rejected)
     write_curated(out, result, card)
     atomic_write_json(ctx.layout.metrics / f"curate_{domain}.json", result.counts)
     with stage_run(ctx, f"curate:{domain}", domain=domain) as _run:
@@ -37,5 +41,4 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
         mlflow.log_artifact(str(out / "card.json"), "data")
         if result.quarantine:
             mlflow.log_artifact(str(out / "quarantine.jsonl"), "data")
-    require_rows(result, domain)
     return result.counts

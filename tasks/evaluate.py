@@ -96,7 +96,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     for name, ev in systems.items():
         params, seconds = _costs(ctx, name)
         rows.append(metrics.EvalRow(system=SYSTEM_LABELS.get(name, name), per_domain=ev.per_domain,
-                                    router_accuracy=ev.router_accuracy, trainable_params=params, train_seconds=seconds))
+                                    router_accuracy=ev.router_accuracy, trainable_params=params, train_seconds=seconds,
+                                    router_accuracy_by_domain=ev.router_accuracy_by_domain))
     table = metrics.results_table_markdown(rows, doms)
     data = metrics.results_to_json(rows)
     routed = systems[ctx.cfg.method]

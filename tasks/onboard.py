@@ -23,7 +23,7 @@ from moa_core.evaluate import evaluate_system, learned_routing
 from moa_core.methods import DomainData, MixtureMethod, get_method
 from moa_core.model import load_mixture, read_spec, save_mixture
 from moa_core.onboard import OnboardError, extend_mixture, not_onboardable_message, regression_gate
-from moa_core.sources import FILE_SUFFIXES
+from moa_core.sources import FILE_SUFFIXES, check_source
 
 from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
 from .evaluate import eval_progress
@@ -86,6 +86,15 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
     if domain in old.cfg.domain_names:
         raise OnboardError(f"domain {domain!r} already exists in {params_path.name} (domains: {old.cfg.domain_names}); "
                            "pick a new name, or change its source there and retrain with `moa run`")
+    # the request itself first (name, source, fields): it needs no trained model to be checked
+    entry: dict[str, Any] = {"description": description or f"onboarded from {source}",
+                             "source": source_from_spec(source, fields, root)}
+    new_raw = {**raw, "domains": {**_domain_mapping(raw), domain: entry}}
+    try:
+        new_cfg = parse_config(new_raw, f"{params_path.name} + domain {domain!r}", profile)
+    except ConfigError as exc:
+        raise OnboardError(f"the new domain does not validate: {exc}") from None
+    check_source(new_cfg.domain(domain).source, root)  # SourceError: the file, format or columns are wrong
     if not get_method(old.cfg.method).onboardable:
         raise OnboardError(not_onboardable_message(old.cfg.method))
     mixture = old.layout.mixture(old.cfg.method)
@@ -95,13 +104,6 @@ def plan_onboarding(params: str | Path, domain: str, source: str, fields: dict[s
     if list(spec.domains) != old.cfg.domain_names:
         raise OnboardError(f"the mixture at {mixture} holds {spec.domains} but params.yaml lists "
                            f"{old.cfg.domain_names}; run the pipeline so they agree, then onboard")
-    entry: dict[str, Any] = {"description": description or f"onboarded from {source}",
-                             "source": source_from_spec(source, fields, root)}
-    new_raw = {**raw, "domains": {**_domain_mapping(raw), domain: entry}}
-    try:
-        new_cfg = parse_config(new_raw, f"{params_path.name} + domain {domain!r}", profile)
-    except ConfigError as exc:
-        raise OnboardError(f"the new domain does not validate: {exc}") from None
     return OnboardPlan(domain, old, StageContext(cfg=new_cfg, root=root), params_path, entry)
 
 
@@ -164,13 +166,19 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
         mm_new = load_mixture(base, new.layout.onboarded(d))
         after = evaluate_system(mm_new, tok, new.splits("test"), new.cfg, routing,
                                 eval_progress(f"with {d}", new.cfg.domain_names))
-    gate = regression_gate(before.per_domain, after.per_domain, ob.regression_metric, ob.tolerance)
+        # what the new domain gets without any expert: the figure the onboarding summary starts from
+        base_new = evaluate_system(mm_new, tok, {d: new.split(d, "test")}, new.cfg, "off",
+                                   eval_progress("base model", [d])).per_domain[d]
+    gate = regression_gate(before.per_domain, after.per_domain, ob.regression_metric, ob.tolerance,
+                           before.router_accuracy_by_domain, after.router_accuracy_by_domain,
+                           ob.router_accuracy_tolerance)
     result = {
         "domain": d, "metric": ob.regression_metric, "tolerance": ob.tolerance, "passed": gate.passed,
         "reason": gate.reason, "compared": gate.compared,
-        "before": before.per_domain, "after": after.per_domain,
+        "before": before.per_domain, "after": after.per_domain, "base_new_domain": base_new,
         "router_accuracy_before": before.router_accuracy, "router_accuracy_after": after.router_accuracy,
-        "router_accuracy_by_domain": _accuracy_by_domain(after.gold, after.routed),
+        "router_accuracy_by_domain": after.router_accuracy_by_domain,
+        "router_accuracy_by_domain_before": before.router_accuracy_by_domain,
     }
     with stage_run(new, f"onboard_evaluate:{d}", domain=d):
         for dom, vals in after.per_domain.items():
@@ -182,25 +190,26 @@ def run_onboard_evaluate(plan: OnboardPlan) -> dict[str, Any]:
     return result
 
 
-def _accuracy_by_domain(gold: list[str], routed: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for dom in dict.fromkeys(gold):
-        pairs = [(g, r) for g, r in zip(gold, routed) if g == dom]
-        out[dom] = sum(g == r for g, r in pairs) / len(pairs)
-    return out
-
-
 def run_onboard_register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Register the candidate; promote it, install it as the project's mixture and record the domain in
     params.yaml only when the regression gate passed."""
-    from .register import log_mixture_version, set_promotion
+    from moa_core import metrics
+
+    from .register import EVAL_FINGERPRINT, ROUTER_ACCURACY, eval_fingerprint, log_mixture_version, set_promotion
 
     ctx, d = plan.new, plan.domain
     lay = ctx.layout
+    # the figures the register stage's gate reads, measured here on all domains' test split: the next `moa run`
+    # compares against them without evaluating this version again
+    flat = metrics.results_to_json([metrics.EvalRow(system="candidate", per_domain=evaluation["after"])])["candidate"]
+    key = ctx.cfg.registry.promote_metric
+    figures = {EVAL_FINGERPRINT: eval_fingerprint(ctx),
+               ROUTER_ACCURACY: json.dumps(evaluation["router_accuracy_by_domain"], sort_keys=True),
+               **({key: str(flat[key])} if key in flat else {})}
     with stage_run(ctx, f"onboard_register:{d}", domain=d) as run:
         version = log_mixture_version(ctx, lay.onboarded(d), {
             "moa.method": plan.method, "moa.domains": ",".join(ctx.cfg.domain_names), "moa.onboarded": d,
-            f"onboard.{evaluation['metric']}_gate": "passed" if evaluation["passed"] else "failed"})
+            f"onboard.{evaluation['metric']}_gate": "passed" if evaluation["passed"] else "failed", **figures})
         promote = bool(evaluation["passed"])
         set_promotion(ctx, version, promote, f"onboarding {d}: {evaluation['reason']}")
     if promote:
@@ -227,7 +236,9 @@ def onboarding_cost(plan: OnboardPlan, expert: dict[str, Any] | None, extend: di
     onboard_s = extend["train_seconds"] + (expert or {}).get("train_seconds", 0.0)
     spec_params = _mixture_params(plan.new.layout.onboarded(plan.domain))
     return {
-        "onboard_train_seconds": round(onboard_s, 2),
+        "onboard_train_seconds": round(onboard_s, 2),  # training loops only, as the pipeline's figure
+        "onboard_expert_train_seconds": round((expert or {}).get("train_seconds", 0.0), 2),
+        "onboard_router_train_seconds": round(extend["train_seconds"], 2),
         "pipeline_train_seconds_old_domains": round(retrain_s, 2),
         "onboard_trainable_params": extend["trainable_params"],
         "full_mixture_trainable_params": spec_params,

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from moa_core.base_model import BaseModelError
 from moa_core.config import ConfigError
 from moa_core.model import MixtureError
+from moa_core.stopping import StopRequested
 from moa_core.train import NonFiniteLossError
 
 from .curate import run_curate
@@ -20,7 +21,9 @@ from .train_expert import run_train_expert, run_train_mixed
 from .train_router import run_train_router
 
 # Bad input, bad config, damaged artifacts and diverged training fail the same way on every try.
-NOT_RETRYABLE = (ConfigError, MixtureError, BaseModelError, NonFiniteLossError, FileNotFoundError, KeyError, ValueError)
+# A stop request (SIGINT/SIGTERM) ends the job at a step boundary: a retry would start it again.
+NOT_RETRYABLE = (ConfigError, MixtureError, BaseModelError, NonFiniteLossError, StopRequested, FileNotFoundError,
+                 KeyError, ValueError)
 
 
 def _retryable(_task: Any, _run: Any, state: Any) -> bool:

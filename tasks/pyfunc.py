@@ -26,6 +26,15 @@ def signature(max_new_tokens: int):
     )
 
 
+def _bad_request(message: str) -> Exception:
+    """A caller's mistake: MLflow's scoring server answers an MlflowException with INVALID_PARAMETER_VALUE as
+    HTTP 400 whose `message` carries this text (any other exception becomes a generic 400 with the reason
+    buried in `stack_trace`)."""
+    from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class MoAPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         import torch
@@ -60,14 +69,15 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
-            raise ValueError("input needs a 'prompt' column (and optionally 'domain')")
+            raise _bad_request(f"input needs a 'prompt' column (and optionally 'domain'); got columns {list(df.columns)}")
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
         experts = self.mm.spec.experts
         forced = None
         if "domain" in df.columns and df["domain"].notna().all():
             unknown = sorted(set(df["domain"]) - set(experts))
             if unknown:
-                raise ValueError(f"unknown domain(s) {unknown}; this model has experts {experts}")
+                raise _bad_request(f"unknown domain(s) {unknown}; this model knows the domains {experts}: send one "
+                                   "of them, or leave `domain` out to let the router choose")
             forced = torch.tensor([experts.index(d) for d in df["domain"]], device=self.device)
         prompts = [encode_prompt(self.tok, p, self.max_length) for p in df["prompt"].astype(str)]
         b = to_device(collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True), self.device)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,21 +13,87 @@ import mlflow
 from mlflow import MlflowClient
 
 from moa_core.atomic import atomic_write_json
-from moa_core.base_model import resolve_base_path
+from moa_core.base_model import load_base, resolve_base_path
 
-from .common import StageContext, stage_run
+from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
 
 CHAMPION = "champion"
 
 
-def _metric_of(ctx: StageContext) -> float:
+EVAL_FINGERPRINT = "moa.eval_fingerprint"  # version tag: the test split and domains its figures were measured on
+ROUTER_ACCURACY = "moa.router_accuracy_by_domain"  # version tag: JSON {domain: accuracy 0-1}
+
+
+@dataclass
+class Figures:
+    """What the gate compares: the promote metric (averaged over the current domains) and the router accuracy
+    per domain (empty for token-level mixtures), both on one test split (`fingerprint`)."""
+
+    metric: float
+    router_accuracy: dict[str, float]
+    fingerprint: str
+
+
+def eval_fingerprint(ctx: StageContext) -> str:
+    """Hash of what an evaluation's figures depend on besides the model: the domains, their curated test split
+    and the evaluation settings. Figures with another fingerprint are not comparable."""
+    h = hashlib.sha256()
+    h.update(repr((ctx.cfg.domain_names, ctx.cfg.evaluate.model_dump(), ctx.cfg.train.max_length)).encode())
+    for d in ctx.cfg.domain_names:
+        h.update(ctx.split_path(d, "test").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _candidate(ctx: StageContext) -> Figures:
     data = json.loads((ctx.layout.metrics / "eval.json").read_text())
     system = data.get(ctx.cfg.method)
     key = ctx.cfg.registry.promote_metric
     if system is None or key not in system:
         raise KeyError(f"metrics/eval.json has no {key!r} for {ctx.cfg.method!r}; fix registry.promote_metric "
                        f"(available: {sorted(system or {})})")
-    return float(system[key])
+    acc = {d: float(system[f"{d}_router_accuracy"]) for d in ctx.cfg.domain_names if f"{d}_router_accuracy" in system}
+    return Figures(float(system[key]), acc, eval_fingerprint(ctx))
+
+
+def champion_figures(ctx: StageContext, fingerprint: str) -> tuple[str, Figures] | None:
+    """(which champion and how it was measured, figures) of @champion on the current test split: its stored tags
+    when they were measured on it, else the champion evaluated again. None only when the registered model has no @champion alias; any
+    error reading the registry or evaluating the champion propagates (the caller must not promote then)."""
+    client, name = MlflowClient(), ctx.cfg.registry.model_name
+    version = client.get_registered_model(name).aliases.get(CHAMPION)  # the model exists: a version was just added
+    if version is None:
+        return None
+    tags = client.get_model_version(name, str(version)).tags
+    key = ctx.cfg.registry.promote_metric
+    if tags.get(EVAL_FINGERPRINT) == fingerprint and key in tags:
+        return f"champion v{version}, same test split", Figures(
+            float(tags[key]), json.loads(tags.get(ROUTER_ACCURACY) or "{}"), fingerprint)
+    stage_logger().info("champion v%s was measured on another test split or domain set: evaluating it again", version)
+    return (f"champion v{version} evaluated again on this test split",
+            _evaluate_version(ctx, str(version), fingerprint))
+
+
+def _evaluate_version(ctx: StageContext, version: str, fingerprint: str) -> Figures:
+    """A registered version's mixture on the current test split of the current domains (a domain the version
+    has no expert for is routed like any prompt; its router accuracy is only kept for the version's domains)."""
+    import yaml
+
+    from moa_core import metrics
+    from moa_core.evaluate import evaluate_system
+    from moa_core.model import load_mixture
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{ctx.cfg.registry.model_name}/{version}"))
+    # the pyfunc's MLmodel says where its `mixture` artifact lies (artifacts/<the logged directory's name>)
+    pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    with TORCH_LOCK:
+        base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
+        mm = load_mixture(base, local / pyfunc["artifacts"]["mixture"]["path"])
+        routing = "router" if mm.spec.routing == "sequence" else "token"
+        ev = evaluate_system(mm, tok, ctx.splits("test"), ctx.cfg, routing)
+    flat = metrics.results_to_json([metrics.EvalRow(system="champion", per_domain=ev.per_domain,
+                                                    router_accuracy=ev.router_accuracy)])["champion"]
+    acc = {d: a for d, a in ev.router_accuracy_by_domain.items() if d in mm.spec.domains}
+    return Figures(float(flat[ctx.cfg.registry.promote_metric]), acc, fingerprint)
 
 
 def should_promote(candidate: float, champion: float | None, higher_is_better: bool, tolerance: float) -> tuple[bool, str]:
@@ -37,16 +106,10 @@ def should_promote(candidate: float, champion: float | None, higher_is_better: b
     return True, f"candidate {candidate:.4f} is not worse than champion {champion:.4f}"
 
 
-def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
-    """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
-    pyfunc model, register a version, tag it."""
+def _log_pyfunc(ctx: StageContext, artifacts: dict[str, str], base_path: Path, model_id: str) -> Any:
     from .pyfunc import MoAPyfunc, signature
 
-    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
-    artifacts = {"mixture": str(mixture_dir)}
-    if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
-        artifacts["base"] = str(base_path)
-    info = mlflow.pyfunc.log_model(
+    return mlflow.pyfunc.log_model(
         name="moa-model", python_model=MoAPyfunc(),
         artifacts=artifacts,
         model_config={"base_path": str(base_path), "base_model": model_id,
@@ -56,6 +119,20 @@ def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, st
         signature=signature(ctx.cfg.evaluate.max_new_tokens),  # declares `max_new_tokens`: else MLflow drops params
         registered_model_name=ctx.cfg.registry.model_name,
     )
+
+
+def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, str]) -> str:
+    """Inside an active MLflow run: log `mixture_dir` (and the base model with registry.include_base) as the
+    pyfunc model, register a version, tag it."""
+    base_path, model_id = resolve_base_path(ctx.cfg.base_model, ctx.root)
+    artifacts = {"mixture": str(mixture_dir)}
+    if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
+        artifacts["base"] = str(base_path)
+    with warnings.catch_warnings():
+        # MLflow asks for an input example, in a warning with raw ANSI colour codes in every log; validating an
+        # example would load the base model once more per registration, and the signature is the schema.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        info = _log_pyfunc(ctx, artifacts, base_path, model_id)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for k, v in tags.items():
@@ -74,18 +151,42 @@ def set_promotion(ctx: StageContext, version: str, promote: bool, why: str) -> N
     mlflow.set_tags({"moa.registered_version": version, "moa.promoted": str(promote)})
 
 
+def router_regressions(candidate: dict[str, float], champion: dict[str, float], tolerance: float) -> list[str]:
+    """The champion's domains whose router accuracy the candidate lowers by more than `tolerance` (absolute)."""
+    return [f"{d}: router accuracy {a:.0%} -> {candidate.get(d, float('nan')):.0%}"
+            for d, a in champion.items() if not candidate.get(d, float("nan")) >= a - tolerance]
+
+
+def gate(candidate: Figures, champion: Figures | None, reg: Any) -> tuple[bool, str]:
+    """The @champion gate: the promote metric not worse beyond registry.tolerance, and no domain's router
+    accuracy lower beyond registry.router_accuracy_tolerance, both measured on the same test split."""
+    promote, why = should_promote(candidate.metric, None if champion is None else champion.metric,
+                                  reg.higher_is_better, reg.tolerance)
+    dropped = router_regressions(candidate.router_accuracy, champion.router_accuracy if champion else {},
+                                 reg.router_accuracy_tolerance)
+    if dropped:
+        return False, f"{why}, but the router got worse: {'; '.join(dropped)} (tolerance {reg.router_accuracy_tolerance})"
+    return promote, why
+
+
 def run_register(ctx: StageContext) -> dict[str, Any]:
     reg = ctx.cfg.registry
-    value = _metric_of(ctx)
+    cand = _candidate(ctx)
+    value = cand.metric
     with stage_run(ctx, "register") as run:
         version = log_mixture_version(ctx, ctx.layout.mixture(ctx.cfg.method), {
-            reg.promote_metric: str(value), "moa.method": ctx.cfg.method, "moa.domains": ",".join(ctx.cfg.domain_names)})
+            reg.promote_metric: str(value), "moa.method": ctx.cfg.method, "moa.domains": ",".join(ctx.cfg.domain_names),
+            EVAL_FINGERPRINT: cand.fingerprint, ROUTER_ACCURACY: json.dumps(cand.router_accuracy, sort_keys=True)})
         try:
-            champ = MlflowClient().get_model_version_by_alias(reg.model_name, CHAMPION)
-            champ_value = float(champ.tags[reg.promote_metric]) if reg.promote_metric in champ.tags else None
-        except Exception:  # no alias yet
-            champ_value = None
-        promote, why = should_promote(value, champ_value, reg.higher_is_better, reg.tolerance)
+            champ = champion_figures(ctx, cand.fingerprint)
+        except Exception as exc:  # noqa: BLE001 - whatever fails, a model that may be worse must not take @champion
+            promote, why = False, (f"the champion could not be read or evaluated again ({type(exc).__name__}: "
+                                   f"{str(exc)[:300]}); @champion is unchanged. Fix the registry, then run "
+                                   "`moa stage register` again")
+        else:
+            promote, why = gate(cand, champ[1] if champ else None, reg)
+            if champ is not None:
+                why += f" ({champ[0]})"
         set_promotion(ctx, version, promote, why)
         mlflow.log_metric(reg.promote_metric, value)
     result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,

@@ -125,3 +125,13 @@ def test_profiles_compose_in_order(tiny_model_dir):
     assert parse_config(raw, profile="gpu").train.experts_from == "base"
     with pytest.raises(ConfigError, match="'nope' not found"):
         parse_config(raw, profile="gpu,nope")
+
+
+def test_a_profile_does_not_hide_a_bad_base_value():
+    """`batch_size: four` under train: must fail with --profile quick too (the profile overrides it), not only
+    in the next full run after a quick run has registered a version."""
+    raw = _raw()
+    raw["train"]["batch_size"] = "four"
+    assert "batch_size" in raw["profiles"]["quick"]["train"]
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*four"):
+        parse_config(raw, "params.yaml", profile="quick")

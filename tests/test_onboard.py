@@ -33,6 +33,22 @@ def test_regression_gate_per_domain_and_direction():
         regression_gate(before, {"a": {"ppl": 1.0}}, "ppl", 0.0)
 
 
+def test_regression_gate_sees_an_old_domains_router_accuracy_drop():
+    """medicine 100 % -> 95 % after onboarding, perplexity unchanged: a regression (the gate looked at ppl only)."""
+    from moa_core.onboard import regression_gate
+
+    ppl = {"medicine": {"ppl": 10.0}, "code": {"ppl": 8.0}}
+    after = {**ppl, "perl": {"ppl": 12.0}}
+    acc_before = {"medicine": 1.0, "code": 0.9}
+    dropped = regression_gate(ppl, after, "ppl", 0.05, acc_before, {"medicine": 0.95, "code": 0.9, "perl": 0.5})
+    assert not dropped.passed and [r.domain for r in dropped.regressions] == ["medicine"], dropped.reason
+    assert "medicine: router accuracy 1 -> 0.95 (allowed down to 1)" in dropped.reason
+    assert dropped.compared["medicine"]["router_accuracy_after"] == 0.95
+    assert regression_gate(ppl, after, "ppl", 0.05, acc_before, {"medicine": 0.95, "code": 0.9}, 0.05).passed
+    assert regression_gate(ppl, after, "ppl", 0.05, acc_before, {"medicine": 1.0, "code": 0.95}).passed
+    assert not regression_gate(ppl, after, "ppl", 0.05, acc_before, {"code": 0.9}).passed  # not measured
+
+
 def test_add_domain_to_params_keeps_comments_and_validates(tmp_path: Path):
     import difflib
 
@@ -118,7 +134,8 @@ def trained(project: Path, pipeline_result: dict, tmp_path_factory: pytest.TempP
     root = tmp_path_factory.mktemp("onboard") / "project"
     shutil.copytree(project, root, ignore=shutil.ignore_patterns("checkpoints"))
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["profiles"]["quick"]["onboard"] = {"router_steps": 4, "tolerance": 0.5}
+    # the tiny random model's router is not what these tests check (test_regression_gate_sees_... does)
+    raw["profiles"]["quick"]["onboard"] = {"router_steps": 4, "tolerance": 0.5, "router_accuracy_tolerance": 1.0}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root
 

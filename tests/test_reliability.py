@@ -50,6 +50,8 @@ def test_training_killed_with_sigkill_resumes(tmp_path: Path, tiny_model_dir: Pa
     again = _moa(tmp_path, "stage", "train-expert", "code")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out
+    # a stage run alone (as DVC runs it) shows its progress instead of nothing for minutes
+    assert "train_expert:code step 40/40 loss" in out, out
     summary = json.loads((tmp_path / "metrics/train_expert_code.json").read_text())
     assert 0 < summary["resumed_from"] < 40, summary
     assert summary["steps"] == 40

@@ -77,3 +77,29 @@ def test_versions_pickled_before_the_pyfunc_moved_to_tasks_still_load():
     old = pickle.dumps(MoAPyfunc(), protocol=0).replace(b"tasks.pyfunc", b"moa_cli.pyfunc")
     assert b"moa_cli.pyfunc\nMoAPyfunc" in old
     assert type(pickle.loads(old)) is MoAPyfunc
+
+
+def test_unknown_domain_is_a_400_whose_message_names_the_known_domains(tiny_model_dir: Path, tiny_cfg, tmp_path: Path):
+    """MLflow's scoring app (the one `mlflow models serve` runs) in-process, on a pyfunc of a tiny mixture: the
+    reason of a bad request is in the answer's `message`, not only inside its `stack_trace`."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+    from transformers import AutoModelForCausalLM
+
+    from tasks.pyfunc import MoAPyfunc, signature
+    from moa_core.model import save_mixture
+    from moa_core.methods import build_mixture
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    mixture = save_mixture(build_mixture(tiny_cfg, "moa", base, str(tiny_model_dir)), tmp_path / "mixture")
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=MoAPyfunc(), artifacts={"mixture": str(mixture)},
+                             model_config={"base_path": str(tiny_model_dir), "max_new_tokens": 2, "device": "cpu"},
+                             signature=signature(2))
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))))
+    r = client.post("/invocations", json=_split([["What is law?", "law"]], ["prompt", "domain"]))
+    assert r.status_code == 400, r.text
+    message = r.json()["message"]
+    assert "unknown domain(s) ['law']" in message and all(d in message for d in tiny_cfg.domain_names), message
+    r = client.post("/invocations", json=_split([["What is fever?", tiny_cfg.domain_names[0]]], ["prompt", "domain"]))
+    assert r.status_code == 200, r.text

@@ -25,6 +25,11 @@ def file_source(path: Path, **fields: str) -> SourceConfig:
     return SourceConfig(kind="file", path=str(path), fields=fields)
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 QA = [{"question": f"What is {w}?", "answer": f"{w} is a word.", "qid": i}
       for i, w in enumerate(["tort", "lien", "writ"])]
 
@@ -198,3 +203,77 @@ def test_uncached_hub_dataset_fails_fast_and_says_offline(monkeypatch: pytest.Mo
     with pytest.raises(SourceError, match="runs offline") as err:
         load_source(SourceConfig(kind="hub", id="moa-tests/definitely-not-a-dataset", split="train"))
     assert "kind: file" in str(err.value)
+
+
+# ------------------------------------------------------------------ `moa validate`: every source, cheaply
+def _validate(tmp_path: Path, sources: dict[str, dict], profile: str | None = None):
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import ROOT
+    from moa_cli.main import app
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["domains"] = {name: {"source": src} for name, src in sources.items()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    args = ["validate", "--params", str(tmp_path / "params.yaml")] + (["--profile", profile] if profile else [])
+    return CliRunner().invoke(app, args, terminal_width=300)
+
+
+def test_validate_opens_every_source_and_names_each_problem(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a dataset\n")
+    _write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    result = _validate(tmp_path, {
+        "medicine": {"kind": "builtin", "name": "hpoo"},
+        "sports": {"kind": "builtin", "name": "bbc", "category": "sprot"},
+        "law": {"kind": "file", "path": "data/raw/law.jsonl"},
+        "notes": {"kind": "file", "path": "notes.txt"},
+        "qa": {"kind": "file", "path": "qa.jsonl", "fields": {"instruction": "question", "response": "reply"}},
+        "code": {"kind": "builtin", "name": "humaneval"},
+    })
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "params OK" not in out
+    assert "domains.medicine.source" in out and "'hpoo'" in out and "did you mean 'hpo'" in out, out
+    assert "domains.sports.source" in out and "'sprot'" in out and "did you mean 'sport'" in out, out
+    assert "domains.law.source" in out and "not found" in out, out
+    assert "domains.notes.source" in out and "'.txt'" in out, out
+    assert "domains.qa.source" in out and "['reply']" in out and "'answer'" in out, out
+    assert "domains.code.source" not in out
+
+
+def test_validate_passes_good_sources(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    result = _validate(tmp_path, {"code": {"kind": "builtin", "name": "humaneval"},
+                                  "qa": {"kind": "file", "path": "qa.jsonl",
+                                         "fields": {"instruction": "question", "response": "answer"}}}, "quick")
+    assert result.exit_code == 0 and "params OK" in result.output, result.output
+
+
+def test_a_source_with_no_good_rows_keeps_the_earlier_splits(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import yaml
+
+    from conftest import tiny_raw_params
+    from moa_core.data import EmptyDomainError
+    from tasks.common import StageContext
+    from tasks.curate import run_curate
+
+    raw = tiny_raw_params(tiny_model_dir)
+    raw["domains"] = {"law": {"source": {"kind": "file", "path": "law.jsonl",
+                                         "fields": {"instruction": "question", "response": "answer"}}}}
+    raw["tracking"]["mlflow_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _write_jsonl(tmp_path / "law.jsonl", [{"question": f"Is contract {i} valid?", "answer": f"Clause {i} says so."}
+                                          for i in range(30)])
+    ctx = StageContext.load(tmp_path / "params.yaml")
+    run_curate(ctx, "law")
+    out = ctx.layout.curated("law")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert before["train.jsonl"]
+
+    _write_jsonl(tmp_path / "law.jsonl", [{"question": "", "answer": ""} for _ in range(5)])  # all empty
+    with pytest.raises(EmptyDomainError, match="quarantine.rejected.jsonl"):
+        run_curate(ctx, "law")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "quarantine.rejected.jsonl"}
+    assert after == before, "the earlier curated splits, quarantine and card are untouched"
+    assert len((out / "quarantine.rejected.jsonl").read_text().splitlines()) == 5

@@ -1,0 +1,175 @@
+"""Stopping a run: SIGTERM (kill, a Kubernetes pod's shutdown) and SIGINT (Ctrl-C) sent to `moa run` during
+training end it within seconds at a step boundary, with a checkpoint the next `moa run` resumes, and leave no
+process or port behind (the Prefect server the run started goes too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import tiny_raw_params
+from procs import Proc
+
+EXPERT_STEPS = 400
+CKPT = "models/checkpoints/expert-code/checkpoint.pt"
+
+
+def _project(root: Path, tiny_model_dir: Path) -> Path:
+    raw = tiny_raw_params(tiny_model_dir)
+    raw["domains"] = {"code": raw["domains"]["code"]}
+    quick = raw["profiles"]["quick"]
+    quick["curate"] = {"max_rows": 30}
+    # long enough that the signal lands mid-training; no periodic checkpoint: the one found is the stop's
+    quick["train"].update({"expert_steps": EXPERT_STEPS, "joint_steps": 2, "checkpoint_every": 100_000,
+                           "log_every": 5, "batch_size": 2, "max_length": 64})
+    quick["evaluate"] = {"max_samples": 2, "max_new_tokens": 4, "baselines": [], "compare_methods": []}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+def _start(root: Path, log: Path) -> Proc:
+    exe = Path(sys.executable).parent / "moa"
+    return Proc("moa run", [str(exe), "run", "--profile", "quick", "--params", str(root / "params.yaml")], log,
+                env=os.environ.copy(), cwd=root)
+
+
+def _descendants(proc: Proc) -> tuple[list[psutil.Process], set[int]]:
+    root = psutil.Process(proc.p.pid)
+    kids = root.children(recursive=True)
+    ports = set()
+    for pr in [root, *kids]:
+        try:
+            ports |= {c.laddr.port for c in pr.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return kids, ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the closed connections' TIME_WAIT is no holder
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _stop_during_training(root: Path, sig: signal.Signals) -> tuple[Proc, float]:
+    """Start `moa run`, send `sig` to its process (not its group) once the expert trains; returns the process
+    and the seconds from the signal to its exit. Asserts the exit code, the checkpoint and the clean-up."""
+    proc = _start(root, root / f"run-{sig.name}.log")
+    try:
+        deadline = time.monotonic() + 420
+        while "train_expert:code step" not in proc.tail(200_000):
+            assert proc.p.poll() is None, f"moa run exited before training:\n{proc.tail()}"
+            assert time.monotonic() < deadline, f"no training log line in time:\n{proc.tail()}"
+            time.sleep(0.1)
+        kids, ports = _descendants(proc)
+        assert kids and ports, "the run should have started the Prefect API server (a child process on a port)"
+        os.kill(proc.p.pid, sig)
+        t0 = time.monotonic()
+        try:
+            rc = proc.p.wait(timeout=60)
+        except Exception:
+            pytest.fail(f"moa run did not exit within 60 s of {sig.name}:\n{proc.tail()}")
+        took = time.monotonic() - t0
+        log = proc.tail(200_000)
+        assert rc == 128 + sig, f"exit code {rc}, expected {128 + sig}:\n{log[-4000:]}"
+        assert f"stop requested ({sig.name})" in log, log[-4000:]
+        assert "re-run `moa run --profile quick` to resume" in log, log[-4000:]
+        import torch
+
+        state = torch.load(root / CKPT, map_location="cpu", weights_only=True)
+        assert 0 < state["step"] < EXPERT_STEPS, state["step"]
+        assert not (root / "models/experts/code/adapter_model.safetensors").exists()
+        gone, alive = psutil.wait_procs(kids, timeout=10)
+        assert not alive, f"processes left behind after {sig.name}: {[p.cmdline() for p in alive]}"
+        assert all(_port_free(p) for p in ports), f"ports still taken after {sig.name}: {ports}"
+        return proc, took
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_at_a_step_and_the_next_run_resumes(tmp_path: Path, tiny_model_dir: Path):
+    root = _project(tmp_path / "p", tiny_model_dir)
+    _, took = _stop_during_training(root, signal.SIGTERM)
+    assert took < 20, f"the stop took {took:.1f} s"  # a few seconds: one step plus the clean exit
+    step = torch_step(root)
+
+    again = _start(root, root / "resume.log")
+    try:
+        assert again.p.wait(timeout=600) == 0, again.tail()
+    finally:
+        again.stop()
+    # the whole run's output, read as a user would: the table once, no warning spam, no raw colour codes
+    out = again.tail(1_000_000)
+    header = next(ln for ln in (root / "reports/eval.md").read_text().splitlines() if ln.startswith("| System |"))
+    assert out.count(header) == 1, out
+    assert "\x1b[" not in out and "is_gradient_checkpointing" not in out and "input example" not in out, out
+    assert "Downloading artifacts" not in out, out
+    summary = json.loads((root / "metrics/train_expert_code.json").read_text())
+    assert summary["resumed_from"] == step, (summary, step)
+    assert summary["steps"] == EXPERT_STEPS
+    assert (root / "models/experts/code/adapter_model.safetensors").exists()
+    assert json.loads((root / "metrics/registered.json").read_text())["version"]
+
+
+@pytest.mark.slow
+def test_sigint_stops_training_at_a_step(tmp_path: Path, tiny_model_dir: Path):
+    root = _project(tmp_path / "p", tiny_model_dir)
+    _, took = _stop_during_training(root, signal.SIGINT)
+    assert took < 20, f"the stop took {took:.1f} s"
+
+
+def torch_step(root: Path) -> int:
+    import torch
+
+    return int(torch.load(root / CKPT, map_location="cpu", weights_only=True)["step"])
+
+
+@pytest.mark.slow
+def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(tmp_path: Path, tiny_model_dir: Path):
+    """`kill <pid>` of `moa ui --prefect` stops the MLflow and Prefect servers it started; a second `moa ui` on the
+    same ports exits non-zero naming the port instead of exiting 0 with no server."""
+    from procs import free_port, wait_http
+
+    root = _project(tmp_path / "p", tiny_model_dir)
+    exe = str(Path(sys.executable).parent / "moa")
+    mlflow_port, prefect_port = free_port(), free_port()
+    args = ["ui", "--params", str(root / "params.yaml"), "--port", str(mlflow_port), "--prefect",
+            "--prefect-port", str(prefect_port)]
+    ui = Proc("moa ui", [exe, *args], root / "ui.log", env=os.environ.copy(), cwd=root)
+    try:
+        wait_http(ui, f"http://127.0.0.1:{mlflow_port}/health", timeout=180)
+        wait_http(ui, f"http://127.0.0.1:{prefect_port}/api/health", timeout=180)
+        out = ui.tail(1_000_000)
+        assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in out, out
+        assert f"http://127.0.0.1:{mlflow_port}/#/models/moa-model" in out, out
+
+        second = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0, second.stderr
+        assert f"port {mlflow_port}" in second.stderr and f"port {prefect_port}" in second.stderr, second.stderr
+        assert "--port" in second.stderr, second.stderr
+
+        kids, ports = _descendants(ui)
+        assert {mlflow_port, prefect_port} <= ports, ports
+        os.kill(ui.p.pid, signal.SIGTERM)
+        assert ui.p.wait(timeout=30) == 0, ui.tail()
+        gone, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive, f"servers left behind: {[p.cmdline() for p in alive]}"
+        assert _port_free(mlflow_port) and _port_free(prefect_port)
+    finally:
+        ui.stop()

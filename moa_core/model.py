@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .experts import ExpertMixtureLinear, LayerSlot, Route
+from .lora_kernels import LoraFusion
 from .routing import LayerRouter, load_balance_loss, pool, top_k_gates
 
 MIXTURE_WEIGHTS = "mixture.safetensors"
@@ -91,6 +92,7 @@ class MixtureOutput:
 @dataclass
 class _Context:
     adapters_off: bool = False
+    fused: bool = False  # the fused routed-LoRA kernels serve this forward (see MixtureModel._routing)
     experts_off: bool = False
     forced: Tensor | None = None
     pool_mask: Tensor | None = None
@@ -227,6 +229,7 @@ class MixtureModel(nn.Module):
             parent_name, leaf = name.rsplit(".", 1)
             setattr(base.get_submodule(parent_name), leaf, wrapper)
             self.wrapped[name] = wrapper
+        self.lora_fusion = LoraFusion(self.wrapped)  # fused routed-LoRA kernels for inference (lora_kernels.py)
         self._hooks = [
             layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
@@ -243,6 +246,7 @@ class MixtureModel(nn.Module):
         """h: [B, T, H] hidden states entering `layer`; sets the layer's route."""
         ctx, slot = self._ctx, self.slots[layer]
         slot.adapters_off = ctx.adapters_off
+        slot.fused = ctx.fused
         if ctx.adapters_off or ctx.experts_off:
             slot.route = Route()
             return
@@ -274,7 +278,9 @@ class MixtureModel(nn.Module):
 
     @contextlib.contextmanager
     def _routing(self, **kw: Any) -> Iterator[_Context]:
-        self._ctx = _Context(**kw)
+        # inference (eval, no autograd) may take the fused kernels; decided here, outside any compiled region
+        fused = not (self.training or torch.is_grad_enabled()) and self.lora_fusion.ready()
+        self._ctx = _Context(fused=fused, **kw)
         try:
             yield self._ctx
         finally:
@@ -282,6 +288,7 @@ class MixtureModel(nn.Module):
             for s in self.slots:
                 s.route = Route()
                 s.adapters_off = False
+                s.fused = False
 
     # ------------------------------------------------------------------------------------------ API
     def forward(

@@ -142,6 +142,9 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
 
 
+FUSED = {"auto": None, "on": True, "off": False}  # --fused -> LoraFusion.enabled of the moa variants
+
+
 def spread(xs: list[float]) -> dict[str, float]:
     """median, min, max and the number of samples."""
     return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
@@ -175,7 +178,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         static = dict(cache_implementation="static", compile_config=cc)
 
         def call(v: str):
-            mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else None
+            mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
@@ -324,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routers", default="fit", choices=["fit", "random"],
                     help="fit: routers trained on the domain-marked prompts first (as after MoA stage 2); random: untrained")
     ap.add_argument("--router-steps", default=60, type=int, help="Adam steps of the router fit")
+    ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
+                    help="the moa variants' routed-LoRA path: auto (fused kernels on CUDA with triton), on (also on the "
+                         "CPU, through the torch formulation), off (reference path; what moa_ref always uses)")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     return run_shapes(ap.parse_args(argv), "inference", run_shape, render)
 

@@ -16,8 +16,8 @@ program reads its row's expert A and B (experts not in the batch are never read)
 base output y itself when the group has one member.
 
 `routed_lora_torch` is the same formulation in torch (what runs on the CPU, and the oracle of the kernel);
-`routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. Both are reached
-through the custom op `moa::routed_lora`, which torch.compile keeps as one opaque call.
+`routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. Under torch.compile both
+are reached through the custom op `moa::routed_lora`, which stays one opaque call in the graph.
 Only inference uses this path (no autograd, eval mode, MoA-style experts: no shared A, no universal
 expert); training keeps the reference path.
 """
@@ -140,17 +140,29 @@ def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Option
     return out
 
 
-@torch.library.custom_op("moa::routed_lora", mutates_args=())
-def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
-    """One routed LoRA group (see `routed_lora_torch`): the Triton kernel on CUDA, else the torch formulation."""
+def _routed_lora_impl(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
     if x.is_cuda and HAVE_TRITON:
         return routed_lora_triton(x, A, B, index, y)
     return routed_lora_torch(x, A, B, index, y)
 
 
+@torch.library.custom_op("moa::routed_lora", mutates_args=())
+def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    """One routed LoRA group (see `routed_lora_torch`): the Triton kernel on CUDA, else the torch formulation."""
+    return _routed_lora_impl(x, A, B, index, y)
+
+
 @routed_lora.register_fake
 def _(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
     return x.new_empty(*x.shape[:-1], B.shape[1])
+
+
+def run_group(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    """The custom op where torch.compile traces (it stays one opaque call in the graph); eagerly its body,
+    since the op dispatcher's host time would be paid on every projection group of every decode step."""
+    if torch.compiler.is_compiling():
+        return routed_lora(x, A, B, index, y)
+    return _routed_lora_impl(x, A, B, index, y)
 
 
 # ------------------------------------------------------------------------------------------------ groups
@@ -207,14 +219,14 @@ class LoraGroup:
     def apply(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """member's y + its LoRA delta; x [Bsz, T, K], index [Bsz], y [Bsz, T, d_out]."""
         if len(self.members) == 1:
-            return routed_lora(x, self.A, self.B, index, y)
+            return run_group(x, self.A, self.B, index, y)
         i = self.position[id(member)]
         st = self.stash
         if st is not None and st[0] is x and st[1] is index:
             deltas = st[2]
             self.stash = None if st[3] == 1 else (x, index, deltas, st[3] - 1)
         else:  # the first member called on this input computes the whole group's deltas
-            deltas = routed_lora(x, self.A, self.B, index, None)
+            deltas = run_group(x, self.A, self.B, index, None)
             self.stash = (x, index, deltas, len(self.members) - 1)
         return y + deltas[..., self.out_slices[i]]
 

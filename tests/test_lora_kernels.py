@@ -28,13 +28,13 @@ def _mixture(tiny_cfg, tiny_base, std: float = 0.2):
 def op_calls(monkeypatch):
     """Counts the fused path's kernel calls (the custom op) and still runs them."""
     calls = []
-    real = lora_kernels.routed_lora
+    real = lora_kernels.run_group
 
     def counting(*args):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(lora_kernels, "routed_lora", counting)
+    monkeypatch.setattr(lora_kernels, "run_group", counting)
     return calls
 
 

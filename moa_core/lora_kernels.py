@@ -110,6 +110,42 @@ if HAVE_TRITON:
                      d.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _routed_lora_decode_kernel(
+        x_ptr, a_ptr, b_ptr, idx_ptr, y_ptr, out_ptr,
+        K, R, N, n_per_prog,
+        sxb, sxk, sae, sar, sak, sbe, sbn, sbr, syb, syn, sob, son,
+        HAS_Y: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One token per row (a decode step): program (row b, a span of output columns). Multiply-and-sum on
+        the CUDA cores rather than tl.dot, which would need 16 rows; wide K blocks keep the loop short."""
+        b = tl.program_id(0)
+        e = tl.load(idx_ptr + b).to(tl.int64)
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        h = tl.zeros((R_PAD,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            ak = tl.load(a_ptr + e * sae + offs_r[:, None] * sar + offs_k[None, :] * sak,
+                         mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [R_PAD, BLOCK_K]
+            h += tl.sum(ak * xk[None, :], axis=1)
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds the shrink to the activation dtype
+        n_start = tl.program_id(1) * n_per_prog
+        for n0 in range(n_start, n_start + n_per_prog, BLOCK_N):  # the last span's tiles past N are masked
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            bt = tl.load(b_ptr + e * sbe + offs_n[:, None] * sbn + offs_r[None, :] * sbr,
+                         mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, R_PAD]
+            d = tl.sum(bt * h[None, :], axis=1)  # [BLOCK_N]
+            if HAS_Y:
+                d += tl.load(y_ptr + b * syb + offs_n * syn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
@@ -119,6 +155,8 @@ def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Option
     Bsz, T, K = x.shape
     E, N, R = B.shape
     out = torch.empty(Bsz, T, N, device=x.device, dtype=x.dtype)
+    if T == 1:
+        return _launch_decode(x, A, B, index, y, out)
     BLOCK_T = 16 if T <= 16 else 64  # tl.dot needs 16 rows; a decode step (T = 1) masks the other 15
     BLOCK_K = min(128, _pow2_at_least(K, 16))
     R_PAD = _pow2_at_least(R, 16)
@@ -144,6 +182,26 @@ def _routed_lora_impl(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optiona
     if x.is_cuda and HAVE_TRITON:
         return routed_lora_triton(x, A, B, index, y)
     return routed_lora_torch(x, A, B, index, y)
+
+
+def _launch_decode(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor], out: Tensor) -> Tensor:
+    Bsz, _, K = x.shape
+    _, N, R = B.shape
+    R_PAD = _pow2_at_least(R, 1)
+    BLOCK_K = min(_pow2_at_least(K, 16), max(64, 8192 // R_PAD))  # the [R_PAD, BLOCK_K] tile stays ~32 regs/thread
+    BLOCK_N = 128
+    n_tiles = triton.cdiv(N, BLOCK_N)
+    n_split = max(1, min(n_tiles, triton.cdiv(264, Bsz)))  # about two programs per SM
+    n_per_prog = triton.cdiv(n_tiles, n_split) * BLOCK_N
+    n_split = triton.cdiv(N, n_per_prog)
+    ys = (y.stride(0), y.stride(2)) if y is not None else (0, 0)
+    _routed_lora_decode_kernel[(Bsz, n_split)](
+        x, A, B, index, y if y is not None else out, out,
+        K, R, N, n_per_prog,
+        x.stride(0), x.stride(2), *A.stride(), *B.stride(), *ys, out.stride(0), out.stride(2),
+        HAS_Y=y is not None, BLOCK_K=BLOCK_K, R_PAD=R_PAD, BLOCK_N=BLOCK_N, num_warps=8,
+    )
+    return out
 
 
 @torch.library.custom_op("moa::routed_lora", mutates_args=())

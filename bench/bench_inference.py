@@ -225,6 +225,7 @@ def run_shape(args: argparse.Namespace) -> dict:
             for _ in range(max(1, args.warmup) if v.endswith("_c") else args.warmup):
                 t, outs[v] = timed(lambda: call(v), device)
                 warm.setdefault(v, t)
+                print(f"  N={n}: warm-up {v} {t:.1f} s", file=sys.stderr, flush=True)  # a compile time, if cut short
         times: dict[str, list[float]] = {v: [] for v in variants}
         for i in range(args.repeats):
             for v in (variants if i % 2 == 0 else variants[::-1]):  # ABC CBA ABC ...

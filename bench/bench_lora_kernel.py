@@ -60,13 +60,15 @@ def build_stack(layers: int, d: int, kv: int, ff: int, E: int, r: int, device, d
 
 
 def step(stack, x):
-    """One pass over the stack's projections in HF's call pattern; returns a checksum-able tensor."""
+    """One pass over the stack's projections in HF's call pattern (plus the elementwise ops that join them, as
+    in a layer: product, sums, an RMS norm); returns a tensor to compare between variants."""
     acc = x
     for p in stack:
         q, k, v = p["q_proj"](acc), p["k_proj"](acc), p["v_proj"](acc)
         o = p["o_proj"](q)
         g, u = p["gate_proj"](o), p["up_proj"](o)
         acc = p["down_proj"](g * u) + k.sum(-1, keepdim=True) + v.sum(-1, keepdim=True)
+        acc = acc * torch.rsqrt(acc.pow(2).mean(-1, keepdim=True) + 1e-6)  # keeps 24 layers finite (an RMS norm)
     return acc
 
 

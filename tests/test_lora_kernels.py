@@ -111,12 +111,15 @@ def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base):
     before = both()[1]
     w = next(iter(mm.wrapped.values()))
     w.load_expert(1, torch.randn(w.r, w.in_features), torch.randn(w.out_features, w.r), 3.0)
+    ref, new = both()
+    assert not torch.allclose(before, new, atol=1e-3), "the loaded expert was not used"
+    assert torch.allclose(ref, new, atol=1e-5)
     with torch.no_grad():
         for v in mm.wrapped.values():
             v.lora_B[2].mul_(2.0)
-    ref, new = both()
-    assert not torch.allclose(before, new, atol=1e-3), "the changed experts were not used"
-    assert torch.allclose(ref, new, atol=1e-5)
+    ref, new2 = both()
+    assert not torch.allclose(new, new2, atol=1e-3), "the expert changed in place was not used"
+    assert torch.allclose(ref, new2, atol=1e-5)
     mm.add_expert("delta")
     with torch.no_grad():
         for v in mm.wrapped.values():

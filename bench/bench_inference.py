@@ -4,7 +4,10 @@ For each N in --experts, one batch whose rows belong to N domains (row i -> doma
 greedily (prompt --prompt-len tokens, exactly --new-tokens new tokens) by
 
   (a) base      the model without adapters (the limit);
-  (b) peft      one PeftModel holding N LoRA adapters (random non-zero B), `generate(adapter_names=...)`;
+  (b) peft      one PeftModel holding N LoRA adapters (random non-zero B, kept in the base's dtype: bf16
+                on the GPU, not PEFT's default float32 upcast), `generate(adapter_names=...)` (mixed batch);
+      peft_split  the same PeftModel, one batch per adapter (`set_adapter`, then generate on that adapter's
+                rows), N generate calls: PEFT's plain multi-adapter mode;
   (c) moa       moa_core's MixtureModel (method moa, N experts holding the same N LoRAs), router
                 included: `mm.generate(...)` with expert=None, so it routes from the prompt first.
 
@@ -14,7 +17,9 @@ and, to attribute the cost of (c):
                 prefill with the chosen experts (moa_core's generate before that reuse);
   moa_off       the same MixtureModel with adapters_off=True (wrappers and hooks, no LoRA math);
   moa_forced    `mm.generate(expert=row_domain)` (no routing pass; same rows->experts as (b));
-  *_c           (opt-in: --variants base_c,moa_c,moa_forced_c) base / moa / moa_forced with HF's static
+  moa_ref       (c) through the reference routed-LoRA path (ExpertMixtureLinear's gathers and bmm) instead
+                of the fused kernels of moa_core.lora_kernels (which moa uses on CUDA with triton);
+  *_c           (opt-in: --variants base_c,moa_c,moa_forced_c,moa_ref_c) base / moa / ... with HF's static
                 KV cache and its automatic torch.compile of the decode step (`cache_implementation="static"`,
                 CompileConfig(mode=--compile-mode, fullgraph=True); reduce-overhead = CUDA graphs). The
                 prompt (and MoA's routing pass) run eagerly, as HF does. The warm-up call compiles; its
@@ -29,8 +34,11 @@ table reports the router's accuracy and the share of rows whose layers all agree
 expert (those rows' routing-pass cache is reused as is; the others are run again). --routers random
 keeps the untrained routers (near-random decisions: the worst case for that reuse).
 
-Every variant is warmed up once, then the variants are timed in turn, --repeats times (interleaved, so
-clock drift hits them alike); each time is the median. CUDA is synchronised around each timed call.
+Every variant is warmed up once, then the variants are timed in turn, --repeats times, interleaved (A B C,
+C B A, A B C, ...: clock drift and the position in a round hit them alike); each time is the median, with
+min and max beside it, and each ratio X/Y is also computed per round (the two calls of one round ran
+back to back) and reported as median [min, max] of those paired ratios. CUDA is synchronised around
+each timed call.
 `match` is the share of generated tokens where moa_forced equals peft (same LoRA weights, same
 assignment): 1.0 expected in fp32, close to 1 in bf16 (greedy decoding can flip on near-ties).
 
@@ -55,8 +63,8 @@ from _legacy import legacy_routed_path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c", "moa_c", "moa_norc_c",
-            "moa_forced_c"]
+VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
+            "moa_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -73,6 +81,9 @@ def build_peft(base: nn.Module, n: int, seed: int) -> nn.Module:
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 nn.init.normal_(p, std=0.02)  # random non-zero B: every adapter changes the output
+    # PEFT upcasts bf16/fp16 adapters to float32 by default (autocast_adapter_dtype); for inference its faster
+    # mode keeps them in the base model's dtype, as moa_core does
+    pm.to(dtype=next(base.parameters()).dtype)
     pm.eval()
     return pm
 
@@ -125,6 +136,20 @@ def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, s
             "layers_agree": float((logits.argmax(-1) == chosen).all(0).float().mean())}
 
 
+# the ratios reported per round: (numerator, denominator)
+RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft", "moa"), ("peft_split", "moa"),
+          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
+          ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
+
+
+FUSED = {"auto": None, "on": True, "off": False}  # --fused -> LoraFusion.enabled of the moa variants
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """median, min, max and the number of samples."""
+    return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
 def run_shape(args: argparse.Namespace) -> dict:
     device, dtype, base, V = setup_shape(args)
     B, P, G = args.batch, args.prompt_len, args.new_tokens
@@ -153,6 +178,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         static = dict(cache_implementation="static", compile_config=cc)
 
         def call(v: str):
+            mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
@@ -166,6 +192,18 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return base.generate(input_ids=ids, attention_mask=mask, **gen)
                 if v == "peft":
                     return pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen)
+                if v == "peft_split":
+                    out = torch.empty(B, P + G, dtype=ids.dtype, device=device)
+                    for k in range(n):
+                        sel = (rows == k).nonzero().squeeze(1)
+                        pm.set_adapter(f"d{k}")
+                        out[sel] = pm.generate(input_ids=ids[sel], attention_mask=mask[sel], **gen)
+                    pm.set_adapter("d0")
+                    return out
+                if v == "moa_ref":
+                    return mm.generate(ids, mask, **gen)[0]
+                if v == "moa_ref_c":
+                    return mm.generate(ids, mask, **static, **gen)[0]
                 if v == "moa":
                     seqs, exp = mm.generate(ids, mask, **gen)
                     chosen.append(exp)
@@ -187,15 +225,19 @@ def run_shape(args: argparse.Namespace) -> dict:
             for _ in range(max(1, args.warmup) if v.endswith("_c") else args.warmup):
                 t, outs[v] = timed(lambda: call(v), device)
                 warm.setdefault(v, t)
+                print(f"  N={n}: warm-up {v} {t:.1f} s", file=sys.stderr, flush=True)  # a compile time, if cut short
         times: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.repeats):
-            for v in variants:
+        for i in range(args.repeats):
+            for v in (variants if i % 2 == 0 else variants[::-1]):  # ABC CBA ABC ...
                 t, out = timed(lambda: call(v), device)
                 times[v].append(t)
                 assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
         med = {v: median(ts) for v, ts in times.items()}
-        rec = {"experts": n, "median_s": med, "all_s": times, "warmup_s": warm, **routing,
-               "gen_tokens_per_s": {v: B * G / s for v, s in med.items()}}
+        rec = {"experts": n, "median_s": med, "min_s": {v: min(ts) for v, ts in times.items()},
+               "max_s": {v: max(ts) for v, ts in times.items()}, "all_s": times, "warmup_s": warm, **routing,
+               "gen_tokens_per_s": {v: B * G / s for v, s in med.items()},
+               "paired_ratios": {f"{a}/{b}": spread([x / y for x, y in zip(times[a], times[b])])
+                                 for a, b in RATIOS if a in times and b in times}}
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
         if "peft" in variants and "moa" in variants:  # same LoRAs, same rows->experts: prompt logits agree?
@@ -235,34 +277,39 @@ def run_shape(args: argparse.Namespace) -> dict:
 
 
 def render(payload: dict) -> str:
+    """Three tables: times (median [min-max] ms) and tokens/s; ratios per round; consistency checks."""
     variants = [v for v in VARIANTS if v in payload["results"][0]["median_s"]]
     head = (f"### Inference: shape `{payload['shape']}`, {payload['device']} {payload['dtype']}, batch {payload['batch']}, "
-            f"prompt {payload['prompt_len']}, {payload['new_tokens']} new tokens, median of {payload['repeats']}\n")
-    headers = ["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
-    headers += ["moa/base time", "peft/moa time", "moa_norc/moa time", "moa_v0/moa time", "router acc", "layers agree",
-                "routed experts", "match forced~peft", "match moa~moa_norc", "logits relerr moa~peft"]
-    comp = "moa_c" in variants and "base_c" in variants
-    if comp:
-        headers += ["moa_c/base_c time", "moa_norc_c/base_c time", "moa_forced_c/base_c time", "peft/moa_c time",
-                    "match moa_c~moa"]
-    rows = []
-    for r in payload["results"]:
-        row = [r["experts"]] + [r["median_s"][v] * 1e3 for v in variants]
-        row += [r["gen_tokens_per_s"][v] for v in ("base", "peft", "moa", "base_c", "moa_c") if v in variants]
-        m = r["median_s"]
+            f"prompt {payload['prompt_len']}, {payload['new_tokens']} new tokens, {payload['repeats']} interleaved rounds\n")
 
-        def ratio(a: str, b: str) -> float | str:
-            return m[a] / m[b] if a in m and b in m else "-"
+    def ms(ts: list[float]) -> str:
+        return f"{median(ts) * 1e3:,.1f} [{min(ts) * 1e3:,.1f}-{max(ts) * 1e3:,.1f}]"
 
-        row += [r.get("moa_over_base", "-"), r.get("peft_over_moa", "-"), ratio("moa_norc", "moa"),
-                r.get("moa_v0_over_moa", "-"), r.get("router_accuracy", "-"), r.get("layers_agree", "-"),
-                r.get("routed_distinct_experts", "-"), r.get("match_moa_forced_vs_peft", "-"),
-                r.get("match_moa_vs_moa_norc", "-"), r.get("logits_relerr_moa_vs_peft", "-")]
-        if comp:
-            row += [r.get("moa_c_over_base_c", "-"), ratio("moa_norc_c", "base_c"), ratio("moa_forced_c", "base_c"),
-                    r.get("peft_over_moa_c", "-"), r.get("match_moa_c_vs_moa", "-")]
-        rows.append(row)
-    return head + "\n" + markdown_table(headers, rows) + "\n"
+    times = [[r["experts"]] + [ms(r["all_s"][v]) for v in variants] + [r["gen_tokens_per_s"][v] for v in variants]
+             for r in payload["results"]]
+    out = [head, "Time of one generate call, ms: median [min-max]; generated tokens/s from the median.\n",
+           markdown_table(["N"] + [f"{v} ms" for v in variants] + [f"{v} tok/s" for v in variants], times)]
+    ratios = [(a, b) for a, b in RATIOS if a in variants and b in variants]
+    if ratios:
+        rows = []
+        for r in payload["results"]:
+            row = [r["experts"]]
+            for a, b in ratios:
+                q = [x / y for x, y in zip(r["all_s"][a], r["all_s"][b])]
+                row.append(f"{median(q):.3g} [{min(q):.3g}-{max(q):.3g}]")
+            rows.append(row)
+        out += ["\nTime ratios per round (the two calls ran in the same round): median [min-max].\n",
+                markdown_table(["N"] + [f"{a}/{b}" for a, b in ratios], rows)]
+    checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+    rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
+    warm = [v for v in variants if v.endswith("_c")]
+    if warm:  # the first call of a compiled variant compiles: its time, minus the median call, is the compile cost
+        checks += [f"{v} compile s" for v in warm]
+        for row, r in zip(rows, payload["results"]):
+            row += [r["warmup_s"][v] - r["median_s"][v] for v in warm]
+    out += ["\nChecks (see the module docstring).\n", markdown_table(["N"] + checks, rows)]
+    return "\n".join(out) + "\n"
 
 
 def generation_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -281,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routers", default="fit", choices=["fit", "random"],
                     help="fit: routers trained on the domain-marked prompts first (as after MoA stage 2); random: untrained")
     ap.add_argument("--router-steps", default=60, type=int, help="Adam steps of the router fit")
+    ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
+                    help="the moa variants' routed-LoRA path: auto (fused kernels on CUDA with triton), on (also on the "
+                         "CPU, through the torch formulation), off (reference path; what moa_ref always uses)")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     return run_shapes(ap.parse_args(argv), "inference", run_shape, render)
 

@@ -15,6 +15,21 @@ Same tokens, same rank, same optimiser, same training loop (`moa_core.train.trai
   (b') moa_b     the same pass with the PEFT jobs' batch shape: N x --steps steps of --batch mixed rows
                  (each expert then sees its rows in smaller slices, over more steps).
 
+Fair baselines for (b), which owes most of its tokens/s to its larger batch:
+
+  peft_one      ONE PEFT LoRA job given moa's batches (N x --batch mixed rows per step, --steps steps): the same
+                rows per step and the same work per step, one adapter for all domains (what a single job
+                could do with the GPU; it does not give N experts);
+  peft_par      N PEFT LoRA jobs as N processes started together on the same device (each its own domain,
+                --steps steps of --batch rows, as in peft_seq): the GPU shared by independent jobs. tokens/s =
+                all tokens / the span from the first loop's start to the last loop's end; wall = from spawning
+                the processes to the last one's exit (each process imports torch and builds its own base copy);
+                peak memory = the sum of the processes' peaks.
+
+The per-step model FLOPs are estimated as 4 x (base parameters, embeddings excluded) x tokens (forward and the
+activation gradients of the frozen base; the LoRA and attention terms are left out), so `model TFLOP/s` and
+`MFU` (against --peak-tflops) are lower bounds of the arithmetic done.
+
 Rows are synthetic (random token ids, a quarter prompt masked out with -100, no padding), built on the
 device before timing. Per variant: the loop's tokens/s (tokens / synchronised loop time), the wall
 time including wrapping the model and building the optimiser (`setup`; the copy of the base, which
@@ -44,7 +59,7 @@ from _common import (  # noqa: I001
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-VARIANTS = ["peft_seq", "moa", "moa_b"]
+VARIANTS = ["peft_seq", "moa", "moa_b", "peft_one", "peft_par"]
 DROPOUT = 0.05  # params.yaml lora.dropout
 
 
@@ -54,17 +69,17 @@ def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> types.SimpleName
                                  log_every=10**9, checkpoint_every=10**9)
 
 
+def domain_rows(k: int, rows: int, T: int, V: int, device: torch.device) -> dict[str, Tensor]:
+    """Domain k's input_ids, attention_mask, labels [rows, T] (first T//4 positions are prompt: -100)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    ids = torch.randint(3, V, (rows, T), generator=g)
+    labels = ids.clone()
+    labels[:, : T // 4] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
 def make_rows(n_domains: int, rows_per_domain: int, T: int, V: int, device: torch.device) -> list[dict[str, Tensor]]:
-    """Per domain: input_ids, attention_mask, labels [rows, T] (first T//4 positions are prompt: -100)."""
-    out = []
-    for k in range(n_domains):
-        g = torch.Generator().manual_seed(1000 + k)
-        ids = torch.randint(3, V, (rows_per_domain, T), generator=g)
-        labels = ids.clone()
-        labels[:, : T // 4] = -100
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": labels.to(device)})
-    return out
+    return [domain_rows(k, rows_per_domain, T, V, device) for k in range(n_domains)]
 
 
 def _take(d: dict[str, Tensor], sl: slice) -> dict[str, Tensor]:
@@ -170,8 +185,76 @@ def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batch
     return _timed_training(job, batches, lr, device)
 
 
+def run_parallel_peft_jobs(args: argparse.Namespace, n: int) -> dict:
+    """N PEFT jobs as N processes started at once (see the module docstring); each prints one JSON line."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        go = Path(d) / "go"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-go", str(go), "--shape", args.shape,
+               "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--threads", str(args.threads)]
+        t0 = time.time()
+        procs = [subprocess.Popen(cmd + ["--worker-domain", str(k)], stdout=subprocess.PIPE, text=True)
+                 for k in range(n)]
+        while len(list(Path(d).glob("ready.*"))) < n:  # every process built its model: start the loops together
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
+        go.touch()
+        outs = [p.communicate()[0] for p in procs]
+        wall = time.time() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a parallel PEFT job failed: exit codes {[p.returncode for p in procs]}")
+    jobs = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    span = max(j["loop_end"] for j in jobs) - min(j["loop_start"] for j in jobs)
+    return {"wall_s": wall, "loop_s": span, "setup_s": wall - span, "tokens": sum(j["tokens"] for j in jobs),
+            "trainable_params": sum(j["trainable_params"] for j in jobs), "final_loss": [j["final_loss"] for j in jobs],
+            "peak_bytes": sum(j["peak_bytes"] for j in jobs), "memory_method": jobs[0]["memory_method"] + " (sum)"}
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One process of peft_par: build the base and the job, say ready, wait for the go file, train, print JSON."""
+    import json
+
+    device, dtype, base, V = setup_shape(args)
+    k = args.worker_domain
+    batches = peft_batches(domain_rows(k, args.steps * args.batch, args.seq_len, V, device), args.steps, args.batch)
+    go = Path(args.worker_go)
+    (go.parent / f"ready.{k}").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    with PeakMemory(device) as pmem:
+        sync(device)
+        start = time.time()
+        res = train_peft_job(base, batches, args.lr, device)
+        sync(device)
+        end = time.time()
+    print(json.dumps({"loop_start": end - res["loop_s"], "loop_end": end, "job_start": start, "tokens": res["tokens"],
+                      "trainable_params": res["trainable_params"], "final_loss": res["final_loss"],
+                      "peak_bytes": pmem.peak_bytes, "memory_method": pmem.method}), flush=True)
+    return 0
+
+
 def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], steps: int, B: int, lr: float,
-                device: torch.device) -> dict:
+                device: torch.device, args: argparse.Namespace | None = None) -> dict:
+    if v == "peft_par":
+        rec = run_parallel_peft_jobs(args, n)
+        gc.collect()
+        return rec
+    if v == "peft_one":
+        copy = clone(base)
+        batches = [{k: t for k, t in b.items() if k != "expert"} for b in moa_batches(data, steps, B, device)]
+        with PeakMemory(device) as pmem:
+            rec = train_peft_job(copy, batches, lr, device)
+        rec["peak_bytes"], rec["memory_method"] = pmem.peak_bytes, pmem.method
+        del copy, batches
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return rec
     if v == "peft_seq":
         jobs, peak, method = [], 0, ""
         for k in range(n):
@@ -203,17 +286,20 @@ def run_shape(args: argparse.Namespace) -> dict:
     S, B, T = args.steps, args.batch, args.seq_len
     variants = [v for v in VARIANTS if v in args.variants]
     data_all = make_rows(max(args.experts), S * B, T, V, device)
+    emb = {id(p) for m in base.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    base_params = sum(p.numel() for p in base.parameters() if id(p) not in emb)
     if args.warmup:  # kernels, cuBLAS handles, allocator; one tiny run of each variant, untimed
         nw = min(2, max(args.experts))
         for v in variants:
-            run_variant(v, base, nw, data_all[:nw], min(2, S), B, args.lr, device)
+            if v != "peft_par":  # its processes start cold every time by design
+                run_variant(v, base, nw, data_all[:nw], min(2, S), B, args.lr, device, args)
     results = []
     for n in args.experts:
         data = data_all[:n]
         runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for _ in range(args.repeats):  # interleaved: clock drift and neighbours hit the variants alike
-            for v in variants:
-                runs[v].append(run_variant(v, base, n, data, S, B, args.lr, device))
+        for i in range(args.repeats):  # interleaved (ABC CBA ...): clock drift and neighbours hit the variants alike
+            for v in (variants if i % 2 == 0 else variants[::-1]):
+                runs[v].append(run_variant(v, base, n, data, S, B, args.lr, device, args))
         rec: dict = {"experts": n, "tokens": runs[variants[0]][0]["tokens"], "runs": runs}
         for v in variants:
             rec[v] = {
@@ -226,35 +312,61 @@ def run_shape(args: argparse.Namespace) -> dict:
             }
             rec[v]["tokens_per_s"] = rec["tokens"] / rec[v]["loop_s"]
             rec[v]["tokens_per_s_wall"] = rec["tokens"] / rec[v]["wall_s"]
+            tps = [rec["tokens"] / r["loop_s"] for r in runs[v]]
+            rec[v]["tokens_per_s_min"], rec[v]["tokens_per_s_max"] = min(tps), max(tps)
+            rec[v]["model_tflops"] = 4 * base_params * rec[v]["tokens_per_s"] / 1e12
             assert all(r["tokens"] == rec["tokens"] for r in runs[v]), f"{v}: token counts differ"
-        for v in variants[1:]:
-            rec[f"{v}_over_peft_seq_tokens_per_s"] = rec[v]["tokens_per_s"] / rec["peft_seq"]["tokens_per_s"]
-            rec[f"{v}_over_peft_seq_wall"] = rec["peft_seq"]["wall_s"] / rec[v]["wall_s"]
+        if "peft_seq" in variants:
+            for v in variants[1:]:
+                rec[f"{v}_over_peft_seq_tokens_per_s"] = rec[v]["tokens_per_s"] / rec["peft_seq"]["tokens_per_s"]
+                rec[f"{v}_over_peft_seq_wall"] = rec["peft_seq"]["wall_s"] / rec[v]["wall_s"]
+        if "moa" in variants:  # moa's tokens/s over each baseline's, per round (paired), median [min, max]
+            rec["moa_over"] = {}
+            for v in variants:
+                if v != "moa":
+                    q = [b["loop_s"] / a["loop_s"] for a, b in zip(runs["moa"], runs[v])]
+                    rec["moa_over"][v] = {"median": median(q), "min": min(q), "max": max(q)}
         results.append(rec)
         print(f"  N={n}: " + ", ".join(f"{v} {rec[v]['tokens_per_s']:.0f} tok/s" for v in variants),
               file=sys.stderr, flush=True)
     return {"shape": args.shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "steps_per_expert": S, "batch_per_expert": B, "seq_len": T, "lr": args.lr, "repeats": args.repeats,
+            "base_params_no_embeddings": base_params, "peak_tflops": args.peak_tflops,
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": DROPOUT, "targets": TARGETS},
             "machine": machine_info(device), "results": results}
 
 
 def render(p: dict) -> str:
+    """tokens/s median [min-max] per variant, wall, peak memory, model TFLOP/s; moa's lead over each baseline."""
     variants = [v for v in VARIANTS if v in p["results"][0]]
     head = (f"### Training: shape `{p['shape']}`, {p['device']} {p['dtype']}, {p['steps_per_expert']} steps x "
-            f"{p['batch_per_expert']} rows x {p['seq_len']} tokens per expert, r={p['lora']['r']}, median of {p['repeats']}\n")
+            f"{p['batch_per_expert']} rows x {p['seq_len']} tokens per expert, r={p['lora']['r']}, "
+            f"median of {p['repeats']} interleaved rounds [min-max]\n")
     headers = ["N", "tokens"] + [f"{v} tok/s" for v in variants] + [f"{v} wall s" for v in variants]
     headers += [f"{v} peak MiB" for v in variants]
-    headers += [f"{v}/peft_seq tok/s" for v in variants[1:]] + [f"{v}/peft_seq wall" for v in variants[1:]]
     rows = []
     for r in p["results"]:
-        row = [r["experts"], r["tokens"]] + [r[v]["tokens_per_s"] for v in variants] + [r[v]["wall_s"] for v in variants]
-        row += [r[v]["peak_bytes"] / 2**20 for v in variants]
-        row += [r[f"{v}_over_peft_seq_tokens_per_s"] for v in variants[1:]]
-        row += [r[f"{v}_over_peft_seq_wall"] for v in variants[1:]]
+        row = [r["experts"], r["tokens"]]
+        for v in variants:
+            lo, hi = r[v].get("tokens_per_s_min"), r[v].get("tokens_per_s_max")
+            row.append(f"{r[v]['tokens_per_s']:,.0f}" + (f" [{lo:,.0f}-{hi:,.0f}]" if lo is not None else ""))
+        row += [r[v]["wall_s"] for v in variants] + [r[v]["peak_bytes"] / 2**20 for v in variants]
         rows.append(row)
+    out = [head, markdown_table(headers, rows)]
+    if "moa_over" in p["results"][0]:
+        others = list(p["results"][0]["moa_over"])
+        rows = [[r["experts"]] + [f"{r['moa_over'][v]['median']:.3g} [{r['moa_over'][v]['min']:.3g}-{r['moa_over'][v]['max']:.3g}]"
+                                  for v in others] for r in p["results"]]
+        out += ["\nmoa tokens/s over each baseline's, per round: median [min-max].\n",
+                markdown_table(["N"] + [f"moa/{v}" for v in others], rows)]
+    if "peak_tflops" in p and p["device"].startswith("cuda"):
+        rows = [[r["experts"]] + [f"{r[v]['model_tflops']:.1f} ({100 * r[v]['model_tflops'] / p['peak_tflops']:.1f}%)"
+                                  for v in variants] for r in p["results"]]
+        out += [f"\nModel TFLOP/s (MFU against {p['peak_tflops']} TFLOP/s; a lower bound, see the docstring).\n",
+                markdown_table(["N"] + variants, rows)]
     mem = p["results"][0]["runs"][variants[0]][0]["memory_method"]
-    return head + "\n" + markdown_table(headers, rows) + f"\n\nPeak memory: {mem}; peft_seq = the largest job's.\n"
+    out.append(f"\nPeak memory: {mem}; peft_seq = the largest job's, peft_par = the sum of its processes'.\n")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", default=3, type=int)
     ap.add_argument("--warmup", default=1, type=int)
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
-    return run_shapes(ap.parse_args(argv), "training", run_shape, render)
+    ap.add_argument("--peak-tflops", default=989.0, type=float,
+                    help="dense bf16 peak for the MFU column (H100/H200 SXM datasheet: 989)")
+    ap.add_argument("--worker-domain", default=None, type=int, help=argparse.SUPPRESS)  # a peft_par process
+    ap.add_argument("--worker-go", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker_domain is not None:
+        return worker(args)
+    return run_shapes(args, "training", run_shape, render)
 
 
 if __name__ == "__main__":

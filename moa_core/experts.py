@@ -57,6 +57,7 @@ class LayerSlot:
     layer: int
     route: Route = field(default_factory=Route)
     adapters_off: bool = False
+    fused: bool = False  # this forward may use the fused routed-LoRA kernels (moa_core.lora_kernels)
 
 
 class ExpertMixtureLinear(nn.Module):
@@ -86,6 +87,7 @@ class ExpertMixtureLinear(nn.Module):
         self.residual = universal_r > 0  # MoDULA-Res: a universal expert feeds the routed ones
         self.dropconnect_p = dropconnect_p
         self.leaky_slope = leaky_slope
+        self.fused_group = None  # a lora_kernels.LoraGroup, set by MixtureModel for the fused inference path
         d_in, d_out = base.in_features, base.out_features
         d_a = d_out if self.residual else d_in
         dev, dt = base.weight.device, base.weight.dtype
@@ -101,10 +103,11 @@ class ExpertMixtureLinear(nn.Module):
             self.universal_A = self.universal_B = None
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """PEFT's LoRA init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a new expert starts as a no-op."""
         for k in range(self.lora_A.shape[0]):
-            nn.init.kaiming_uniform_(self.lora_A.data[k], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A[k], a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         if self.universal_A is not None:
             nn.init.kaiming_uniform_(self.universal_A, a=math.sqrt(5))
@@ -149,6 +152,8 @@ class ExpertMixtureLinear(nn.Module):
 
     def _indexed(self, x: Tensor, route: Route, y: Tensor) -> Tensor:
         """Sequence-level top-1: x [B, T, d_a], route.index [B], y = W0 x [B, T, d_out] -> y + delta."""
+        if self.slot.fused and self.fused_group is not None and not self.training and x.dtype == self.lora_A.dtype:
+            return self.fused_group.apply(self, x, route.index, y)  # one kernel per group of projections
         if x.shape[1] == 1 and not self.shared_a and torch.compiler.is_compiling():
             return self._indexed_decode(x, route.index, y)
         A_g, B_g = self._gathered(route)
@@ -208,10 +213,11 @@ class ExpertMixtureLinear(nn.Module):
             raise ValueError(f"expert rank {r_k} exceeds the mixture rank {self.r}")
         if self.shared_a:
             raise ValueError("experts with a shared A cannot load separate LoRA A matrices")
-        self.lora_A.data[k].zero_()
-        self.lora_A.data[k, :r_k].copy_(A)
-        self.lora_B.data[k].zero_()
-        self.lora_B.data[k, :, :r_k].copy_(B)
+        # in place on the parameters (not .data), so that their version counters record the change
+        self.lora_A[k].zero_()
+        self.lora_A[k, :r_k].copy_(A)
+        self.lora_B[k].zero_()
+        self.lora_B[k, :, :r_k].copy_(B)
         self.scaling[k] = scaling
 
     @torch.no_grad()

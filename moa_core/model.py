@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .atomic import atomic_dir_write
 from .experts import ExpertMixtureLinear, LayerSlot, Route
 from .generation import RoutedGeneration, prompt_positions  # noqa: F401  (prompt_positions: public here too)
+from .lora_kernels import LoraFusion
 from .routing import LayerRouter, Routing, load_balance_loss, pool, top_k_gates
 
 MIXTURE_WEIGHTS = "mixture.safetensors"
@@ -97,6 +98,7 @@ class MixtureOutput:
 @dataclass
 class _Context:
     adapters_off: bool = False
+    fused: bool = False  # the fused routed-LoRA kernels serve this forward (see MixtureModel._routing)
     experts_off: bool = False
     forced: Tensor | None = None
     pool_mask: Tensor | None = None
@@ -181,6 +183,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
             parent_name, leaf = name.rsplit(".", 1)
             setattr(base.get_submodule(parent_name), leaf, wrapper)
             self.wrapped[name] = wrapper
+        self.lora_fusion = LoraFusion(self.wrapped)  # fused routed-LoRA kernels for inference (lora_kernels.py)
         self._hooks = [
             layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
@@ -197,6 +200,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
         """h: [B, T, H] hidden states entering `layer`; sets the layer's route."""
         ctx, slot = self._ctx, self.slots[layer]
         slot.adapters_off = ctx.adapters_off
+        slot.fused = ctx.fused
         if ctx.adapters_off or ctx.experts_off:
             slot.route = Route()
             return
@@ -228,7 +232,9 @@ class MixtureModel(RoutedGeneration, nn.Module):
 
     @contextlib.contextmanager
     def _routing(self, **kw: Any) -> Iterator[_Context]:
-        self._ctx = _Context(**kw)
+        # inference (eval, no autograd) may take the fused kernels; decided here, outside any compiled region
+        fused = not (self.training or torch.is_grad_enabled()) and self.lora_fusion.ready()
+        self._ctx = _Context(fused=fused, **kw)
         try:
             yield self._ctx
         finally:
@@ -236,6 +242,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
             for s in self.slots:
                 s.route = Route()
                 s.adapters_off = False
+                s.fused = False
 
     # ------------------------------------------------------------------------------------------ API
     def forward(

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -88,12 +89,81 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
             assert torch.allclose(a[finite], b[finite], atol=1e-4), (extra, float((a[finite] - b[finite]).abs().max()))
 
 
+def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
+                                              compile_mode: str = "reduce-overhead") -> None:
+    """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
+    call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
+    then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
+    input, not captured state. fp32, experts far apart, routers fitted so that each row's domain decides its
+    expert. fused: None = the fused kernels where they apply (CUDA with triton), False = the reference path."""
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    from moa_core.config import parse_config
+    from moa_core.train import build_mixture
+
+    raw = tiny_raw_params(model_dir)
+    raw["domains"] = {f"d{k}": {"source": {"kind": "builtin", "name": "humaneval"}} for k in range(8)}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE)
+    mm = build_mixture(parse_config(raw, profile="quick"), "moa", base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.3)
+    V = base.config.vocab_size - 3  # each domain's prompts draw from its own 24 token ids
+    vocab = torch.randperm(V, generator=torch.Generator().manual_seed(0))[:8 * 24].view(8, 24) + 3
+
+    def prompts(domains: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(len(domains) * 7 + sum(domains))
+        d = torch.tensor(domains)
+        ids = vocab[d].gather(1, torch.randint(0, 24, (len(domains), 10), generator=g)).to(DEVICE)
+        return ids, torch.ones_like(ids)
+
+    batches = {3: [0, 1, 2, 0, 1, 2, 0, 1], 1: [5] * 8, 8: list(range(8)), -3: [7, 3, 3, 6, 7, 6, 3, 7]}
+    # MoA stage 2 with the experts frozen, on these very prompts: every layer's router learns each prompt's domain
+    ids = torch.cat([prompts(d)[0] for d in batches.values()])
+    gold = torch.tensor([k for d in batches.values() for k in d], device=DEVICE)
+    mask = torch.ones_like(ids)
+    params = mm.set_trainable(routers=True)
+    opt = torch.optim.Adam(params, lr=3e-2)
+    for _ in range(150):
+        opt.zero_grad(set_to_none=True)
+        mm(ids, mask, expert=gold, eta=1.0, pool_mask=mask).aux_loss.backward()
+        opt.step()
+    mm.set_trainable()
+    mm.eval()
+    cc = CompileConfig(mode=compile_mode, fullgraph=True)
+    cc._compile_all_devices = True
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    mm.lora_fusion.enabled = fused
+    for name, domains in batches.items():
+        ids, mask = prompts(domains)
+        graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
+        assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
+        assert torch.unique(chosen).numel() == abs(name)
+        eager, _ = mm.generate(ids, mask, expert=chosen, **gen)
+        same = graphed.sequences == eager.sequences
+        if not bool(same.all()):
+            pytest.fail(f"fused={fused}, {abs(name)} distinct experts: graph replay differs from eager at "
+                        f"{(~same).nonzero().tolist()[:5]}")
+        for a, b in zip(graphed.scores, eager.scores):
+            finite = torch.isfinite(b)
+            assert torch.allclose(a[finite], b[finite], atol=1e-3), float((a[finite] - b[finite]).abs().max())
+
+
 def test_mixture_trains_and_evaluates_on_the_device(tiny_model_dir: Path) -> None:
     check_mixture_trains_and_evaluates_on_the_device(tiny_model_dir)
 
 
 def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
     check_routing_cache_reuse_on_the_device(tiny_model_dir)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
+    check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=None if path == "kernels" else False)
 
 
 if __name__ == "__main__":
@@ -103,4 +173,7 @@ if __name__ == "__main__":
         tiny = build_tiny_model(Path(d) / "tiny")
         check_mixture_trains_and_evaluates_on_the_device(tiny)
         check_routing_cache_reuse_on_the_device(tiny)
+        if DEVICE.type == "cuda":
+            check_routed_generation_under_cuda_graphs(tiny, fused=None)
+            check_routed_generation_under_cuda_graphs(tiny, fused=False)
     print(f"device test passed on {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'})")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 18's GPU call (one call on the device machine): the routed-generation benchmark under CUDA graphs, the
+# kernel's checks, the projection-stack kernel benchmark and the CUDA-graph replay test. Each step has its own time
+# limit (T_INF, T_KERNEL, T_MICRO, T_GRAPH seconds; 0 skips the step) so that one slow step cannot take the others'
+# results with it; logs and JSON land in $OUT.
+# Usage: OUT=/some/dir bash bench/gpu_issue18.sh   (wheels for pydantic in .whl/, as in bench/gpu_run.sh)
+# Run 1 (2026-12-03) showed what the steps take on an H200: kernel tests ~60 s (Triton JIT per configuration),
+# the CUDA-graph test 52 s, the projection-stack benchmark 36 s; the inference step needs more than 180 s
+# (the base's and MoA's compilation at batch 32), so give it 400 s in a call of its own.
+set -uo pipefail
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; date -u;
+  python3 -c "import torch,transformers,peft,triton;print(torch.__version__,transformers.__version__,peft.__version__,triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+t0=$SECONDS
+if (( ${T_INF:-400} > 0 )); then
+  timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --batch 32 --prompt-len 128 \
+    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_c,moa_forced_c} \
+    --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
+  echo "[inference done at +$((SECONDS - t0)) s]"
+fi
+if (( ${T_KERNEL:-90} > 0 )); then
+  timeout ${T_KERNEL:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k triton 2>&1 | tail -5 | tee "$OUT/tests.log"
+  echo "[kernel tests done at +$((SECONDS - t0)) s]"
+fi
+if (( ${T_MICRO:-60} > 0 )); then
+  timeout ${T_MICRO:-60} python3 bench/bench_lora_kernel.py --device cuda --batch 1,4,8,32 --experts 8,32,64 \
+    --json "$OUT/lora_kernel.json" 2>&1 | tee "$OUT/lora_kernel.log"
+  echo "[kernel bench done at +$((SECONDS - t0)) s]"
+fi
+if (( ${T_GRAPH:-90} > 0 )); then
+  timeout ${T_GRAPH:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_device.py -k "cuda_graphs and ${GRAPH_PATHS:-kernels}" 2>&1 \
+    | tail -15 | tee -a "$OUT/tests.log"
+  echo "[graph test done at +$((SECONDS - t0)) s]"
+fi

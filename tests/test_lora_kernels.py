@@ -1,0 +1,172 @@
+"""The fused routed-LoRA path (moa_core.lora_kernels) against the reference path (ExpertMixtureLinear's own code).
+
+On the CPU the fused path runs its torch formulation through the `moa::routed_lora` custom op (what the
+Triton kernel computes on CUDA); `LoraFusion.enabled = True` turns it on here. The Triton kernel itself is
+checked against that formulation where triton can run: on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moa_core import lora_kernels
+from moa_core.train import build_mixture
+
+
+def _mixture(tiny_cfg, tiny_base, std: float = 0.2):
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=std)  # experts that change the output
+    return mm
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the fused path's kernel calls (the custom op) and still runs them."""
+    calls = []
+    real = lora_kernels.run_group
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(lora_kernels, "run_group", counting)
+    return calls
+
+
+def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls):
+    mm = _mixture(tiny_cfg, tiny_base)
+    ids = torch.randint(3, 250, (6, 9))
+    mask = torch.ones_like(ids)
+    ids[:2, :3], mask[:2, :3] = 0, 0
+    expert = torch.tensor([0, 1, 2, 2, 0, 1])
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    results = {}
+    for fused in (False, True):
+        mm.lora_fusion.enabled = fused
+        with torch.no_grad():
+            logits = mm(ids, mask, expert=expert).logits
+        forced, _ = mm.generate(ids, mask, expert=expert, **gen)
+        routed, chosen = mm.generate(ids, mask, **gen)
+        results[fused] = (logits, forced, routed, chosen)
+        if not fused:
+            assert op_calls == [], "the reference path must not touch the kernels"
+    assert op_calls, "the fused path was not taken"
+    (l0, f0, r0, c0), (l1, f1, r1, c1) = results[False], results[True]
+    assert torch.allclose(l0, l1, atol=1e-5, rtol=1e-5), float((l0 - l1).abs().max())
+    assert torch.equal(c0, c1)
+    for ref, new in ((f0, f1), (r0, r1)):
+        assert torch.equal(ref.sequences, new.sequences)
+        for a, b in zip(ref.scores, new.scores):
+            finite = torch.isfinite(a)
+            assert torch.equal(finite, torch.isfinite(b)) and torch.allclose(a[finite], b[finite], atol=1e-5)
+
+
+def test_projections_sharing_an_input_take_one_kernel_call(tiny_cfg, tiny_base, op_calls):
+    """q/k/v share one shrink and one call, gate/up another; o and down one each: 4 calls per layer."""
+    mm = _mixture(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    sizes = sorted(len(g.members) for g in mm.lora_fusion.groups)
+    n_layers = len(mm.slots)
+    assert sizes == [1] * (2 * n_layers) + [2] * n_layers + [3] * n_layers
+    ids = torch.randint(3, 250, (4, 7))
+    with torch.no_grad():
+        mm(ids, torch.ones_like(ids), expert=torch.tensor([1, 0, 2, 1]))
+    assert len(op_calls) == 4 * n_layers
+    assert all(g.stash is None for g in mm.lora_fusion.groups), "a group kept its input after all members ran"
+
+
+def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_calls):
+    mm = _mixture(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    ids = torch.randint(3, 250, (2, 5))
+    mm(ids, torch.ones_like(ids), labels=ids, expert=torch.tensor([0, 1])).loss.backward()  # eval, grad on
+    mm.train()
+    with torch.no_grad():
+        mm(ids, torch.ones_like(ids), expert=torch.tensor([0, 1]))
+    assert op_calls == []
+
+
+def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base):
+    """The kernel reads copies of the experts (stacked per group): loading or changing an expert in place,
+    or adding one, must reach them before the next forward."""
+    mm = _mixture(tiny_cfg, tiny_base)
+    ids = torch.randint(3, 250, (3, 6))
+    mask = torch.ones_like(ids)
+    expert = torch.tensor([0, 1, 2])
+
+    def both():
+        out = {}
+        for fused in (False, True):
+            mm.lora_fusion.enabled = fused
+            with torch.no_grad():
+                out[fused] = mm(ids, mask, expert=expert).logits
+        return out[False], out[True]
+
+    before = both()[1]
+    w = next(iter(mm.wrapped.values()))
+    w.load_expert(1, torch.randn(w.r, w.in_features), torch.randn(w.out_features, w.r), 3.0)
+    ref, new = both()
+    assert not torch.allclose(before, new, atol=1e-3), "the loaded expert was not used"
+    assert torch.allclose(ref, new, atol=1e-5)
+    with torch.no_grad():
+        for v in mm.wrapped.values():
+            v.lora_B[2].mul_(2.0)
+    ref, new2 = both()
+    assert not torch.allclose(new, new2, atol=1e-3), "the expert changed in place was not used"
+    assert torch.allclose(ref, new2, atol=1e-5)
+    mm.add_expert("delta")
+    with torch.no_grad():
+        for v in mm.wrapped.values():
+            v.lora_B[3].normal_(std=0.2)
+    expert = torch.tensor([3, 1, 3])
+    ref, new = both()
+    assert torch.allclose(ref, new, atol=1e-5)
+
+
+def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_base):
+    """HF's compiled decode step (static cache, torch.compile fullgraph) through the custom op: the same tokens as
+    the reference path run eagerly, also after the number of distinct experts in the batch changes (no re-trace
+    of the routing: the expert per row is a fixed-shape graph input)."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    mm = _mixture(tiny_cfg, tiny_base)
+    ids = torch.randint(3, 250, (6, 8))
+    mask = torch.ones_like(ids)
+    cc = CompileConfig(mode="default", fullgraph=True)
+    cc._compile_all_devices = True  # HF compiles on accelerators only unless told
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    for expert in (torch.tensor([0, 1, 2, 0, 1, 2]), torch.zeros(6, dtype=torch.long), torch.tensor([2, 2, 1, 1, 2, 2])):
+        mm.lora_fusion.enabled = False
+        ref, _ = mm.generate(ids, mask, expert=expert, **gen)
+        mm.lora_fusion.enabled = True
+        new, _ = mm.generate(ids, mask, expert=expert, cache_implementation="static", compile_config=cc, **gen)
+        assert torch.equal(ref, new), expert
+
+
+@pytest.mark.skipif(not lora_kernels.HAVE_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="needs triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("T", [1, 5, 70])
+@pytest.mark.parametrize("with_y", [False, True])
+@pytest.mark.parametrize("K,R", [(96, 24), (2500, 8)])  # one K block; several, with a partial last one
+def test_triton_kernel_matches_the_torch_formulation(T, with_y, K, R):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])  # the interpreter has no bf16
+    for dtype in dtypes:
+        g = torch.Generator().manual_seed(T)
+        Bsz, N, E = 5, 200, 4
+        x = torch.randn(Bsz, T, K, generator=g).to(device, dtype)
+        A = torch.randn(E, R, K, generator=g).to(device, dtype)
+        B = (0.1 * torch.randn(E, N, R, generator=g)).to(device, dtype)
+        y = torch.randn(Bsz, T, N, generator=g).to(device, dtype) if with_y else None
+        index = torch.tensor([3, 0, 3, 1, 2], device=device)
+        ref = lora_kernels.routed_lora_torch(x.double(), A.double(), B.double(), index, None if y is None else y.double())
+        out = lora_kernels.routed_lora_triton(x, A, B, index, y)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, err)

@@ -166,6 +166,21 @@ class RouterConfig(_Strict):
     lr: float = Field(5e-3, gt=0, description="router learning rate (routers start from scratch; experts use train.joint_lr)")
     pooling: Literal["mean", "last"] = "mean"
     inference: Literal["last", "vote"] = "last"
+    fallback_threshold: Literal["auto", "off"] | float = Field(
+        "auto", description="MoA: a prompt whose routing confidence is below this is answered by the base model. "
+                            "auto = calibrated on the validation split (keeps 99 % of in-domain prompts routed), "
+                            "a number in [0, 1], or off")
+
+    @field_validator("fallback_threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if v is True or (isinstance(v, str) and v not in ("auto", "off")):
+            raise ValueError("use auto, off, or a number in [0, 1]")
+        if isinstance(v, int | float) and not 0 <= v <= 1:
+            raise ValueError("a confidence threshold lies in [0, 1]")
+        return v
 
 
 class MoSLDConfig(_Strict):

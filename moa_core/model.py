@@ -72,6 +72,7 @@ class MixtureSpec:
     base_model: str = ""
     base_config_hash: str = ""
     domains: list[str] = field(default_factory=list)
+    fallback_threshold: float | None = None  # MoA: below this routing confidence the base model answers (fallback.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

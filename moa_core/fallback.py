@@ -1,0 +1,140 @@
+"""How sure the MoA router is, and what happens when it is not sure enough: the out-of-domain fallback.
+
+The confidence of a routing decision is the softmax probability of the chosen expert under the router that
+decides: the last layer's router (`router.inference: last`), or the mean over the layers' routers of the
+chosen expert's probability (`vote`). A prompt whose confidence is below the threshold is answered by the
+base model (adapters off) and reported as expert `"base"`.
+
+`router.fallback_threshold: auto` calibrates the threshold on the validation split: the highest value that
+still keeps at least `FALLBACK_KEEP` of the in-domain validation prompts routed (not fallen back).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batching import collate, encode_prompt, to_device
+from .config import MoAConfig
+from .model import MixtureError, MixtureModel
+
+FALLBACK = "base"
+"""The expert name reported for a prompt answered by the base model."""
+NO_EXPERT = -1
+"""Expert index of a fallen-back row in `decide`'s output."""
+FALLBACK_KEEP = 0.99
+"""`auto` calibration: the share of in-domain validation prompts that must stay routed."""
+
+
+def routing_confidence(logits: Tensor, expert: Tensor, inference: str) -> Tensor:
+    """logits [L, B, E] (one router per layer), expert [B] chosen -> confidence [B] in (0, 1]."""
+    probs = logits.float().softmax(-1)  # [L, B, E]
+    chosen = probs.gather(-1, expert.view(1, -1, 1).expand(probs.shape[0], -1, 1)).squeeze(-1)  # [L, B]
+    return chosen[-1] if inference == "last" else chosen.mean(0)
+
+
+def check_fallback_capable(mm: MixtureModel) -> None:
+    if mm.spec.routing != "sequence":
+        raise MixtureError(
+            f"{mm.spec.method} routes per token, so it has no per-prompt routing confidence to fall back on; "
+            "set router.fallback_threshold: off, or use method: moa")
+
+
+@torch.no_grad()
+def decide(mm: MixtureModel, input_ids: Tensor, attention_mask: Tensor,
+           threshold: float | None) -> tuple[Tensor, Tensor]:
+    """Left-padded prompts [B, T] -> (expert [B], NO_EXPERT where the router fell back; confidence [B])."""
+    check_fallback_capable(mm)
+    expert, logits = mm.route(input_ids, attention_mask)
+    conf = routing_confidence(logits, expert, mm.spec.inference)
+    if threshold is not None:
+        expert = torch.where(conf < threshold, torch.full_like(expert, NO_EXPERT), expert)
+    return expert, conf
+
+
+@torch.no_grad()
+def prompt_confidences(mm: MixtureModel, tokenizer: Any, instructions: Sequence[str], max_length: int,
+                       batch_size: int) -> tuple[list[int], list[float]]:
+    """Route instructions (no threshold) -> (expert index per prompt, confidence per prompt)."""
+    device = next(mm.model.parameters()).device
+    experts: list[int] = []
+    confs: list[float] = []
+    for i in range(0, len(instructions), batch_size):
+        enc = [{"input_ids": encode_prompt(tokenizer, s, max_length)} for s in instructions[i:i + batch_size]]
+        b = to_device(collate(enc, tokenizer.pad_token_id, left_pad=True), device)
+        e, c = decide(mm, b["input_ids"], b["attention_mask"], None)
+        experts += e.tolist()
+        confs += c.tolist()
+    return experts, confs
+
+
+def calibrate_threshold(in_domain_confidences: Sequence[float], keep: float = FALLBACK_KEEP) -> float:
+    """The highest threshold under which at least `keep` of the in-domain prompts stay routed
+    (confidence >= threshold)."""
+    if not in_domain_confidences:
+        raise ValueError("no in-domain validation prompts to calibrate the fallback threshold on")
+    ordered = sorted(in_domain_confidences)
+    may_drop = math.floor((1.0 - keep) * len(ordered) + 1e-9)  # prompts allowed below the threshold
+    return float(ordered[may_drop])
+
+
+def resolve_threshold(mm: MixtureModel, tokenizer: Any, val_by_domain: dict[str, Sequence[Any]],
+                      cfg: MoAConfig) -> float | None:
+    """router.fallback_threshold for this mixture: None (off, or a token-level method, which has no per-prompt
+    confidence), the number given, or with `auto` the calibrated value on the validation prompts."""
+    setting = cfg.router.fallback_threshold
+    if setting == "off" or mm.spec.routing != "sequence":
+        return None
+    if setting != "auto":
+        return float(setting)
+    instructions = [r["instruction"] if isinstance(r, dict) else r.instruction
+                    for recs in val_by_domain.values() for r in recs]
+    _, confs = prompt_confidences(mm, tokenizer, instructions, cfg.train.max_length, cfg.evaluate.batch_size)
+    return calibrate_threshold(confs)
+
+
+@dataclass
+class FallbackReport:
+    """Fallback on in-domain test prompts and on out-of-domain prompts, at one threshold.
+
+    precision: share of fallen-back prompts that were out of domain; recall: share of out-of-domain prompts
+    that fell back; in_domain_kept: share of in-domain prompts still routed; router_accuracy: share of
+    in-domain prompts routed to their own expert with the fallback on (router_accuracy_no_fallback: off)."""
+
+    threshold: float
+    precision: float
+    recall: float
+    in_domain_kept: float
+    router_accuracy: float
+    router_accuracy_no_fallback: float
+    in_domain: int
+    out_of_domain: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+def fallback_report(threshold: float, gold: Sequence[str], routed: Sequence[str], in_conf: Sequence[float],
+                    ood_conf: Sequence[float]) -> FallbackReport:
+    """gold/routed/in_conf: per in-domain prompt (routed without fallback); ood_conf: per out-of-domain prompt."""
+    if not gold or not ood_conf:
+        raise ValueError("a fallback report needs in-domain and out-of-domain prompts")
+    in_fell = [c < threshold for c in in_conf]
+    ood_fell = sum(c < threshold for c in ood_conf)
+    fell = ood_fell + sum(in_fell)
+    correct = [g == r and not f for g, r, f in zip(gold, routed, in_fell)]
+    return FallbackReport(
+        threshold=threshold,
+        precision=ood_fell / fell if fell else 1.0,
+        recall=ood_fell / len(ood_conf),
+        in_domain_kept=1.0 - sum(in_fell) / len(gold),
+        router_accuracy=sum(correct) / len(gold),
+        router_accuracy_no_fallback=sum(g == r for g, r in zip(gold, routed)) / len(gold),
+        in_domain=len(gold),
+        out_of_domain=len(ood_conf),
+    )

@@ -352,6 +352,9 @@ def ui(params: Params = Path("params.yaml"), port: int = 5000, host: str = "127.
 from moa_cli import deploy_cmd  # noqa: E402  `moa deploy`
 
 deploy_cmd.register(app)
+from moa_cli import generate_cmd  # noqa: E402  `moa generate`
+
+generate_cmd.register(app)
 
 if __name__ == "__main__":
     app()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .batching import collate, encode_prompt, to_device
-from .config import MoAConfig
+from .config import MoAConfig, SourceConfig
 from .model import MixtureError, MixtureModel
 
 FALLBACK = "base"
@@ -138,3 +138,37 @@ def fallback_report(threshold: float, gold: Sequence[str], routed: Sequence[str]
         in_domain=len(gold),
         out_of_domain=len(ood_conf),
     )
+
+
+def out_of_domain_instructions(cfg: MoAConfig, per_category: int, seed: int = 0) -> dict[str, list[str]]:
+    """Prompts from packaged text that is in no domain: the BBC news categories no domain uses (e.g. politics,
+    entertainment, tech when business and sport are domains), `per_category` each, drawn with `seed`."""
+    import random
+
+    from .sources import BBC_CATEGORIES, load_source
+
+    used = {d.source.category for d in cfg.domains if d.source.kind == "builtin" and d.source.name == "bbc"}
+    free = [c for c in BBC_CATEGORIES if c not in used]
+    if not free:
+        raise ValueError("every BBC category is a domain, so no packaged text is out of domain; "
+                         "the fallback evaluation needs one BBC category that no domain uses")
+    out: dict[str, list[str]] = {}
+    for category in free:
+        rows = [r["instruction"] for r in load_source(SourceConfig(kind="builtin", name="bbc", category=category)).rows
+                if isinstance(r["instruction"], str)]  # a row that is not UTF-8 text stays out
+        out[category] = random.Random(f"{seed}-{category}").sample(rows, min(per_category, len(rows)))
+    return out
+
+
+def evaluate_fallback(mm: MixtureModel, tokenizer: Any, test_by_domain: dict[str, Sequence[Any]],
+                      ood_by_category: dict[str, Sequence[str]], threshold: float, cfg: MoAConfig) -> FallbackReport:
+    """Route every in-domain test prompt and every out-of-domain prompt once and score the fallback at `threshold`."""
+    gold: list[str] = []
+    instructions: list[str] = []
+    for name, recs in test_by_domain.items():
+        gold += [name] * len(recs)
+        instructions += [r["instruction"] if isinstance(r, dict) else r.instruction for r in recs]
+    size, bs = cfg.train.max_length, cfg.evaluate.batch_size
+    routed, in_conf = prompt_confidences(mm, tokenizer, instructions, size, bs)
+    _, ood_conf = prompt_confidences(mm, tokenizer, [p for ps in ood_by_category.values() for p in ps], size, bs)
+    return fallback_report(threshold, gold, [mm.spec.experts[i] for i in routed], in_conf, ood_conf)

@@ -16,6 +16,7 @@ from moa_core.stats import RowStats, compare_systems, interval_table_markdown
 from moa_core.train import build_mixture
 
 from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
+from .fallback_eval import fallback_markdown, run_fallback_eval
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -97,6 +98,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         systems = _baselines(ctx, test)
         for name in mixtures:
             systems[name] = _mixture_system(ctx, name, test)
+        fallback = run_fallback_eval(ctx, test)
     rows = []
     for name, ev in systems.items():
         params, seconds = _costs(ctx, name)
@@ -118,11 +120,14 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     )
     report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n"
               + (f"Router confusion (rows = gold domain, columns = routed expert, order {doms}): {confusion}\n\n" if confusion else "")
+              + (fallback_markdown(fallback) if fallback else "")
               + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
     (lay.reports / "eval.md").write_text(report)
     with stage_run(ctx, "evaluate"):
         flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+        if fallback:
+            mlflow.log_metrics({f"fallback.{k}": float(v) for k, v in fallback.items() if isinstance(v, int | float)})
         mlflow.log_text(report, "eval.md")
         mlflow.log_dict(data, "eval.json")
         for metric in metrics.METRICS:
@@ -130,7 +135,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         if confusion:
             mlflow.log_figure(confusion_heatmap(confusion, doms, f"{ctx.cfg.method} router (test split)"),
                               "plots/router_confusion.png")
-    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion}
+    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion,
+            "fallback": fallback}
 
 
 def run_intervals(ctx: StageContext) -> dict[str, Any]:

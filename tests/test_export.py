@@ -21,14 +21,14 @@ PROMPTS = ["What is fever?", "def add(a, b):", "Shares fell as the bank cut its 
            "A quiet afternoon in the garden."]
 
 
-def trained_like_moa(cfg, base, seed: int = 0):
-    """A MoA mixture whose experts and routers all differ (as after training): random non-zero B, routers
-    strong enough to pick different experts for different prompts, and one expert with its own scaling."""
+def trained_like_moa(cfg, base, seed: int = 0, b_std: float = 0.05):
+    """A MoA mixture whose experts and routers all differ (as after training): random non-zero B (b_std = 1:
+    strong enough to change the tiny model's greedy text), and one expert with its own scaling."""
     mm = build_mixture(cfg, "moa", base, "tiny")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in mm.wrapped.values():
-            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.05)
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * b_std)
             w.scaling[1] = 0.5  # an expert trained with another alpha
         for r in mm.routers:
             r.weight.copy_(torch.randn(r.weight.shape, generator=g))
@@ -52,7 +52,9 @@ def spread_routers(mm, tok, prompts):
         for i, r in enumerate(mm.routers):
             common = _rms(pool(seen[i], b["attention_mask"])).mean(0)
             common = common / common.norm()
-            r.weight.sub_(torch.outer(r.weight @ common, common)).mul_(20.0)
+            r.weight.sub_(torch.outer(r.weight @ common, common))
+            logits = r(pool(seen[i], b["attention_mask"]))  # [B, E]: scaled to a spread of 0.5, so that
+            r.weight.mul_(0.5 / logits.std())  # decisions differ between prompts and stay unsure (confidence < 1)
 
 
 def _batch(tok, prompts):

@@ -212,9 +212,11 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(8, ge=1)
     do_sample: bool = False
-    baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss"]] = Field(
-        default_factory=lambda: ["base", "single", "mixed"]
-    )
+    baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss", "oracle", "arrow"]] = Field(
+        default_factory=lambda: ["base", "single", "mixed"],
+        description="oracle: the trained MoA mixture with each test row's own expert (perfect routing); "
+                    "arrow: PEFT's Arrow routing over the stage-1 experts (training-free, per token)")
+    arrow_top_k: int = Field(3, ge=1, description="Arrow: experts mixed per token (capped at the number of domains)")
     compare_methods: list[Method] = Field(
         default_factory=list, description="more methods trained and evaluated beside `method` (not registered)")
 

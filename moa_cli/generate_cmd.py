@@ -107,6 +107,7 @@ def generate(
         if as_json:
             print(json.dumps({"prompt": prompt, **row, "model": label}))
             continue
-        conf = "forced" if row.get("confidence") is None else f"confidence {row['confidence']:.2f}"
+        c = row.get("confidence")
+        conf = f"confidence {c:.2f}" if c is not None else "forced" if expert else "routed per token"
         console.print(f"[bold]{row['expert']}[/bold] ({conf}) [dim]{prompt[:60]!r}[/dim]")
         print(row["text"])

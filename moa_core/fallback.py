@@ -102,12 +102,12 @@ def resolve_threshold(mm: MixtureModel, tokenizer: Any, val_by_domain: dict[str,
 class FallbackReport:
     """Fallback on in-domain test prompts and on out-of-domain prompts, at one threshold.
 
-    precision: share of fallen-back prompts that were out of domain; recall: share of out-of-domain prompts
+    precision: share of fallen-back prompts that were out of domain (None when none fell back); recall: share of out-of-domain prompts
     that fell back; in_domain_kept: share of in-domain prompts still routed; router_accuracy: share of
     in-domain prompts routed to their own expert with the fallback on (router_accuracy_no_fallback: off)."""
 
     threshold: float
-    precision: float
+    precision: float | None
     recall: float
     in_domain_kept: float
     router_accuracy: float
@@ -115,8 +115,8 @@ class FallbackReport:
     in_domain: int
     out_of_domain: int
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
+    def as_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
 
 
 def fallback_report(threshold: float, gold: Sequence[str], routed: Sequence[str], in_conf: Sequence[float],
@@ -130,7 +130,7 @@ def fallback_report(threshold: float, gold: Sequence[str], routed: Sequence[str]
     correct = [g == r and not f for g, r, f in zip(gold, routed, in_fell)]
     return FallbackReport(
         threshold=threshold,
-        precision=ood_fell / fell if fell else 1.0,
+        precision=ood_fell / fell if fell else None,
         recall=ood_fell / len(ood_conf),
         in_domain_kept=1.0 - sum(in_fell) / len(gold),
         router_accuracy=sum(correct) / len(gold),

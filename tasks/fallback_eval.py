@@ -35,13 +35,16 @@ def run_fallback_eval(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str
 
 
 def fallback_markdown(r: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f} %"
+
     return (
         f"## Out-of-domain fallback (threshold {r['threshold']:.3f})\n\n"
         f"{r['out_of_domain']} out-of-domain prompts (BBC {', '.join(r['out_of_domain_categories'])}) and "
         f"{r['in_domain']} in-domain test prompts. A prompt whose routing confidence is below the threshold is "
-        "answered by the base model.\n\n"
+        "answered by the base model (precision \"–\": no prompt fell back).\n\n"
         "| fallback precision | fallback recall | in-domain kept routed | router acc (fallback on) | router acc (off) |\n"
         "|---:|---:|---:|---:|---:|\n"
-        f"| {100 * r['precision']:.1f} % | {100 * r['recall']:.1f} % | {100 * r['in_domain_kept']:.1f} % | "
-        f"{100 * r['router_accuracy']:.1f} % | {100 * r['router_accuracy_no_fallback']:.1f} % |\n\n"
+        f"| {pct(r['precision'])} | {pct(r['recall'])} | {pct(r['in_domain_kept'])} | "
+        f"{pct(r['router_accuracy'])} | {pct(r['router_accuracy_no_fallback'])} |\n\n"
     )

@@ -44,6 +44,8 @@ def test_report_precision_recall_and_kept_accuracy():
                         ood_conf=[0.1, 0.2, 0.6])
     assert (r.precision, r.recall) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
     assert (r.in_domain_kept, r.router_accuracy, r.router_accuracy_no_fallback) == (0.75, 0.5, 0.75)
+    none_fell = fallback_report(0.05, gold=["a"], routed=["a"], in_conf=[0.9], ood_conf=[0.1])
+    assert (none_fell.precision, none_fell.recall) == (None, 0.0)  # no fallback: precision is undefined, not 100 %
 
 
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), (False, "off"), ("off", "off"), (0.4, 0.4), (0, 0)])

@@ -118,3 +118,26 @@ def test_token_level_methods_are_refused_with_the_reason(tmp_path, tiny_cfg, tin
     with pytest.raises(ExportError, match="per token.*method: moa"):
         export_mixture(tmp_path / "mix", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_moa_export_command(tmp_path: Path, tiny_model_dir, tiny_cfg, tiny_base, tiny_tok):
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import tiny_raw_params
+    from moa_cli.main import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(tiny_model_dir), sort_keys=False))
+    mm = trained_like_moa(tiny_cfg, tiny_base)
+    mm.spec.fallback_threshold = 0.4
+    save_mixture(mm, tmp_path / "models/mixture/moa")
+    r = CliRunner().invoke(app, ["export", "-p", str(tmp_path / "params.yaml")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["out"] == str(tmp_path / "models/export/moa") and out["fallback_threshold"] == 0.4
+    for name in ["code", "medicine", "finance", "sports"]:
+        assert (tmp_path / "models/export/moa/adapters" / name / "adapter_model.safetensors").exists()
+    assert StandaloneRouter.load(tmp_path / "models/export/moa").threshold == 0.4  # base model path recorded
+
+    r = CliRunner().invoke(app, ["export", "--method", "mosld", "-p", str(tmp_path / "params.yaml")])
+    assert r.exit_code == 2 and "no saved mixture" in r.output and "train_router" in r.output, r.output

@@ -1,9 +1,9 @@
 """The registered model: an MLflow pyfunc that routes each prompt to an expert and generates.
 
-Input: a DataFrame with a `prompt` column and an optional `domain` column (force that expert, or "base";
-empty = route).
-Output: a DataFrame with `text` (the generated answer), `expert` (the expert that answered, "base" when the
-router fell back to the base model) and `confidence` (the router's; null where the expert was forced).
+Input: a DataFrame with a `prompt` column and an optional `domain` column (force that expert, "universal" for
+MoDULA, or "base"; empty = route).
+Output: a DataFrame with `text` (the generated answer), `expert` (the expert that answered: "base" or
+"universal" when the router was unsure and fell back) and `confidence` (the router's; null where forced).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
     # `pd.DataFrame`: a type hint MLflow accepts without inferring a schema from it (`Any` made it warn on every
     # load); the schema is the logged signature
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from moa_core.answer import answer
+        from moa_core.answer import answer, expert_names
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
@@ -66,10 +66,10 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         forced = None
         if "domain" in df.columns:
             forced = [d if isinstance(d, str) and d else None for d in df["domain"]]
-            known = set(self.mm.spec.experts) | {"base"}
-            unknown = sorted({d for d in forced if d is not None} - known)
+            known = expert_names(self.mm)
+            unknown = sorted({d for d in forced if d is not None} - set(known))
             if unknown:
-                raise ValueError(f"unknown domain(s) {unknown}; this model has experts {sorted(known)}")
+                raise ValueError(f"unknown domain(s) {unknown}; this model can be asked with {known}")
         answers = answer(self.mm, self.tok, list(df["prompt"].astype(str)), max_length=self.max_length,
                          max_new_tokens=max_new, threshold=self.mm.spec.fallback_threshold, forced=forced)
         return pd.DataFrame({"text": [a.text for a in answers], "expert": [a.expert for a in answers],

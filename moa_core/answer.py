@@ -1,10 +1,10 @@
 """Prompts in, answers out: the one path from instruction text to generated text with the expert that
 answered it and the router's confidence. The served model (pyfunc), `moa generate` and the tests use it.
 
-For MoA the router decides per prompt; a prompt whose confidence is below the fallback threshold is answered
-by the base model and reported as expert "base" (moa_core.fallback). A forced expert (a name, or "base")
-skips the router. Token-level mixtures (MoSLD, MoDULA) route inside generation, so they report no single
-expert and no confidence.
+MoA's router decides per prompt; MoDULA's routes every token, and its confidence is pooled over the prompt
+(moa_core.fallback). Below the fallback threshold a prompt is answered by the base model (MoA, expert "base")
+or by MoDULA's universal expert alone (expert "universal"). A forced expert skips the router: an expert name
+(MoA), "universal" (MoDULA), or "base" (any method).
 """
 
 from __future__ import annotations
@@ -16,83 +16,107 @@ from typing import Any
 import torch
 
 from .batching import collate, encode_prompt, to_device
-from .fallback import FALLBACK, NO_EXPERT, decide
+from .fallback import FALLBACK, NO_EXPERT, UNIVERSAL, confidences, fallback_name
 from .model import MixtureModel
 
 TOKEN_LEVEL = "(token-level mixture)"
-"""The expert reported by methods that mix experts per token."""
+"""The expert reported where the experts were mixed per token (MoSLD, MoDULA above the threshold)."""
 
 
 @dataclass
 class Answer:
     text: str
     expert: str
-    confidence: float | None  # the router's, for routed MoA prompts; None when forced or token-level
+    confidence: float | None  # the router's; None where the expert was forced, or for MoSLD (no confidence)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one prompt is answered: `kind` in base | expert | universal | mixed (token-level routing)."""
+
+    kind: str
+    expert: int = NO_EXPERT
+
+
 def expert_names(mm: MixtureModel) -> list[str]:
-    """Names `forced` accepts: the experts of a sequence-routed mixture, and "base"."""
-    return [*mm.spec.experts, FALLBACK] if mm.spec.routing == "sequence" else [FALLBACK]
+    """Names `forced` accepts: a MoA mixture's experts, MoDULA's "universal", and "base"."""
+    if mm.spec.routing == "sequence":
+        return [*mm.spec.experts, FALLBACK]
+    return [UNIVERSAL, FALLBACK] if fallback_name(mm.spec) == UNIVERSAL else [FALLBACK]
 
 
-def _expert_index(mm: MixtureModel, name: str) -> int:
+def _forced_plan(mm: MixtureModel, name: str) -> _Plan:
+    if name not in expert_names(mm):
+        raise ValueError(f"unknown expert {name!r}; this model can be asked with {expert_names(mm)}"
+                         + ("" if mm.spec.routing == "sequence" else f" ({mm.spec.method} mixes its experts per token)"))
     if name == FALLBACK:
-        return NO_EXPERT
-    if mm.spec.routing != "sequence":
-        raise ValueError(f"{mm.spec.method} mixes its experts per token; only {FALLBACK!r} (the base model) can be forced")
-    if name not in mm.spec.experts:
-        raise ValueError(f"unknown expert {name!r}; this model has experts {expert_names(mm)}")
-    return mm.spec.experts.index(name)
+        return _Plan("base")
+    if name == UNIVERSAL and mm.spec.routing != "sequence":
+        return _Plan("universal")
+    return _Plan("expert", mm.spec.experts.index(name))
 
 
 @torch.no_grad()
 def answer(mm: MixtureModel, tokenizer: Any, prompts: Sequence[str], *, max_length: int, max_new_tokens: int,
            threshold: float | None = None, forced: Sequence[str | None] | None = None,
            batch_size: int = 16) -> list[Answer]:
-    """Greedy answers to instructions. `forced[i]` (an expert name, "base", or None = route) skips the router
-    for prompt i; `threshold` is the fallback threshold (None: never fall back)."""
+    """Greedy answers to instructions. `forced[i]` (see `expert_names`, or None = route) skips the router for
+    prompt i; `threshold` is the fallback threshold (None: never fall back)."""
     if forced is not None and len(forced) != len(prompts):
         raise ValueError(f"{len(forced)} forced experts for {len(prompts)} prompts; give one per prompt (None = route)")
-    wanted = [None if f is None else _expert_index(mm, f) for f in (forced or [None] * len(prompts))]
+    plans = [None if f is None else _forced_plan(mm, f) for f in (forced or [None] * len(prompts))]
     device = next(mm.model.parameters()).device
     out: list[Answer] = []
     for i in range(0, len(prompts), batch_size):
-        out += _answer_batch(mm, tokenizer, list(prompts[i:i + batch_size]), wanted[i:i + batch_size],
+        out += _answer_batch(mm, tokenizer, list(prompts[i:i + batch_size]), plans[i:i + batch_size],
                              max_length, max_new_tokens, threshold, device)
     return out
 
 
-def _answer_batch(mm: MixtureModel, tok: Any, prompts: list[str], wanted: list[int | None], max_length: int,
+def _answer_batch(mm: MixtureModel, tok: Any, prompts: list[str], forced: list[_Plan | None], max_length: int,
                   max_new_tokens: int, threshold: float | None, device: torch.device) -> list[Answer]:
     encoded = [{"input_ids": encode_prompt(tok, p, max_length)} for p in prompts]
-    experts: list[int | None] = list(wanted)
+    plans: list[_Plan] = [p or _Plan("mixed") for p in forced]
     confidence: list[float | None] = [None] * len(prompts)
-    routed = [i for i, w in enumerate(wanted) if w is None]
-    if mm.spec.routing == "sequence" and routed:
-        b = to_device(collate([encoded[i] for i in routed], tok.pad_token_id, left_pad=True), device)
-        idx, conf = decide(mm, b["input_ids"], b["attention_mask"], threshold)
-        for j, i in enumerate(routed):
-            experts[i], confidence[i] = int(idx[j]), float(conf[j])
+    routed = [i for i, p in enumerate(forced) if p is None]
+    if routed and fallback_name(mm.spec) is not None:
+        experts, confs = confidences(mm, [encoded[i] for i in routed], tok.pad_token_id, device)
+        for i, e, c in zip(routed, experts, confs):
+            confidence[i] = c
+            unsure = threshold is not None and c < threshold
+            if e is not None:  # MoA: the router's expert, or the base model
+                plans[i] = _Plan("base") if unsure else _Plan("expert", e)
+            elif unsure:  # MoDULA: the universal expert alone
+                plans[i] = _Plan("universal")
     texts: list[str] = [""] * len(prompts)
-    # one generate call per kind of row: the base model (adapters off), the chosen experts, token-level routing
-    groups = {"base": [i for i, e in enumerate(experts) if e == NO_EXPERT],
-              "expert": [i for i, e in enumerate(experts) if e is not None and e != NO_EXPERT],
-              "token": [i for i, e in enumerate(experts) if e is None]}
-    for kind, rows in groups.items():
-        if not rows:
-            continue
-        b = to_device(collate([encoded[i] for i in rows], tok.pad_token_id, left_pad=True), device)
-        expert = torch.tensor([experts[i] for i in rows], device=device) if kind == "expert" else None
-        seqs, _ = mm.generate(b["input_ids"], b["attention_mask"], expert=expert, adapters_off=kind == "base",
-                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-        for i, t in zip(rows, tok.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)):
-            texts[i] = t.strip()
+    for kind in ("base", "expert", "universal", "mixed"):  # one generate call per kind of row
+        rows = [i for i, p in enumerate(plans) if p.kind == kind]
+        if rows:
+            for i, t in zip(rows, _generate(mm, tok, [encoded[i] for i in rows], [plans[i] for i in rows],
+                                            kind, max_new_tokens, device)):
+                texts[i] = t
+    names = {"base": FALLBACK, "universal": UNIVERSAL, "mixed": TOKEN_LEVEL}
+    return [Answer(texts[i], names.get(p.kind) or mm.spec.experts[p.expert], confidence[i])
+            for i, p in enumerate(plans)]
 
-    def name(e: int | None) -> str:
-        return TOKEN_LEVEL if e is None else FALLBACK if e == NO_EXPERT else mm.spec.experts[e]
 
-    return [Answer(texts[i], name(experts[i]), confidence[i]) for i in range(len(prompts))]
+def _generate(mm: MixtureModel, tok: Any, encoded: list[dict[str, list[int]]], plans: list[_Plan], kind: str,
+              max_new_tokens: int, device: torch.device) -> list[str]:
+    b = to_device(collate(encoded, tok.pad_token_id, left_pad=True), device)
+    n = b["input_ids"].shape[0]
+    route: dict[str, Any] = {}
+    if kind == "base":
+        route["adapters_off"] = True
+    elif kind == "expert":
+        route["expert"] = torch.tensor([p.expert for p in plans], device=device)
+    elif kind == "universal":  # MoDULA-Flan: expert 0 is the universal one; MoDULA-Res: it sits outside the stack
+        if UNIVERSAL in mm.spec.experts:
+            route["expert"] = torch.full((n,), mm.spec.experts.index(UNIVERSAL), device=device)
+        else:
+            route["experts_off"] = True
+    seqs, _ = mm.generate(b["input_ids"], b["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **route)
+    return [t.strip() for t in tok.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)]

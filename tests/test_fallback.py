@@ -129,3 +129,68 @@ def test_auto_threshold_and_report_on_out_of_domain_bbc(tmp_path: Path, tiny_mod
     again = evaluate_fallback(mm, tiny_tok, test, out_of_domain_instructions(ctx.cfg, max(len(v) for v in test.values())),
                               threshold, ctx.cfg)
     assert again.as_dict() == {k: v for k, v in result.items() if k != "out_of_domain_categories"}
+
+
+def _modula(cfg, base, method: str):
+    """A MoDULA mixture with every expert (universal included) and router non-trivial, as after training."""
+    from moa_core.train import build_mixture
+
+    mm = build_mixture(cfg, method, base, "tiny")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g))
+            if w.universal_B is not None:
+                w.universal_B.copy_(torch.randn(w.universal_B.shape, generator=g))
+        for r in mm.routers:
+            r.weight.copy_(torch.randn(r.weight.shape, generator=g) * 0.3)
+    return mm
+
+
+def _greedy(mm, tok, prompt: str, **route) -> str:
+    b = collate([{"input_ids": encode_prompt(tok, prompt, 64)}], tok.pad_token_id, left_pad=True)
+    seqs, _ = mm.generate(b["input_ids"], b["attention_mask"], max_new_tokens=5, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **route)
+    return tok.decode(seqs[0, b["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("method", ["modula-flan", "modula-res"])
+def test_modula_falls_back_to_its_universal_expert(method, tiny_cfg, tiny_base, tiny_tok):
+    from moa_core.fallback import token_confidence
+
+    mm = _modula(tiny_cfg, tiny_base, method)
+    # the confidence pools over each prompt's own tokens: padding in a batch changes nothing
+    alone = [prompt_confidences(mm, tiny_tok, [p], 64, 1)[1][0] for p in PROMPTS[:3]]
+    _, batched = prompt_confidences(mm, tiny_tok, PROMPTS[:3], 64, 3)
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert all(1 / len(mm.spec.experts) < c < 1 for c in batched)
+    ids = collate([{"input_ids": encode_prompt(tiny_tok, PROMPTS[0], 64)}], tiny_tok.pad_token_id)
+    with torch.no_grad():
+        for r in mm.routers:
+            r.weight.zero_()  # uniform gates: the confidence is 1 / E exactly
+        assert token_confidence(mm, ids["input_ids"], ids["attention_mask"]).item() == pytest.approx(1 / mm.routers[-1].num_experts)
+
+    mm = _modula(tiny_cfg, tiny_base.__class__.from_pretrained(tiny_base.name_or_path).eval(), method)
+    routed = answer(mm, tiny_tok, PROMPTS[:2], max_length=64, max_new_tokens=5, threshold=None)
+    assert [a.expert for a in routed] == ["(token-level mixture)"] * 2 and all(a.confidence for a in routed)
+    fell = answer(mm, tiny_tok, PROMPTS[:2], max_length=64, max_new_tokens=5, threshold=1.01)
+    universal = {"expert": torch.tensor([0])} if method == "modula-flan" else {"experts_off": True}
+    for a, r, prompt in zip(fell, routed, PROMPTS[:2]):
+        assert (a.expert, a.confidence) == ("universal", r.confidence)
+        assert a.text == _greedy(mm, tiny_tok, prompt, **universal)
+    assert any(a.text != r.text for a, r in zip(fell, routed)), "the universal expert answers as the mixture"
+    assert [a.expert for a in answer(mm, tiny_tok, PROMPTS[:1], max_length=64, max_new_tokens=2,
+                                     forced=["universal"])] == ["universal"]
+    with pytest.raises(ValueError, match="per token"):
+        answer(mm, tiny_tok, PROMPTS[:1], max_length=64, max_new_tokens=2, forced=["medicine"])
+
+
+def test_mosld_has_no_fallback(tiny_cfg, tiny_base, tiny_tok):
+    from moa_core.train import build_mixture
+
+    mm = build_mixture(tiny_cfg, "mosld", tiny_base, "tiny")
+    assert resolve_threshold(mm, tiny_tok, {"code": [{"instruction": "x"}]}, tiny_cfg) is None
+    got = answer(mm, tiny_tok, PROMPTS[:1], max_length=64, max_new_tokens=2, threshold=0.5)
+    assert (got[0].expert, got[0].confidence) == ("(token-level mixture)", None)
+    with pytest.raises(ValueError, match="unknown expert 'universal'"):
+        answer(mm, tiny_tok, PROMPTS[:1], max_length=64, max_new_tokens=2, forced=["universal"])

@@ -42,11 +42,11 @@ def _moa(root: Path, *args: str, stdin: str | None = None) -> subprocess.Complet
 
 def test_local_generate_routes_forces_and_never_imports_prefect(project, tiny_tok):
     root, mm = project
-    r = _moa(root, "generate", "--local", "--json", "--max-new-tokens", "4", *PROMPTS[:3])
+    r = _moa(root, "generate", "--local", "--json", "--max-new-tokens", "4", *PROMPTS)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    expected = answer(mm, tiny_tok, PROMPTS[:3], max_length=128, max_new_tokens=4, threshold=0.0)
-    assert [row["prompt"] for row in rows] == PROMPTS[:3]
+    expected = answer(mm, tiny_tok, PROMPTS, max_length=128, max_new_tokens=4, threshold=0.0)
+    assert [row["prompt"] for row in rows] == PROMPTS
     assert [(row["text"], row["expert"]) for row in rows] == [(a.text, a.expert) for a in expected]
     assert [row["confidence"] for row in rows] == pytest.approx([a.confidence for a in expected], abs=1e-5)
     assert len({row["expert"] for row in rows}) > 1 and all(row["text"] for row in rows)

@@ -44,7 +44,7 @@ class Layout:
 
     def export(self, method: str) -> Path:
         """`moa export`: the mixture's experts as PEFT adapter folders + the standalone router."""
-        return self.root / "models" / "export" / method
+        return self._models / "export" / method
 
     def onboarded(self, domain: str) -> Path:
         """The candidate mixture of `moa onboard <domain>` (old experts + the new one, updated routers)."""

@@ -283,6 +283,34 @@ def onboard(
     )
 
 
+@app.command()
+def export(
+    method: Annotated[Optional[str], typer.Option(help="which trained mixture (default: params.yaml's method)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default: models/export/<method>)")] = None,
+    params: Params = Path("params.yaml"),
+) -> None:
+    """Write each expert of the trained MoA mixture as a PEFT LoRA adapter folder (vLLM, SGLang, LoRAX and
+    PeftModel.from_pretrained load it by name) and the router as router.safetensors + router.json, which
+    moa_core.standalone_router loads to map a prompt to an expert name (README: "Serving the experts elsewhere")."""
+    from moa_core.base_model import resolve_base_path
+    from moa_core.export import export_mixture
+    from moa_core.model import MixtureError, read_spec
+
+    ctx = _ctx(params)
+    method = method or ctx.cfg.method
+    src, dest = ctx.layout.mixture(method), out or ctx.layout.export(method)
+    try:
+        threshold = read_spec(src).fallback_threshold if (src / "mixture.json").exists() else None
+        meta = export_mixture(src, dest, base_model_path=resolve_base_path(ctx.cfg.base_model, ctx.root)[0],
+                              fallback_threshold=threshold)
+    except MixtureError as exc:
+        console.print(f"[red]cannot export[/red]: {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"[green]exported[/green] {len(meta['experts'])} adapters ({', '.join(meta['experts'])}) and the "
+                  f"router to {dest}")
+    print(json.dumps({"out": str(dest), **{k: meta[k] for k in ("experts", "adapters", "fallback_threshold")}}))
+
+
 @stage_app.callback()
 def _stage_logging() -> None:
     """A stage run alone (DVC's `moa stage ...`) prints its progress: training steps, evaluated domains. Inside a
@@ -482,6 +510,9 @@ def _stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
 from moa_cli import deploy_cmd  # noqa: E402  `moa deploy`
 
 deploy_cmd.register(app)
+from moa_cli import generate_cmd  # noqa: E402  `moa generate`
+
+generate_cmd.register(app)
 
 if __name__ == "__main__":
     app()

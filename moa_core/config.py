@@ -173,6 +173,21 @@ class RouterConfig(_Strict):
     lr: float = Field(5e-3, gt=0, description="router learning rate (routers start from scratch; experts use train.joint_lr)")
     pooling: Literal["mean", "last"] = "mean"
     inference: Literal["last", "vote"] = "last"
+    fallback_threshold: Literal["auto", "off"] | float = Field(
+        "auto", description="MoA: a prompt whose routing confidence is below this is answered by the base model. "
+                            "auto = calibrated on the validation split (keeps 99 % of in-domain prompts routed), "
+                            "a number in [0, 1], or off")
+
+    @field_validator("fallback_threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if v is True or (isinstance(v, str) and v not in ("auto", "off")):
+            raise ValueError("use auto, off, or a number in [0, 1]")
+        if isinstance(v, int | float) and not 0 <= v <= 1:
+            raise ValueError("a confidence threshold lies in [0, 1]")
+        return v
 
 
 class MoSLDConfig(_Strict):
@@ -204,9 +219,11 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(8, ge=1)
     do_sample: bool = False
-    baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss"]] = Field(
-        default_factory=lambda: ["base", "single", "mixed"]
-    )
+    baselines: list[Literal["base", "single", "mixed", "moa_no_routing_loss", "oracle", "arrow"]] = Field(
+        default_factory=lambda: ["base", "single", "mixed"],
+        description="oracle: the trained MoA mixture with each test row's own expert (perfect routing); "
+                    "arrow: PEFT's Arrow routing over the stage-1 experts (training-free, per token)")
+    arrow_top_k: int = Field(3, ge=1, description="Arrow: experts mixed per token (capped at the number of domains)")
     compare_methods: list[str] = Field(
         default_factory=list, description="more methods trained and evaluated beside `method` (not registered)")
 

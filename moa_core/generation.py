@@ -79,14 +79,15 @@ class RoutedGeneration:
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
-                 adapters_off: bool = False, reuse_routing_cache: bool = True,
+                 adapters_off: bool = False, reuse_routing_cache: bool = True, experts_off: bool = False,
                  **gen_kwargs: Any) -> tuple[Tensor, Tensor | None]:
         """Left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None).
 
         Sequence routing decides once from the prompt and keeps the expert for every generated token.
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
-        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill."""
-        if self.spec.routing == Routing.SEQUENCE and expert is None and not adapters_off:
+        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill.
+        `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback)."""
+        if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
                 expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
                 gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
@@ -96,7 +97,7 @@ class RoutedGeneration:
         forced = expert
         if expert is not None and (k := _rows_per_prompt(self.model, gen_kwargs)) > 1:
             forced = expert.repeat_interleave(k)  # generate repeats each prompt k times in place (beams)
-        with self._routing(adapters_off=adapters_off, forced=forced):
+        with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=forced):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
 

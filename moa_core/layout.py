@@ -42,6 +42,10 @@ class Layout:
         """The trained expert mixture (mixture.safetensors + mixture.json)."""
         return self._models / "mixture" / method
 
+    def export(self, method: str) -> Path:
+        """`moa export`: the mixture's experts as PEFT adapter folders + the standalone router."""
+        return self._models / "export" / method
+
     def onboarded(self, domain: str) -> Path:
         """The candidate mixture of `moa onboard <domain>` (old experts + the new one, updated routers)."""
         return self.root / "models" / "onboard" / domain

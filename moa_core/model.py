@@ -76,6 +76,7 @@ class MixtureSpec:
     base_model: str = ""
     base_config_hash: str = ""
     domains: list[str] = field(default_factory=list)
+    fallback_threshold: float | None = None  # MoA: below this routing confidence the base model answers (fallback.py)
 
     def __post_init__(self) -> None:
         self.routing = Routing(self.routing)  # a string from mixture.json, or already the enum

@@ -17,6 +17,8 @@ from moa_core.stats import METRICS as STAT_METRICS
 from moa_core.stats import RowStats, compare_systems, interval_table_markdown
 
 from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
+from .comparison_rows import ARROW, ORACLE, oracle_comparison, oracle_label, routing_rows
+from .fallback_eval import fallback_markdown, run_fallback_eval
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -69,7 +71,9 @@ def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
     experts = [_read(ctx, f"train_expert_{d}") for d in doms]
     if system == "base":
         return 0, 0.0
-    if system == "single":
+    if system == ORACLE:  # the method's own mixture, evaluated with perfect routing
+        system = ctx.cfg.method
+    if system in ("single", ARROW):  # Arrow trains nothing beyond the stage-1 experts
         return (experts[0].get("trainable_params"), sum(e.get("train_seconds", 0.0) for e in experts)) if experts[0] else (None, None)
     if system == "mixed":
         m = _read(ctx, "train_mixed")
@@ -92,31 +96,39 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         systems = _baselines(ctx, test)
         for name in mixtures:
             systems[name] = _mixture_system(ctx, name, test)
+        systems.update(routing_rows(ctx, test, eval_progress))
+        fallback = run_fallback_eval(ctx, test)
+    labels = {**SYSTEM_LABELS, ORACLE: oracle_label(ctx), ARROW: "peft-arrow"}
     rows = []
     for name, ev in systems.items():
         params, seconds = _costs(ctx, name)
-        rows.append(metrics.EvalRow(system=SYSTEM_LABELS.get(name, name), per_domain=ev.per_domain,
+        rows.append(metrics.EvalRow(system=labels.get(name, name), per_domain=ev.per_domain,
                                     router_accuracy=ev.router_accuracy, trainable_params=params, train_seconds=seconds,
                                     router_accuracy_by_domain=ev.router_accuracy_by_domain))
     table = metrics.results_table_markdown(rows, doms)
+    oracle_data, oracle_md = oracle_comparison(ctx, rows, {name: labels.get(name, name) for name in systems})
     data = metrics.results_to_json(rows)
     routed = systems[ctx.cfg.method]
     confusion = metrics.confusion_matrix(routed.gold, routed.routed, doms) if routed.routed else None
     atomic_write_json(lay.metrics / "eval.json", data)
     # per test row, for the confidence intervals of `run_intervals` (several seeds pool these files)
-    row_stats = {SYSTEM_LABELS.get(name, name): {d: r.to_json() for d, r in ev.rows.items()} for name, ev in systems.items()}
+    row_stats = {labels.get(name, name): {d: r.to_json() for d, r in ev.rows.items()} for name, ev in systems.items()}
     atomic_write_text(lay.metrics / ROWS_FILE, json.dumps(row_stats))
     samples = "\n".join(
         f"| {s['domain']} | {s['instruction'][:80]!r} | {s['reference'][:80]!r} | {s['prediction'][:80]!r} |"
         for s in routed.samples
     )
-    report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n"
+    report = (f"# Evaluation ({ctx.cfg.method}, held-out test split)\n\n{table}\n\n{oracle_md}"
               + (f"Router confusion (rows = gold domain, columns = routed expert, order {doms}): {confusion}\n\n" if confusion else "")
+              + (fallback_markdown(fallback) if fallback else "")
               + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
     atomic_write_text(lay.reports / "eval.md", report)
     with stage_run(ctx, "evaluate"):
         flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+        mlflow.log_metrics({f"{name}.{k}": float(v) for name, vals in oracle_data.items() for k, v in vals.items()})
+        if fallback:
+            mlflow.log_metrics({f"fallback.{k}": float(v) for k, v in fallback.items() if isinstance(v, int | float)})
         mlflow.log_text(report, "eval.md")
         mlflow.log_dict(data, "eval.json")
         for metric in metrics.METRICS:
@@ -124,7 +136,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         if confusion:
             mlflow.log_figure(confusion_heatmap(confusion, doms, f"{ctx.cfg.method} router (test split)"),
                               "plots/router_confusion.png")
-    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion}
+    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion,
+            "fallback": fallback, "oracle": oracle_data}
 
 
 def run_intervals(ctx: StageContext) -> dict[str, Any]:

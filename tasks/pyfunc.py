@@ -1,7 +1,9 @@
 """The registered model: an MLflow pyfunc that routes each prompt to an expert and generates.
 
-Input: a DataFrame with a `prompt` column and an optional `domain` column (force that expert).
-Output: a DataFrame with `text` (the generated answer) and `expert` (the expert that answered).
+Input: a DataFrame with a `prompt` column and an optional `domain` column (force that expert, "universal" for
+MoDULA, or "base"; empty = route).
+Output: a DataFrame with `text` (the generated answer), `expert` (the expert that answered: "base" or
+"universal" when the router was unsure and fell back) and `confidence` (the router's; null where forced).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def signature(max_new_tokens: int):
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "domain", required=False)]),
-        outputs=Schema([ColSpec("string", "text"), ColSpec("string", "expert")]),
+        outputs=Schema([ColSpec("string", "text"), ColSpec("string", "expert"),
+                        ColSpec("double", "confidence", required=False)]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
     )
 
@@ -63,27 +66,22 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
     # `pd.DataFrame`: a type hint MLflow accepts without inferring a schema from it (`Any` made it warn on every
     # load); the schema is the logged signature
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        import torch
-
-        from moa_core.batching import collate, encode_prompt, to_device
+        from moa_core.answer import answer, expert_names
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "prompt" not in df.columns:
             raise _bad_request(f"input needs a 'prompt' column (and optionally 'domain'); got columns {list(df.columns)}")
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        experts = self.mm.spec.experts
         forced = None
-        if "domain" in df.columns and df["domain"].notna().all():
-            unknown = sorted(set(df["domain"]) - set(experts))
+        if "domain" in df.columns:
+            forced = [d if isinstance(d, str) and d else None for d in df["domain"]]
+            known = expert_names(self.mm)
+            unknown = sorted({d for d in forced if d is not None} - set(known))
             if unknown:
-                raise _bad_request(f"unknown domain(s) {unknown}; this model knows the domains {experts}: send one "
+                raise _bad_request(f"unknown domain(s) {unknown}; this model knows the domains {known}: send one "
                                    "of them, or leave `domain` out to let the router choose")
-            forced = torch.tensor([experts.index(d) for d in df["domain"]], device=self.device)
-        prompts = [encode_prompt(self.tok, p, self.max_length) for p in df["prompt"].astype(str)]
-        b = to_device(collate([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left_pad=True), self.device)
-        seqs, chosen = self.mm.generate(b["input_ids"], b["attention_mask"], expert=forced, max_new_tokens=max_new,
-                                        do_sample=False, pad_token_id=self.tok.pad_token_id,
-                                        eos_token_id=self.tok.eos_token_id)
-        texts = self.tok.batch_decode(seqs[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
-        names = [experts[i] for i in chosen.tolist()] if chosen is not None else ["(token-level mixture)"] * len(texts)
-        return pd.DataFrame({"text": [t.strip() for t in texts], "expert": names})
+        answers = answer(self.mm, self.tok, list(df["prompt"].astype(str)), max_length=self.max_length,
+                         max_new_tokens=max_new, threshold=self.mm.spec.fallback_threshold, forced=forced)
+        return pd.DataFrame({"text": [a.text for a in answers], "expert": [a.expert for a in answers],
+                             # object dtype keeps None (forced rows) as JSON null instead of NaN
+                             "confidence": pd.Series([a.confidence for a in answers], dtype=object)})

@@ -11,6 +11,7 @@ import mlflow
 from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
 from moa_core.methods import DomainData, fit_method, get_method
+from moa_core.fallback import resolve_threshold
 from moa_core.model import save_mixture
 from moa_core.train import early_stopping_summary
 
@@ -68,6 +69,10 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
                                          f"{name} {phase}", val=r.val_history, best_step=r.best_step),
                               f"plots/loss_{tag}.png")
         mlflow.log_metrics({"train_seconds": summary["train_seconds"], "trainable_params": summary["trainable_params"]})
+        mm.spec.fallback_threshold = resolve_threshold(mm, tok, ctx.splits("val"), ctx.cfg)
+        if mm.spec.fallback_threshold is not None:
+            summary["fallback_threshold"] = mm.spec.fallback_threshold
+            mlflow.log_metric("fallback_threshold", mm.spec.fallback_threshold)
         out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
         mlflow.log_artifacts(str(out), "mixture")
     shutil.rmtree(ckpt, ignore_errors=True)

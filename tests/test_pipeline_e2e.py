@@ -25,7 +25,16 @@ def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipelin
     assert not (project / "models/checkpoints" / "expert-code").exists(), "checkpoints are removed after success"
     ev = json.loads((project / "metrics/eval.json").read_text())
     assert set(ev) == {"base", "single-lora", "lora-mixed", "moa", "moa-no-routing-loss", "mosld", "modula-flan",
-                       "modula-res"}
+                       "modula-res", "moa-oracle", "peft-arrow"}
+    # every routed system against the oracle; the out-of-domain fallback on BBC categories that are no domain
+    oracle = json.loads((project / "metrics/oracle.json").read_text())
+    assert set(oracle) == {"moa", "moa-no-routing-loss", "mosld", "modula-flan", "modula-res", "peft-arrow"}
+    assert all(0 < v["pct_of_oracle_ppl"] for v in oracle.values())
+    fallback = json.loads((project / "metrics/fallback.json").read_text())
+    assert fallback["out_of_domain_categories"] == ["entertainment", "politics", "tech"]
+    assert 0 <= fallback["recall"] <= 1 and fallback["in_domain_kept"] > 0 and 0 <= fallback["threshold"] <= 1
+    report = (project / "reports/eval.md").read_text()
+    assert "% of oracle R-L" in report and "Out-of-domain fallback" in report
     assert ev["moa"]["trainable_params"] > 0 and ev["mosld"]["train_seconds"] > 0
     for system, vals in ev.items():
         assert 1.0 < vals["avg_ppl"] < 1e6 and 0.0 <= vals["avg_rougeL"] <= 100.0, system
@@ -58,9 +67,10 @@ def test_pipeline_leaves_artifacts_metrics_and_a_champion(project: Path, pipelin
 
     model = mlflow.pyfunc.load_model("models:/moa-model@champion")
     out = model.predict(pd.DataFrame({"prompt": ["What is fever?", "def add(a, b):"]}))
-    assert list(out.columns) == ["text", "expert"] and set(out["expert"]) <= set(domains)
+    assert list(out.columns) == ["text", "expert", "confidence"] and set(out["expert"]) <= {*domains, "base"}
+    assert all(0 < c <= 1 for c in out["confidence"])
     forced = model.predict(pd.DataFrame({"prompt": ["What is fever?"], "domain": ["medicine"]}))
-    assert forced["expert"].tolist() == ["medicine"]
+    assert forced["expert"].tolist() == ["medicine"] and forced["confidence"].tolist() == [None]
 
 
 def test_every_stage_is_a_prefect_task_run(pipeline_result: dict):
@@ -136,7 +146,8 @@ def test_registry_include_base_makes_a_version_that_serves_without_the_project(
     shutil.rmtree(pointed)
 
     out = mlflow.pyfunc.load_model(f"models:/moa-portable/{v_carried}").predict(pd.DataFrame({"prompt": ["What is fever?"]}))
-    assert list(out.columns) == ["text", "expert"] and out["expert"].iloc[0] in {"code", "medicine", "finance", "sports"}
+    assert list(out.columns) == ["text", "expert", "confidence"]
+    assert out["expert"].iloc[0] in {"code", "medicine", "finance", "sports", "base"}
     with pytest.raises(Exception, match="registered without its base model.*include_base: true"):
         mlflow.pyfunc.load_model(f"models:/moa-pointer/{v_pointed}")
 

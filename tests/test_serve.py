@@ -41,7 +41,8 @@ def test_mlflow_models_serve_answers_rest_requests(spawn, project: Path, pipelin
     preds = r.json()["predictions"]
     assert len(preds) == len(prompts)
     for p in preds:
-        assert set(p) == {"text", "expert"} and isinstance(p["text"], str) and p["expert"] in DOMAINS, p
+        assert set(p) == {"text", "expert", "confidence"} and isinstance(p["text"], str), p
+        assert p["expert"] in DOMAINS | {"base"} and 0 < p["confidence"] <= 1, p
 
     # the same answers as the pyfunc loaded in-process (greedy decoding): the REST path adds nothing
     import mlflow
@@ -56,7 +57,7 @@ def test_mlflow_models_serve_answers_rest_requests(spawn, project: Path, pipelin
                                                          ["prompt", "domain"]), "params": {"max_new_tokens": 3}},
                    timeout=60)
     assert r.status_code == 200, r.text
-    assert [p["expert"] for p in r.json()["predictions"]] == ["medicine", "code"]
+    assert [(p["expert"], p["confidence"]) for p in r.json()["predictions"]] == [("medicine", None), ("code", None)]
     assert "Ignoring provided params" not in server.tail(100000), "the model signature lacks the params schema"
 
     # bad requests are answered 400 with the reason, and the server keeps serving

@@ -82,7 +82,10 @@ class MixtureSpec:
         self.routing = Routing(self.routing)  # a string from mixture.json, or already the enum
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if data["fallback_threshold"] is None:  # absent, as in mixtures saved before the fallback: same bytes
+            del data["fallback_threshold"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
 
 @dataclass

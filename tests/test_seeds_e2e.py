@@ -78,3 +78,30 @@ def test_mlflow_has_per_seed_and_pooled_runs(seeds_run):
     assert pooled.data.metrics["moa.avg_ppl_low"] <= pooled.data.metrics["moa.avg_ppl"] <= pooled.data.metrics["moa.avg_ppl_high"]
     expert = next(r for r in children if r.info.run_name == "train_expert:code [seed 3]")
     assert client.get_metric_history(expert.info.run_id, "val/val_loss")
+
+
+def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path):
+    """infra/gpu/pool_seeds.py (seeds trained in separate project copies) gives what one several-seed flow gives."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, _ = seeds_run
+    dirs = []
+    for seed in (3, 4):
+        d = tmp_path / f"seed-{seed}" / "metrics"
+        d.mkdir(parents=True)
+        shutil.copyfile(root / f"metrics/seed-{seed}/eval_rows.json", d / "eval_rows.json")
+        dirs.append(str(d.parent))
+    pooled = tmp_path / "pooled"
+    pooled.mkdir()
+    shutil.copyfile(root / "params.yaml", pooled / "params.yaml")
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "infra/gpu/pool_seeds.py"), "--profile", "seeds",
+                          "--params", str(pooled / "params.yaml"), *dirs], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    mine = json.loads((pooled / "metrics/eval_intervals.json").read_text())["systems"]
+    flows = json.loads((root / "metrics/eval_intervals.json").read_text())["systems"]
+    assert mine == flows
+    missing = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "infra/gpu/pool_seeds.py"), "--params",
+                              str(pooled / "params.yaml"), str(tmp_path / "seed-9")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "did not finish its evaluation" in missing.stderr

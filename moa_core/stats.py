@@ -123,6 +123,18 @@ def _domain_samples(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str]
     return np.stack(out), np.stack(per_seed)  # [D, 1 + n_boot], [D, S]
 
 
+def _average(values: np.ndarray, seeds: Sequence[dict[str, RowStats]], domains: Sequence[str], metric: str) -> np.ndarray:
+    """The "avg" over domains of per-domain values [D, ...]: the plain mean, as the results table averages PPL,
+    BLEU and ROUGE-L; router accuracy is pooled over every routed row, as the table reports it."""
+    if metric != "router_acc":
+        return values.mean(0)
+    n = np.asarray([len(seeds[0][d].routed_ok) for d in domains], dtype=np.float64)
+    if n.sum() == 0:
+        return values.mean(0)
+    w = (n / n.sum()).reshape(-1, *([1] * (values.ndim - 1)))
+    return (values * w).sum(0)
+
+
 def _summarise(samples: np.ndarray, per_seed: np.ndarray, level: float) -> Estimate:
     boot = samples[1:]
     finite = boot[~np.isnan(boot)]
@@ -139,7 +151,7 @@ def estimate(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str], metri
     gen = metric in ("bleu", "rougeL")
     samples, per_seed = _domain_samples(seeds, domains, metric, n_boot, seed, gen)
     out = {d: _summarise(samples[i], per_seed[i], level) for i, d in enumerate(domains)}
-    out["avg"] = _summarise(samples.mean(0), per_seed.mean(0), level)
+    out["avg"] = _summarise(_average(samples, seeds, domains, metric), _average(per_seed, seeds, domains, metric), level)
     return out
 
 
@@ -162,7 +174,7 @@ def paired_difference(a: Sequence[dict[str, RowStats]], b: Sequence[dict[str, Ro
     sa, _ = _domain_samples(a, domains, metric, n_boot, seed, gen)
     sb, _ = _domain_samples(b, domains, metric, n_boot, seed, gen)  # same seed -> same resampled rows
     if domain == "avg":
-        diff = sa.mean(0) - sb.mean(0)
+        diff = _average(sa, a, domains, metric) - _average(sb, b, domains, metric)
     else:
         i = list(domains).index(domain)
         diff = sa[i] - sb[i]

@@ -73,3 +73,12 @@ def test_lower_perplexity_is_ahead():
     b = [{"d": _rows([1.0] * 30, nll_per_token=1.2)}]
     assert paired_difference(a, b, ["d"], "ppl", n_boot=200).verdict == "ahead"
     assert paired_difference(b, a, ["d"], "ppl", n_boot=200).verdict == "behind"
+
+
+def test_average_router_accuracy_is_pooled_over_rows_like_the_results_table():
+    # 1 row routed wrong in a 2-row domain, 8 right in an 8-row domain: 9 / 10 = 90 %, not (50 + 100) / 2 = 75 %
+    small = RowStats(nll=[1.0] * 2, tokens=[1] * 2, routed_ok=[0.0, 1.0])
+    large = RowStats(nll=[1.0] * 8, tokens=[1] * 8, routed_ok=[1.0] * 8)
+    est = estimate([{"s": small, "l": large}], ["s", "l"], "router_acc", n_boot=200)
+    assert est["avg"].value == pytest.approx(90.0)
+    assert est["s"].value == pytest.approx(50.0) and est["l"].value == pytest.approx(100.0)

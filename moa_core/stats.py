@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 METRICS: tuple[str, ...] = ("ppl", "bleu", "rougeL", "router_acc")
+PAIRED: tuple[str, ...] = ("ppl", "bleu", "rougeL")  # compared system against system (router accuracy is not)
 HIGHER_IS_BETTER: dict[str, bool] = {"ppl": False, "bleu": True, "rougeL": True, "router_acc": True}
 
 
@@ -104,19 +105,19 @@ class Estimate:
         return {"value": self.value, "low": self.low, "high": self.high, "per_seed": list(self.per_seed)}
 
 
-def _domain_samples(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str], metric: str, n_boot: int,
-                    seed: int, gen: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per domain, [1 + n_boot] seed-mean values and [S] per-seed point values, with shared resamples.
+def _row_count(rows: RowStats, metric: str) -> int:
+    """The rows a metric is computed on: every test row for PPL, the generated ones (the first rows of the
+    split, possibly fewer) for BLEU and ROUGE-L, the routed ones for router accuracy."""
+    return len({"ppl": rows.nll, "bleu": rows.bleu, "rougeL": rows.rougeL, "router_acc": rows.routed_ok}[metric])
 
-    gen: the metric is computed on the generated rows only (the first rows of the split), whose count can be
-    smaller than the split's."""
+
+def _domain_samples(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str], metric: str, n_boot: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per domain, [1 + n_boot] seed-mean values and [S] per-seed point values, with shared resamples."""
     rng = np.random.default_rng(seed)
     out, per_seed = [], []
     for d in domains:
-        n = len(seeds[0][d].bleu if gen else seeds[0][d].nll)
-        if metric == "router_acc":
-            n = len(seeds[0][d].routed_ok)
-        idx = _indices(n, n_boot, rng)
+        idx = _indices(_row_count(seeds[0][d], metric), n_boot, rng)
         vals = np.stack([_metric_on(s[d], metric, idx) for s in seeds])  # [S, 1 + n_boot]
         out.append(vals.mean(0))
         per_seed.append(vals[:, 0])
@@ -128,7 +129,7 @@ def _average(values: np.ndarray, seeds: Sequence[dict[str, RowStats]], domains: 
     BLEU and ROUGE-L; router accuracy is pooled over every routed row, as the table reports it."""
     if metric != "router_acc":
         return values.mean(0)
-    n = np.asarray([len(seeds[0][d].routed_ok) for d in domains], dtype=np.float64)
+    n = np.asarray([_row_count(seeds[0][d], metric) for d in domains], dtype=np.float64)
     if n.sum() == 0:
         return values.mean(0)
     w = (n / n.sum()).reshape(-1, *([1] * (values.ndim - 1)))
@@ -148,8 +149,7 @@ def estimate(seeds: Sequence[dict[str, RowStats]], domains: Sequence[str], metri
     with its `level` percentile bootstrap interval over test rows (stratified by domain).
 
     seeds: one {domain: RowStats} per training seed, all over the same test rows."""
-    gen = metric in ("bleu", "rougeL")
-    samples, per_seed = _domain_samples(seeds, domains, metric, n_boot, seed, gen)
+    samples, per_seed = _domain_samples(seeds, domains, metric, n_boot, seed)
     out = {d: _summarise(samples[i], per_seed[i], level) for i, d in enumerate(domains)}
     out["avg"] = _summarise(_average(samples, seeds, domains, metric), _average(per_seed, seeds, domains, metric), level)
     return out
@@ -170,9 +170,8 @@ def paired_difference(a: Sequence[dict[str, RowStats]], b: Sequence[dict[str, Ro
                       domain: str = "avg") -> Difference:
     """System A minus system B on `metric` for one domain or the average, resampling the same test rows for
     both (and for every seed of each). A is "ahead" only when the whole interval is on A's better side."""
-    gen = metric in ("bleu", "rougeL")
-    sa, _ = _domain_samples(a, domains, metric, n_boot, seed, gen)
-    sb, _ = _domain_samples(b, domains, metric, n_boot, seed, gen)  # same seed -> same resampled rows
+    sa, _ = _domain_samples(a, domains, metric, n_boot, seed)
+    sb, _ = _domain_samples(b, domains, metric, n_boot, seed)  # same seed -> same resampled rows
     if domain == "avg":
         diff = _average(sa, a, domains, metric) - _average(sb, b, domains, metric)
     else:
@@ -195,17 +194,19 @@ _LABEL = {"ppl": "PPL", "bleu": "BLEU", "rougeL": "R-L", "router_acc": "Router a
 _DIGITS = {"ppl": 2, "bleu": 2, "rougeL": 2, "router_acc": 1}
 
 
-def _cell(e: Estimate, metric: str) -> str:
-    if math.isnan(e.value):
+def _cell(e: dict[str, float], metric: str) -> str:
+    """An `Estimate.to_json()` as "value [low, high]"."""
+    if math.isnan(e["value"]):
         return "–"
     d = _DIGITS[metric]
-    return f"{e.value:.{d}f} [{e.low:.{d}f}, {e.high:.{d}f}]"
+    return f"{e['value']:.{d}f} [{e['low']:.{d}f}, {e['high']:.{d}f}]"
 
 
 def compare_systems(per_system: dict[str, Sequence[dict[str, RowStats]]], domains: Sequence[str], reference: str,
                     *, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
     """Every system's estimates (per domain and average, each metric) and, on the averages, the paired
-    difference `reference` minus the system, with the verdict for the reference ("ahead" = reference better). per_system: name -> one {domain: RowStats} per seed (the same seeds for every system)."""
+    difference `reference` minus the system, with the verdict for the reference ("ahead" = reference better).
+    per_system: name -> one {domain: RowStats} per seed (the same seeds for every system)."""
     out: dict[str, object] = {"domains": list(domains), "reference": reference, "bootstrap": n_boot,
                               "seeds": len(next(iter(per_system.values()))), "systems": {}}
     for name, seeds in per_system.items():
@@ -214,8 +215,8 @@ def compare_systems(per_system: dict[str, Sequence[dict[str, RowStats]]], domain
             for m in METRICS}
         if name != reference and reference in per_system:
             entry["vs_reference"] = {
-                m: paired_difference(per_system[reference], seeds, domains, m, n_boot=n_boot, seed=seed).__dict__
-                for m in ("ppl", "bleu", "rougeL")}
+                m: asdict(paired_difference(per_system[reference], seeds, domains, m, n_boot=n_boot, seed=seed))
+                for m in PAIRED}
         out["systems"][name] = entry  # type: ignore[index]
     return out
 
@@ -226,20 +227,18 @@ def interval_table_markdown(comparison: dict[str, object]) -> str:
     systems: dict[str, dict] = comparison["systems"]  # type: ignore[assignment]
     domains: list[str] = comparison["domains"]  # type: ignore[assignment]
     ref = comparison["reference"]
-    head = ["System"] + [f"Avg {_LABEL[m]}" for m in METRICS] + [f"{ref} − this: {_LABEL[m]}" for m in ("ppl", "bleu", "rougeL")]
+    head = ["System"] + [f"Avg {_LABEL[m]}" for m in METRICS] + [f"{ref} − this: {_LABEL[m]}" for m in PAIRED]
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for name, entry in systems.items():
-        cells = [name] + [_cell(Estimate(**{**entry[m]["avg"], "per_seed": tuple(entry[m]["avg"]["per_seed"])}), m)
-                          for m in METRICS]
-        for m in ("ppl", "bleu", "rougeL"):
+        cells = [name] + [_cell(entry[m]["avg"], m) for m in METRICS]
+        for m in PAIRED:
             d = entry.get("vs_reference", {}).get(m)
             cells.append("–" if d is None else f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}")
         lines.append("| " + " | ".join(cells) + " |")
-    dom_head = ["System"] + [f"{d} {_LABEL[m]}" for d in domains for m in ("ppl", "bleu", "rougeL")]
+    dom_head = ["System"] + [f"{d} {_LABEL[m]}" for d in domains for m in PAIRED]
     dom = ["| " + " | ".join(dom_head) + " |", "|:---|" + "---:|" * (len(dom_head) - 1)]
     for name, entry in systems.items():
-        cells = [name] + [_cell(Estimate(**{**entry[m][d], "per_seed": tuple(entry[m][d]["per_seed"])}), m)
-                          for d in domains for m in ("ppl", "bleu", "rougeL")]
+        cells = [name] + [_cell(entry[m][d], m) for d in domains for m in PAIRED]
         dom.append("| " + " | ".join(cells) + " |")
     n_seeds = comparison["seeds"]
     note = (f"Mean over {n_seeds} training seed(s); [low, high] = 95 % bootstrap interval over test rows "

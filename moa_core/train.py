@@ -78,9 +78,8 @@ def early_stopping_summary(result: TrainResult) -> dict[str, float | int]:
     """The early-stopping figures of a stage for its metrics file and MLflow (empty when it did not validate)."""
     if not result.val_history:
         return {}
-    out: dict[str, float | int] = {"best_step": int(result.best_step or 0), "best_val_loss": float(result.best_val_loss or 0.0),
-                                   "steps_run": int(result.stopped_at or result.steps)}
-    return out
+    return {"best_step": int(result.best_step or 0), "best_val_loss": float(result.best_val_loss or 0.0),
+            "steps_run": int(result.stopped_at or result.steps)}
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -324,8 +323,9 @@ def train_peft_lora(
     def validate() -> float:
         def nll(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             return token_nll(peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-        with _eval_mode(peft_model), autocast(cfg.train, next(iter(params.values())).device):
-            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
+        device = next(iter(params.values())).device
+        with _eval_mode(peft_model), autocast(cfg.train, device):
+            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, device)  # type: ignore[arg-type]
 
     result = train_loop(
         params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
@@ -377,14 +377,14 @@ def train_mixture(
         check_sums_loss(mm.model)
     runner = dp.wrap(mm) if dp is not None else mm
 
-    def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def forced_expert(b: dict[str, Tensor]) -> Tensor | None:
+        """[B] the expert each row goes through, or None where the routers decide."""
         if route == TrainRoute.GOLD:
-            expert = b["expert"]
-        elif isinstance(route, int):
-            expert = torch.full_like(b["expert"], route)
-        else:
-            expert = None
-        out = runner(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert, eta=eta,
+            return b["expert"]
+        return torch.full_like(b["expert"], route) if isinstance(route, int) else None
+
+    def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        out = runner(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=forced_expert(b), eta=eta,
                      balance_coef=balance_coef, experts_off=route == TrainRoute.EXPERTS_OFF, num_items_in_batch=b.get(LM_TOKENS))
         extra = {"lm_loss": float(out.lm_loss.detach())}
         if out.aux_loss is not None:
@@ -404,12 +404,12 @@ def train_mixture(
                 out = mm(b["input_ids"], b["attention_mask"], expert=b["expert"], eta=1.0,
                          pool_mask=b["attention_mask"] * (b["labels"] == -100))
                 return out.aux_loss  # type: ignore[return-value]
-            expert = b["expert"] if route == TrainRoute.GOLD else (torch.full_like(b["expert"], route) if isinstance(route, int) else None)
-            out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=expert,
+            out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=forced_expert(b),
                      experts_off=route == TrainRoute.EXPERTS_OFF)
             return token_nll(out.logits, b["labels"])
-        with _eval_mode(mm), autocast(cfg.train, next(iter(params.values())).device):
-            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, next(iter(params.values())).device)  # type: ignore[arg-type]
+        device = next(iter(params.values())).device
+        with _eval_mode(mm), autocast(cfg.train, device):
+            return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, device)  # type: ignore[arg-type]
 
     # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
     # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
@@ -445,12 +445,3 @@ def _zero_expert_grads(mm: MixtureModel, frozen: list[int]) -> list[Any]:
             raise ValueError("experts with a shared A (MoSLD) cannot be frozen one by one: the A matrix is common")
         hooks += [w.lora_A.register_hook(mask), w.lora_B.register_hook(mask)]
     return hooks
-
-
-def __getattr__(name: str) -> Any:
-    """Model building and the method recipes moved to moa_core.methods; old imports keep working."""
-    if name in ("build_mixture", "spec_from_config", "fit_method"):
-        from . import methods
-
-        return getattr(methods, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import mlflow
@@ -164,7 +165,7 @@ def run_intervals(ctx: StageContext) -> dict[str, Any]:
         for name, entry in comparison["systems"].items():
             for m in STAT_METRICS:
                 avg = entry[m]["avg"]
-                if avg["value"] == avg["value"]:  # not nan
+                if not math.isnan(avg["value"]):  # router accuracy of a system without a router
                     flat.update({f"{name}.avg_{m}": avg["value"], f"{name}.avg_{m}_low": avg["low"],
                                  f"{name}.avg_{m}_high": avg["high"]})
         mlflow.log_metrics(flat)

@@ -99,7 +99,7 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core.config import parse_config
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
 
     raw = tiny_raw_params(model_dir)
     raw["domains"] = {f"d{k}": {"source": {"kind": "builtin", "name": "humaneval"}} for k in range(8)}

@@ -15,7 +15,7 @@ from moa_core.export import ExportError, export_mixture
 from moa_core.fallback import routing_confidence
 from moa_core.model import save_mixture
 from moa_core.standalone_router import StandaloneRouter
-from moa_core.train import build_mixture
+from moa_core.methods import build_mixture
 
 PROMPTS = ["What is fever?", "def add(a, b):", "Shares fell as the bank cut its forecast.", "Arsenal won 2-0.",
            "A quiet afternoon in the garden."]

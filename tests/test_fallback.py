@@ -134,7 +134,7 @@ def test_auto_threshold_and_report_on_out_of_domain_bbc(tmp_path: Path, tiny_mod
 
 def _modula(cfg, base, method: str):
     """A MoDULA mixture with every expert (universal included) and router non-trivial, as after training."""
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
 
     mm = build_mixture(cfg, method, base, "tiny")
     g = torch.Generator().manual_seed(1)
@@ -187,7 +187,7 @@ def test_modula_falls_back_to_its_universal_expert(method, tiny_cfg, tiny_base, 
 
 
 def test_mosld_has_no_fallback(tiny_cfg, tiny_base, tiny_tok):
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
 
     mm = build_mixture(tiny_cfg, "mosld", tiny_base, "tiny")
     assert resolve_threshold(mm, tiny_tok, {"code": [{"instruction": "x"}]}, tiny_cfg) is None

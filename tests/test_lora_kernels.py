@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moa_core import lora_kernels
-from moa_core.train import build_mixture
+from moa_core.methods import build_mixture
 
 
 def _mixture(tiny_cfg, tiny_base, std: float = 0.2):

@@ -19,7 +19,7 @@ def _project(root: Path, tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     from moa_core.model import save_mixture
-    from moa_core.train import build_mixture
+    from moa_core.methods import build_mixture
     from tasks.common import StageContext
 
     raw = tiny_raw_params(tiny_model_dir)

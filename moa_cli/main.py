@@ -26,7 +26,7 @@ app.add_typer(stage_app, name="stage")
 console = Console(stderr=True)
 
 Params = Annotated[Path, typer.Option("--params", "-p", help="path to params.yaml")]
-Profile = Annotated[Optional[str], typer.Option("--profile", help="merge profiles.<name> from params.yaml, e.g. quick")]
+Profile = Annotated[Optional[str], typer.Option("--profile", help="merge profiles.<name> from params.yaml, e.g. quick; several merge in order, e.g. gpu,from_mixed")]
 
 
 def _env(params: Path) -> None:

@@ -16,6 +16,8 @@
 #                                                        assemble the GGUF, run `moa run --profile PROFILE ARGS...`
 #   bash infra/gpu/run_flow.sh seeds [PROFILE] [N]      N flows side by side on the GPU, one per seed (train.seeds
 #                                                        = [k]), in copies of the checkout; pool: infra/gpu/pool_seeds.py
+#   bash infra/gpu/run_flow.sh serve DIR                 serve DIR's @champion with `mlflow models serve` and ask it
+#                                                        (DIR: a project path, or a seeds copy's name like gpu-seed-0)
 #   bash infra/gpu/run_flow.sh local [PROFILE] [ARGS...] the same run with this interpreter's own packages (no kit)
 #
 # PROFILE defaults to gpu; `default` runs params.yaml without a profile.
@@ -312,40 +314,68 @@ run_moa() {
 
 # One flow per seed, side by side on the one GPU (each run is host-bound, so three share a GPU well), each in its
 # own copy of the checkout with train.seeds = [K]; their results are pooled afterwards by infra/gpu/pool_seeds.py.
+# The copies live in $STAGE/<profile>-seed-K (a composed profile "gpu,from_mixed" -> gpu_from_mixed-seed-K), so the
+# copies of another profile stay on a warm machine for a later `serve` call.
 run_seeds() {
-  local profile=${1:-gpu} n=${2:-3} k pids=() rc=0 wrap=()
+  local profile=${1:-gpu} n=${2:-3} k pids=() rc=0 wrap=() prefix
+  prefix=${profile//,/_}
   if [ "$TIME_LIMIT" -gt 0 ]; then
     wrap=(timeout --signal=INT --kill-after=15 $((TIME_LIMIT - (SECONDS - START) - 40)))
   fi
   for k in $(seq 0 $((n - 1))); do
-    local dir=$STAGE/seed-$k
+    local dir=$STAGE/$prefix-seed-$k
     rm -rf "$dir" && mkdir -p "$dir"
     # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
     tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
         --exclude=./metrics --exclude=./reports --exclude=./.whl --exclude=./.gg1 --exclude=./.gg2 --exclude=./.gpu \
         --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out -cf - . | tar -C "$dir" -xf -
+    # the seed goes into the last profile named: profiles merge in order, so it wins
     "$PYTHON" -c 'import sys, yaml
-path, profile, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, profile, seed = sys.argv[1], sys.argv[2].split(",")[-1], int(sys.argv[3])
 raw = yaml.safe_load(open(path))
 train = raw["profiles"][profile].setdefault("train", {})
-train["seeds"], train["num_threads"] = [seed], 4
+train["seeds"], train["num_threads"] = [seed], 2
 open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" "$profile" "$k"
     ( cd "$dir" && export PREFECT_HOME=$dir/.prefect PYTHONPATH=$dir:$SITE:$DATA &&
-      ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >"$OUT/run-seed$k.log" 2>&1 ) &
+      ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >"$OUT/run-$prefix-seed$k.log" 2>&1 ) &
     pids+=($!)
-    say "seed $k: flow started in $dir (log run-seed$k.log)"
+    say "seed $k: flow started in $dir (log run-$prefix-seed$k.log)"
   done
   for k in "${!pids[@]}"; do wait "${pids[$k]}" || { say "seed $k exited with an error"; rc=1; }; done
   mkdir -p "$OUT"
   local list
   list=$(mktemp)
   for k in $(seq 0 $((n - 1))); do
-    (cd "$STAGE" && { find "seed-$k/metrics" "seed-$k/reports" -type f 2>/dev/null || true
-                      find "seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
+    (cd "$STAGE" && { find "$prefix-seed-$k/metrics" "$prefix-seed-$k/reports" -type f 2>/dev/null || true
+                      find "$prefix-seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
   done >"$list"
   tar -czf "$OUT/results.tar.gz" -C "$STAGE" -T "$list"
   rm -f "$list"
   say "results in $OUT/results.tar.gz; exit $rc after $((SECONDS - START)) s"
+  return $rc
+}
+
+# The registered model behind MLflow's REST scoring server, as a user serves it: `mlflow models serve -m
+# models:/<registry.model_name>@champion` in project DIR, routed requests (one per domain) and one with a forced
+# expert; the answers go to $OUT/served.json, the server's log to $OUT/serve.log.
+serve_champion() {
+  local dir=${1:?serve needs the project directory of a finished flow, e.g. gpu-seed-0 under \$MOA_GPU_STAGE}
+  [ -d "$dir" ] || dir=$STAGE/$1
+  [ -f "$dir/mlruns/mlflow.db" ] || { echo "no MLflow store in $dir (mlruns/mlflow.db): run a flow there first" >&2; exit 3; }
+  local port=5077 name pid rc=0
+  name=$("$PYTHON" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["registry"]["model_name"])' "$dir/params.yaml")
+  say "serving models:/$name@champion from $dir on 127.0.0.1:$port"
+  # MLflow starts the scoring server as a plain `uvicorn` command: the kit's scripts must be on PATH
+  ( cd "$dir" && export PATH=$SITE/bin:$PATH PYTHONPATH=$dir:$SITE:$DATA \
+      MLFLOW_TRACKING_URI=sqlite:///$dir/mlruns/mlflow.db &&
+    exec "$PYTHON" -m mlflow models serve -m "models:/$name@champion" --env-manager local -h 127.0.0.1 -p $port
+  ) >"$OUT/serve.log" 2>&1 &
+  pid=$!
+  "$PYTHON" "$ROOT/infra/gpu/ask_served.py" "$port" "$OUT/served.json" || rc=$?
+  kill "$pid" 2>/dev/null || true
+  pkill -f "uvicorn.*$port" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  say "serve check exited with $rc"
   return $rc
 }
 
@@ -368,7 +398,13 @@ case "$cmd" in
     require_gpu
     run_moa "$@"
     ;;
+  serve)
+    mkdir -p "$OUT"
+    kit_path
+    serve_champion "$@"
+    ;;
   seeds)
+    mkdir -p "$OUT"
     stage_pieces
     assemble
     kit_path

@@ -2,7 +2,7 @@
 
     python infra/gpu/ask_served.py PORT OUT.json
 
-Waits for /ping (up to 240 s: the server loads the base model and the experts first), then sends one routed
+Waits for /ping (up to $MOA_SERVE_WAIT, default 240 s: the server loads the base model and the experts first), then sends one routed
 request with a prompt per domain of the default params.yaml and one request with a forced expert, over plain HTTP
 (no client library beyond the standard one). Writes the answers and the request times to OUT.json; exits non-zero
 when the server does not come up or a request is refused.
@@ -11,6 +11,7 @@ when the server does not come up or a request is refused.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -23,7 +24,7 @@ PROMPTS = [
 ]
 
 
-def wait_up(base: str, timeout: float = 240.0) -> float:
+def wait_up(base: str, timeout: float) -> float:
     t0 = time.time()
     while True:
         try:
@@ -45,7 +46,7 @@ def post(base: str, body: dict) -> tuple[dict, float]:
 
 def main(port: int, out: str) -> None:
     base = f"http://127.0.0.1:{port}"
-    up = wait_up(base)
+    up = wait_up(base, float(os.environ.get("MOA_SERVE_WAIT", "240")))
     params = {"max_new_tokens": 40}
     routed, t_routed = post(base, {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]},
                                    "params": params})

@@ -14,8 +14,9 @@
 #   bash infra/gpu/run_flow.sh stage                     copy/install whatever this call carries (.whl, .gg1, .gg2, .gpu)
 #   bash infra/gpu/run_flow.sh run [PROFILE] [ARGS...]   stage what this call carries, check every piece is there,
 #                                                        assemble the GGUF, run `moa run --profile PROFILE ARGS...`
-#   bash infra/gpu/run_flow.sh seeds [PROFILE] [N]      N flows side by side on the GPU, one per seed (train.seeds
-#                                                        = [k]), in copies of the checkout; pool: infra/gpu/pool_seeds.py
+#   bash infra/gpu/run_flow.sh seeds [PROFILE] [N] [FIRST]  N flows side by side on the GPU, one per seed (train.seeds
+#                                                        = [k], k = FIRST..FIRST+N-1, FIRST defaults to 0), in copies
+#                                                        of the checkout; pool: infra/gpu/pool_seeds.py
 #   bash infra/gpu/run_flow.sh serve DIR                 serve DIR's @champion with `mlflow models serve` and ask it
 #                                                        (DIR: a project path, or a seeds copy's name like gpu-seed-0)
 #   bash infra/gpu/run_flow.sh local [PROFILE] [ARGS...] the same run with this interpreter's own packages (no kit)
@@ -317,12 +318,12 @@ run_moa() {
 # The copies live in $STAGE/<profile>-seed-K (a composed profile "gpu,from_mixed" -> gpu_from_mixed-seed-K), so the
 # copies of another profile stay on a warm machine for a later `serve` call.
 run_seeds() {
-  local profile=${1:-gpu} n=${2:-3} k pids=() rc=0 wrap=() prefix
+  local profile=${1:-gpu} n=${2:-3} first=${3:-0} k pids=() rc=0 wrap=() prefix
   prefix=${profile//,/_}
   if [ "$TIME_LIMIT" -gt 0 ]; then
     wrap=(timeout --signal=INT --kill-after=15 $((TIME_LIMIT - (SECONDS - START) - 40)))
   fi
-  for k in $(seq 0 $((n - 1))); do
+  for k in $(seq "$first" $((first + n - 1))); do
     local dir=$STAGE/$prefix-seed-$k
     rm -rf "$dir" && mkdir -p "$dir"
     # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
@@ -345,7 +346,7 @@ open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" 
   mkdir -p "$OUT"
   local list
   list=$(mktemp)
-  for k in $(seq 0 $((n - 1))); do
+  for k in $(seq "$first" $((first + n - 1))); do
     (cd "$STAGE" && { find "$prefix-seed-$k/metrics" "$prefix-seed-$k/reports" -type f 2>/dev/null || true
                       find "$prefix-seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
   done >"$list"
@@ -414,7 +415,7 @@ case "$cmd" in
     run_seeds "$@" || rc=$?
     # then serve the first seed's registered @champion, if the call has the time left (the copies are gone once
     # the machine goes back, so a later `serve` call is only possible on a warm machine)
-    first=$STAGE/${1:-gpu}-seed-0 && first=${first//,/_}
+    first=$STAGE/${1:-gpu}-seed-${3:-0} && first=${first//,/_}
     left=$((TIME_LIMIT > 0 ? TIME_LIMIT - (SECONDS - START) : 100000))
     if [ -f "$first/metrics/registered.json" ] && [ "$left" -gt 120 ]; then
       MOA_SERVE_WAIT=$((left - 60)) serve_champion "$first" || rc=1

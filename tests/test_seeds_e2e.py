@@ -105,3 +105,33 @@ def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path):
     missing = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "infra/gpu/pool_seeds.py"), "--params",
                               str(pooled / "params.yaml"), str(tmp_path / "seed-9")], capture_output=True, text=True)
     assert missing.returncode == 2 and "did not finish its evaluation" in missing.stderr
+
+
+def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path):
+    """infra/gpu/paired.py (two systems from project copies, e.g. two profiles) gives the average paired
+    difference the flow's intervals stage gives for the same systems and seeds; a system against itself is 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, _ = seeds_run
+    dirs = []
+    for seed in (3, 4):
+        d = tmp_path / f"seed-{seed}" / "metrics"
+        d.mkdir(parents=True)
+        shutil.copyfile(root / f"metrics/seed-{seed}/eval_rows.json", d / "eval_rows.json")
+        dirs.append(str(d.parent))
+    both = ",".join(dirs)
+    script = str(Path(__file__).parents[1] / "infra/gpu/paired.py")
+
+    def avg_row(a: str, b: str) -> list[str]:
+        out = subprocess.run([sys.executable, script, "--bootstrap", "200", f"{both}:{a}", f"{both}:{b}"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [c.strip() for c in next(ln for ln in out.stdout.splitlines() if ln.startswith("| avg |")).split("|")[2:-1]]
+
+    flows = json.loads((root / "metrics/eval_intervals.json").read_text())["systems"]["lora-mixed"]["vs_reference"]
+    for cell, metric in zip(avg_row("moa", "lora-mixed"), ("ppl", "bleu", "rougeL")):
+        d = flows[metric]
+        assert cell == f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}", (metric, cell, d)
+    assert avg_row("moa", "moa") == ["+0.00 [+0.00, +0.00] within noise"] * 3

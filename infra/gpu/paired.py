@@ -1,7 +1,7 @@
 """Paired differences between two systems that may come from different runs (e.g. two profiles), on the same
 test rows: A minus B per domain and on the average, with the 95 % paired bootstrap interval and the verdict.
 
-    python infra/gpu/paired.py A_DIR:SYSTEM[,A_DIR2...] B_DIR:SYSTEM[,B_DIR2...]
+    python infra/gpu/paired.py [--bootstrap N] A_DIR[,A_DIR2...]:SYSTEM B_DIR[,B_DIR2...]:SYSTEM
 
 Each DIR is a project copy whose metrics/eval_rows.json holds the per-row statistics of its evaluation (one seed
 per copy, as `run_flow.sh seeds` leaves them); several comma-separated DIRs are several seeds of that side.
@@ -34,6 +34,9 @@ def load_side(spec: str) -> tuple[str, list[dict[str, RowStats]]]:
 
 
 def main(argv: list[str]) -> int:
+    n_boot = 1000
+    if argv[:1] == ["--bootstrap"] and len(argv) > 1:
+        n_boot, argv = int(argv[1]), argv[2:]
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
@@ -42,12 +45,12 @@ def main(argv: list[str]) -> int:
     for da, db in zip(a[0].values(), b[0].values()):
         if len(da.nll) != len(db.nll):
             raise SystemExit("the two sides were evaluated on different test rows: compare runs of the same split")
-    print(f"A = {name_a}\nB = {name_b}\nA - B, 95 % paired bootstrap over test rows (1000 resamples)\n")
+    print(f"A = {name_a}\nB = {name_b}\nA - B, 95 % paired bootstrap over test rows ({n_boot} resamples)\n")
     print("| domain | " + " | ".join(PAIRED) + " |\n|---|" + "---|" * len(PAIRED))
     for dom in [*domains, "avg"]:
         cells = []
         for m in PAIRED:
-            d = paired_difference(a, b, domains, m, domain=dom)
+            d = paired_difference(a, b, domains, m, n_boot=n_boot, domain=dom)
             cells.append(f"{d.value:+.2f} [{d.low:+.2f}, {d.high:+.2f}] {d.verdict}")
         print(f"| {dom} | " + " | ".join(cells) + " |")
     return 0

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moa_core.atomic import atomic_write_json
 from moa_core.config import MoAConfig, load_config
 from moa_core.data import Record, read_records
+from moa_core.incremental import merge_timings, split_timings
 from moa_core.layout import Layout
 
 # Offline, no telemetry, in every process that runs a stage (verified variable names, see README).
@@ -148,6 +150,9 @@ class StageContext:
     parent_run_id: str | None = None
     flow_run_id: str | None = None
     seed: int | None = None  # set for each seed of a run over several training seeds (train.seeds)
+    # The pipeline flow skips a stage whose inputs did not change since its last successful run (tasks/incremental.py);
+    # `moa run --force` and `moa stage` (DVC decides there) run every stage they are asked to.
+    skip_unchanged: bool = False
 
     @classmethod
     def load(cls, params: str | Path = "params.yaml", profile: str | None = None, **kw: Any) -> "StageContext":
@@ -281,6 +286,23 @@ def log_history(history: list[dict[str, float]], prefix: str = "") -> None:
     ms = [Metric(f"{prefix}{k}", float(v), now, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
     if ms:
         mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=ms)
+
+
+def write_training_metrics(ctx: StageContext, name: str, summary: dict[str, Any]) -> None:
+    """A training stage's summary -> metrics/<name>.json (DVC-tracked: the same bytes for the same inputs) and its
+    wall-clock timings -> metrics/timings/<name>.json (untracked; the evaluation table's training time)."""
+    tracked, timings = split_timings(summary)
+    atomic_write_json(ctx.layout.metrics / f"{name}.json", tracked)
+    atomic_write_json(ctx.layout.timings / f"{name}.json", timings)
+
+
+def read_training_metrics(ctx: StageContext, name: str) -> dict[str, Any]:
+    """What `write_training_metrics` wrote, merged again ({} when the stage has not run)."""
+    import json
+
+    tracked, timings = (json.loads(p.read_text()) if p.exists() else {}
+                        for p in (ctx.layout.metrics / f"{name}.json", ctx.layout.timings / f"{name}.json"))
+    return merge_timings(tracked, timings) if tracked else {}
 
 
 def fingerprint(ctx: StageContext, *sections: str, domains: list[str] | None = None) -> str:

@@ -120,7 +120,7 @@ def _project(root: Path, model_dir: Path) -> Path:
         _write_source(root, domain, rows)
     raw = tiny_raw_params(model_dir, domains={d: {"source": {"kind": "file", "path": f"data/raw/{d}.jsonl"}}
                                              for d in DOMAINS})
-    raw["evaluate"].update(max_samples=2, max_new_tokens=4, bootstrap=50)
+    raw["evaluate"].update(max_samples=2, max_new_tokens=4, bootstrap=100)
     raw["profiles"]["quick"]["evaluate"] = {"max_samples": 2, "max_new_tokens": 4}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root
@@ -162,7 +162,8 @@ def _champion(root: Path) -> str | None:
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns/mlflow.db'}")
-    return MlflowClient().get_registered_model("moa-model").aliases.get("champion")
+    version = MlflowClient().get_registered_model("moa-model").aliases.get("champion")
+    return None if version is None else str(version)
 
 
 ALL_STAGES = {*(f"curate:{d}" for d in DOMAINS), *(f"train_expert:{d}" for d in DOMAINS), "train_mixed",

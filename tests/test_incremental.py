@@ -238,3 +238,41 @@ def test_a_changed_stage_two_key_retrains_the_router_not_the_experts(tmp_path: P
     result, _ = _run(root)
     assert set(result["skipped"]) == {*(f"curate:{d}" for d in DOMAINS), *(f"train_expert:{d}" for d in DOMAINS),
                                       "train_mixed"}
+
+
+@pytest.mark.slow
+def test_moa_run_leaves_dvc_up_to_date_and_a_second_run_trains_nothing(tmp_path: Path, tiny_model_dir: Path):
+    """`moa run` records dvc.lock (dvc commit), so `dvc status` is clean and `dvc repro` runs nothing after it; a
+    second `moa run` skips every stage and DVC still agrees."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = _project(tmp_path / "proj", tiny_model_dir)
+    for code in ("moa_core", "tasks"):  # dvc.yaml's code deps, hashed into dvc.lock
+        shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in raw.pop("profiles")["quick"].items():  # dvc.yaml reads the plain values: no profile
+        raw[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+
+    def run(*cmd: str) -> str:
+        p = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        return p.stdout + p.stderr
+
+    dvc = str(bin_dir / "dvc")
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    moa_run = [sys.executable, "-m", "moa_cli.main", "run", "--params", str(root / "params.yaml")]
+    first = run(*moa_run)
+    assert "dvc.lock records this run" in first, first[-3000:]
+    assert json.loads(run(dvc, "status", "--json")) == {}
+    second = run(*moa_run)
+    assert f"{len(ALL_STAGES)} of {len(ALL_STAGES)} stage runs unchanged, skipped" in " ".join(second.split()), second[-3000:]
+    assert json.loads(run(dvc, "status", "--json")) == {}
+    assert "Running stage" not in run(dvc, "repro")

@@ -119,7 +119,7 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         log.info("%d of %d stage runs unchanged, skipped%s", len(skipped), len(submitted),
                  f": {', '.join(skipped)}" if skipped else "")
         mlflow.set_tag("moa.skipped_stages", ",".join(skipped) or "none")
-        return {"skipped": skipped, "stage_runs": len(submitted),"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
-                "registered": reg,
+        return {"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
+                "registered": reg, "skipped": skipped, "stage_runs": len(submitted),
                 "mlflow_run_id": parent.info.run_id,
                 "flow_run_id": ctx.flow_run_id}

@@ -139,7 +139,8 @@ def read_record(path: Path) -> StageRecord | None:
     return record if record.format == RECORD_FORMAT else None
 
 
-def make_record(stage: str, fingerprint: str, root: Path, outputs: Iterable[Path], result: Mapping[str, Any]) -> StageRecord:
+def make_record(stage: str, fingerprint: str, root: Path, outputs: Iterable[Path],
+                result: Mapping[str, Any]) -> StageRecord:
     """The record of a stage that has just written `outputs` (files or directories under `root`)."""
     digests: dict[str, str] = {}
     for out in outputs:

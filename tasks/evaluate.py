@@ -95,8 +95,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     mixtures = [p.name for p in planned_mixtures(ctx.cfg) if p.required or (lay.mixture(p.name) / "mixture.json").exists()]
     # everything the table is computed from: the curated splits, every adapter and mixture, the training summaries
     # (trainable parameters); the domain list and curate.seed choose the out-of-domain prompts of the fallback row
-    reads = [*(lay.curated(d) for d in doms), *(lay.expert(d) for d in doms), lay.mixed,
-             *(lay.mixture(m) for m in mixtures), *(lay.metrics / f"{name}.json" for name in _training_summaries(ctx, mixtures))]
+    reads = [*(lay.curated(d) for d in doms), *(lay.expert(d) for d in doms), lay.mixed, *map(lay.mixture, mixtures),
+             *(lay.metrics / f"{name}.json" for name in _training_summaries(ctx, mixtures))]
     stage_fp = fingerprint_stage(ctx, "evaluate", reads, domains=doms, curate_seed=ctx.cfg.curate.seed)
     if (done := skip_if_unchanged(ctx, "evaluate", stage_fp)) is not None:
         return done

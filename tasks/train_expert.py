@@ -42,6 +42,8 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
 
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
            metrics_name: str, init_from: Path | None = None) -> dict[str, Any]:
+    # the stage's fingerprint decides whether this run may skip it; the checkpoint's own `fp` below only decides
+    # whether an interrupted run's checkpoint may be resumed
     stage = run_name
     reads = [ctx.split_path(d, split) for d in domains for split in ("train", "val")]
     stage_fp = fingerprint_stage(ctx, stage, reads + ([init_from] if init_from is not None else []), domains=domains)

@@ -16,7 +16,8 @@ from moa_core.incremental import (
     stage_fingerprint, write_record,
 )
 
-from .common import StageContext, stage_logger
+from .context import StageContext
+from .logs import stage_logger
 
 FINGERPRINT_TAG = "moa.fingerprint"  # on each stage's MLflow run: the fingerprint the stage ran for
 

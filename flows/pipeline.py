@@ -15,10 +15,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.dispatch import dispatch_experts
 from moa_core.config import ConfigError
 from moa_core.methods import planned_mixtures
-from moa_core.stopping import raise_if_stop_requested, stop_on_signals, stop_requested, stop_signal
-from tasks.common import (
-    StageContext, announce_stop, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads,
-)
+from moa_core.stopping import raise_if_stop_requested, stop_requested, stop_signal
+from tasks.common import StageContext
+from tasks.prologue import flow_run_prologue
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, intervals_task, register_task, train_expert_task, train_mixed_task, train_router_task,
 )
@@ -37,22 +36,17 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
 
     log = get_run_logger()
     ctx = StageContext.load(params, profile)
-    configure_env(ctx.root)
-    threads = set_torch_threads(ctx.cfg)
     cfg = ctx.cfg
-    log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source, threads)
-    exp = mlflow_experiment(ctx)
-    # Prefect's flow engine turns SIGTERM into an exception in this thread, which would leave the training
-    # threads running to their end: inside the flow, both signals ask every job to stop at its next step
     rerun = "moa run" + (f" --profile {profile}" if profile else "")
-    with stop_on_signals(announce_stop(ctx, rerun)), project_lock(ctx.root, f"moa_pipeline flow run {flow_run.id}"), \
-            mlflow.start_run(experiment_id=exp, run_name=f"pipeline:{cfg.method}", tags=lineage_tags(ctx)) as parent:
+    with flow_run_prologue(ctx, run_name=f"pipeline:{cfg.method}", holder=f"moa_pipeline flow run {flow_run.id}",
+                           rerun=rerun, flow_run_id=str(flow_run.id)) as started:
+        parent = started.parent
+        log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source,
+                 started.torch_threads)
         mlflow.log_params({"method": cfg.method, "domains": ",".join(cfg.domain_names), "profile": profile or "default",
                            "base_model": cfg.base_model.source, "force": force})
         mlflow.log_artifact(str(ctx.root / "params.yaml"))
-        ctx = dataclasses.replace(ctx, parent_run_id=parent.info.run_id, flow_run_id=str(flow_run.id),
-                                  skip_unchanged=not force)
-        mlflow.set_tag("prefect_flow_run_id", ctx.flow_run_id)
+        ctx = dataclasses.replace(started.ctx, skip_unchanged=not force)
 
         submitted: list[PrefectFuture] = []
         try:

@@ -167,7 +167,7 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
     skipped = result["skipped"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
-        + ("(unchanged: no new version). " if reg.get("skipped") else
+        + ("(unchanged: no new version).\n" if reg.get("skipped") else
            f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + escape(reg['reason'])}).\n")
         + (f"{len(skipped)} of {result['stage_runs']} stage runs unchanged, skipped (--force retrains all).\n"
            if skipped else "")

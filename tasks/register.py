@@ -188,10 +188,11 @@ def run_register(ctx: StageContext) -> dict[str, Any]:
     lay = ctx.layout
     reads = [lay.metrics / "eval.json", Layout.at(ctx.root).metrics / "eval_intervals.json",
              lay.mixture(ctx.cfg.method), *(ctx.split_path(d, "test") for d in ctx.cfg.domain_names)]
+    # the version's tags name the method and domains; another tracking store has none of our versions
     stage_fp = fingerprint_stage(ctx, "register", reads, method=ctx.cfg.method, domains=ctx.cfg.domain_names,
-                                 evaluate=ctx.cfg.evaluate.model_dump(mode="json"), tracking=tracking_uri(ctx),
-                                 include_base=reg.include_base)
-    if (done := skip_if_unchanged(ctx, "register", stage_fp, still_valid=lambda r: _version_exists(ctx, r))) is not None:
+                                 tracking=tracking_uri(ctx))
+    done = skip_if_unchanged(ctx, "register", stage_fp, still_valid=lambda recorded: _version_exists(ctx, recorded))
+    if done is not None:
         return done
     cand = _candidate(ctx)
     value = cand.metric
@@ -213,5 +214,6 @@ def run_register(ctx: StageContext) -> dict[str, Any]:
         mlflow.log_metric(reg.promote_metric, value)
     result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
               "metric": value, "run_id": run.info.run_id}
-    record_success(ctx, "register", stage_fp, [atomic_write_json(ctx.layout.metrics / "registered.json", result)], result)
+    registered = atomic_write_json(ctx.layout.metrics / "registered.json", result)
+    record_success(ctx, "register", stage_fp, [registered], result)
     return result

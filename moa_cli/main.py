@@ -148,7 +148,8 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
         ) -> None:
     """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register).
     A stage whose inputs (source rows, its params.yaml keys, the base model, upstream outputs) did not change since
-    its last successful run is skipped; --force retrains all. Afterwards dvc.lock records the run (see README)."""
+    its last successful run is skipped; --force retrains all. In a DVC project, a run without --profile then
+    records dvc.lock, so `dvc status` agrees (README: Incremental retraining)."""
     ctx = _ctx(params, profile)
     _check_sources(ctx)  # seconds, before a Prefect server starts and the other domains curate
     from prefect.task_runners import ThreadPoolTaskRunner

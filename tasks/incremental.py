@@ -5,6 +5,7 @@ writes its record with `record_success` once its outputs are in place."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,14 @@ from .logs import stage_logger
 FINGERPRINT_TAG = "moa.fingerprint"  # on each stage's MLflow run: the fingerprint the stage ran for
 
 
+# Resolving the base model converts the embedded SmolLM2 GGUF on first use. Stages fingerprint before they take
+# TORCH_LOCK, so two task threads could otherwise convert into the same folder at once.
+_BASE_RESOLVE_LOCK = threading.Lock()
+
+
 def _base_identity(base: BaseModelConfig, root: Path) -> str:
-    path, model_id = resolve_base_path(base, root)
+    with _BASE_RESOLVE_LOCK:
+        path, model_id = resolve_base_path(base, root)
     return f"{model_id}:{base_model_identity(path)}"
 
 

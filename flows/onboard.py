@@ -15,15 +15,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from moa_core.atomic import atomic_write_json
-from moa_core.stopping import stop_on_signals
-from tasks.common import (
-    announce_stop, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads,
-)
 from tasks.curate import run_curate
 from tasks.onboard import (
     OnboardPlan, onboarding_cost, plan_onboarding, run_extend, run_onboard_evaluate, run_onboard_register, with_parent,
 )
 from tasks.prefect_tasks import TASK_OPTIONS
+from tasks.prologue import flow_run_prologue
 from tasks.train_expert import run_train_expert
 
 
@@ -62,19 +59,14 @@ def onboard_domain(domain: str, source: str, fields: dict[str, str] | None = Non
 
     log = get_run_logger()
     plan = plan_onboarding(params, domain, source, fields, description, profile)  # fails before any training
-    configure_env(plan.new.root)
-    set_torch_threads(plan.new.cfg)
     log.info("onboarding %r onto the %s mixture of %s", domain, plan.method, plan.old.cfg.domain_names)
-    exp = mlflow_experiment(plan.new)
-    rerun = f"moa onboard -d {domain} -s {source}"
     # as in moa_pipeline: SIGINT/SIGTERM stop the running job at its next step boundary (moa_core.stopping)
-    with stop_on_signals(announce_stop(plan.new, rerun)), \
-            project_lock(plan.new.root, f"onboard_domain flow run {flow_run.id} ({domain})"), \
-            mlflow.start_run(experiment_id=exp, run_name=f"onboard:{domain}", tags=lineage_tags(plan.new)) as parent:
+    with flow_run_prologue(plan.new, run_name=f"onboard:{domain}", holder=f"onboard_domain flow run {flow_run.id} ({domain})",
+                           rerun=f"moa onboard -d {domain} -s {source}", flow_run_id=str(flow_run.id)) as started:
+        parent = started.parent
         mlflow.log_params({"domain": domain, "source": json.dumps(plan.entry["source"]), "method": plan.method,
                            "profile": profile or "default"})
         plan = with_parent(plan, parent.info.run_id, str(flow_run.id))
-        mlflow.set_tag("prefect_flow_run_id", str(flow_run.id))
         counts = curate_new(plan)  # an empty or unreadable domain stops here
         log.info("curated %s: %s", domain, counts)
         expert = train_new_expert(plan) if plan.recipe.needs_experts else None

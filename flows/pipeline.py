@@ -15,10 +15,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.dispatch import dispatch_experts
 from moa_core.config import ConfigError
 from moa_core.methods import planned_mixtures
-from moa_core.stopping import raise_if_stop_requested, stop_on_signals, stop_requested, stop_signal
-from tasks.common import (
-    StageContext, announce_stop, configure_env, lineage_tags, mlflow_experiment, project_lock, set_torch_threads,
-)
+from moa_core.stopping import raise_if_stop_requested, stop_requested, stop_signal
+from tasks.common import StageContext
+from tasks.prologue import flow_run_prologue
 from tasks.prefect_tasks import (
     curate_task, evaluate_task, intervals_task, register_task, train_expert_task, train_mixed_task, train_router_task,
 )
@@ -26,30 +25,28 @@ from tasks.prefect_tasks import (
 
 @flow(name="moa_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
-                 expert_deployment: str | None = None) -> dict[str, Any]:
+                 expert_deployment: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train and register a multi-domain mixture from params.yaml (optionally a `profiles:` entry).
     `expert_deployment` (e.g. moa_train_expert/process): train each domain's expert as its own flow run of that
-    deployment on its work pool (flows/dispatch.py) instead of as a task thread of this run."""
+    deployment on its work pool (flows/dispatch.py) instead of as a task thread of this run.
+    A stage whose inputs did not change since its last successful run is skipped ("unchanged, skipped" in its
+    task's log and on this run's MLflow run; tasks/incremental.py); `force` runs every stage."""
     import mlflow
     from prefect.runtime import flow_run
 
     log = get_run_logger()
     ctx = StageContext.load(params, profile)
-    configure_env(ctx.root)
-    threads = set_torch_threads(ctx.cfg)
     cfg = ctx.cfg
-    log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source, threads)
-    exp = mlflow_experiment(ctx)
-    # Prefect's flow engine turns SIGTERM into an exception in this thread, which would leave the training
-    # threads running to their end: inside the flow, both signals ask every job to stop at its next step
     rerun = "moa run" + (f" --profile {profile}" if profile else "")
-    with stop_on_signals(announce_stop(ctx, rerun)), project_lock(ctx.root, f"moa_pipeline flow run {flow_run.id}"), \
-            mlflow.start_run(experiment_id=exp, run_name=f"pipeline:{cfg.method}", tags=lineage_tags(ctx)) as parent:
+    with flow_run_prologue(ctx, run_name=f"pipeline:{cfg.method}", holder=f"moa_pipeline flow run {flow_run.id}",
+                           rerun=rerun, flow_run_id=str(flow_run.id)) as started:
+        parent = started.parent
+        log.info("method=%s domains=%s base=%s torch threads=%d", cfg.method, cfg.domain_names, cfg.base_model.source,
+                 started.torch_threads)
         mlflow.log_params({"method": cfg.method, "domains": ",".join(cfg.domain_names), "profile": profile or "default",
-                           "base_model": cfg.base_model.source})
+                           "base_model": cfg.base_model.source, "force": force})
         mlflow.log_artifact(str(ctx.root / "params.yaml"))
-        ctx = dataclasses.replace(ctx, parent_run_id=parent.info.run_id, flow_run_id=str(flow_run.id))
-        mlflow.set_tag("prefect_flow_run_id", ctx.flow_run_id)
+        ctx = dataclasses.replace(started.ctx, skip_unchanged=not force)
 
         submitted: list[PrefectFuture] = []
         try:
@@ -93,6 +90,7 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
             registered = register_task.submit(ctx.for_seed(ctx.seeds[0]), wait_for=[intervals])
             submitted += [intervals, registered]
             ev, reg, ci = evaluation.result(), registered.result(), intervals.result()
+            skipped = sorted(r["stage"] for f in submitted if isinstance(r := f.result(), dict) and r.get("skipped"))
         except Exception:
             if not stop_requested():
                 raise
@@ -106,8 +104,16 @@ def moa_pipeline(params: str = "params.yaml", profile: str | None = None,
         log.info("evaluated: %s; report %s", ", ".join(f"{k} {v:.4g}" for k, v in ev["metrics"][cfg.method].items()
                                                       if k.startswith("avg_")), ctx.layout.reports / "eval.md")
         log.info("95 %% intervals over %d seed(s): %s", len(ctx.seeds), ctx.layout.reports / "eval_intervals.md")
-        log.info("registered %s version %s (promoted: %s, %s)", reg["model"], reg["version"], reg["promoted"], reg["reason"])
+        if reg.get("skipped"):
+            log.info("nothing new to register: %s version %s stands (promoted: %s, %s)", reg["model"], reg["version"],
+                     reg["promoted"], reg["reason"])
+        else:
+            log.info("registered %s version %s (promoted: %s, %s)", reg["model"], reg["version"], reg["promoted"],
+                     reg["reason"])
+        log.info("%d of %d stage runs unchanged, skipped%s", len(skipped), len(submitted),
+                 f": {', '.join(skipped)}" if skipped else "")
+        mlflow.set_tag("moa.skipped_stages", ",".join(skipped) or "none")
         return {"counts": counts, "evaluation": ev, "intervals": ci["comparison"], "intervals_table": ci["table"],
-                "registered": reg,
+                "registered": reg, "skipped": skipped, "stage_runs": len(submitted),
                 "mlflow_run_id": parent.info.run_id,
                 "flow_run_id": ctx.flow_run_id}

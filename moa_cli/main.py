@@ -142,8 +142,14 @@ def validate(params: Params = Path("params.yaml"), profile: Profile = None) -> N
 def run(params: Params = Path("params.yaml"), profile: Profile = None,
         expert_deployment: Annotated[Optional[str], typer.Option(
             help="train each domain's expert as its own flow run of this deployment on its work pool, e.g. "
-                 "moa_train_expert/process (python -m flows.dispatch deploy; infra/README.md)")] = None) -> None:
-    """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register)."""
+                 "moa_train_expert/process (python -m flows.dispatch deploy; infra/README.md)")] = None,
+        force: Annotated[bool, typer.Option(
+            "--force", help="run every stage, also those whose inputs did not change since their last run")] = False,
+        ) -> None:
+    """Run the whole pipeline as one Prefect flow (curate, train experts, train router, evaluate, register).
+    A stage whose inputs (source rows, its params.yaml keys, the base model, upstream outputs) did not change since
+    its last successful run is skipped; --force retrains all. In a DVC project, a run without --profile then
+    records dvc.lock, so `dvc status` agrees (README: Incremental retraining)."""
     ctx = _ctx(params, profile)
     _check_sources(ctx)  # seconds, before a Prefect server starts and the other domains curate
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -154,16 +160,44 @@ def run(params: Params = Path("params.yaml"), profile: Profile = None,
                   f"profile={profile or 'default'}; progress is logged below and in the Prefect UI (moa ui).")
     flow = moa_pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(2, ctx.cfg.train.parallel_jobs)))
     with _stoppable(ctx, "moa run" + (f" --profile {profile}" if profile else "")):
-        result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment)
+        result = flow(params=str(params.resolve()), profile=profile, expert_deployment=expert_deployment, force=force)
     print(result["evaluation"]["table"])  # plain print: a markdown table must not be re-wrapped
     print(f"\nWith 95 % intervals ({len(ctx.seeds)} seed(s); reports/eval_intervals.md):\n")
     print(result["intervals_table"])
     reg = result["registered"]
+    skipped = result["skipped"]
     console.print(
         f"\n[green]done[/green]: MLflow run {result['mlflow_run_id']}, model {reg['model']} v{reg['version']} "
-        f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + escape(reg['reason'])}).\n"
-        f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints."
+        + ("(unchanged: no new version).\n" if reg.get("skipped") else
+           f"({'promoted to @champion' if reg['promoted'] else 'not promoted: ' + escape(reg['reason'])}).\n")
+        + (f"{len(skipped)} of {result['stage_runs']} stage runs unchanged, skipped (--force retrains all).\n"
+           if skipped else "")
+        + f"Report: {ctx.layout.reports / 'eval.md'}. Browse runs: `moa ui`, then the links it prints."
     )
+    _record_in_dvc_lock(ctx, profile)
+
+
+def _record_in_dvc_lock(ctx, profile: str | None) -> None:
+    """After `moa run`, dvc.lock records what the flow wrote, so `dvc status` says up to date and `dvc repro` does
+    not train it all again (`dvc commit --force --no-relink`: hashes the deps, params and outs as they are, runs nothing). Only for
+    the run dvc.yaml describes: params.yaml without a profile (dvc.yaml reads params.yaml's plain values) and one
+    training seed (dvc.yaml has the one-seed layout); in a DVC project (.dvc/ beside params.yaml) with dvc installed."""
+    import shutil
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    if not (ctx.root / ".dvc").is_dir() or not (ctx.root / "dvc.yaml").exists() or not Path(dvc).exists():
+        return
+    if profile or len(ctx.seeds) > 1:
+        why = f"--profile {profile}" if profile else f"{len(ctx.seeds)} training seeds"
+        console.print(f"dvc.lock not updated: this run used {why}, which dvc.yaml does not describe "
+                      "(`dvc status` compares with params.yaml's plain values and one seed).")
+        return
+    done = subprocess.run([dvc, "commit", "--force", "--no-relink", "--quiet"], cwd=ctx.root, capture_output=True, text=True)
+    if done.returncode != 0:
+        console.print(f"[yellow]dvc.lock not updated[/yellow] (`dvc commit --force` exited {done.returncode}): "
+                      f"{escape((done.stderr or done.stdout).strip()[-1500:])}", soft_wrap=True)
+    else:
+        console.print("dvc.lock records this run: `dvc status` is up to date.")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .incremental import sort_adapter_config
 from .model import MIXTURE_CONFIG, MIXTURE_WEIGHTS, MixtureError, MixtureSpec, atomic_dir_write, read_spec
 
 ROUTER_WEIGHTS = "router.safetensors"
@@ -108,6 +109,7 @@ def export_mixture(mixture_dir: str | Path, out_dir: str | Path, base_model_path
             # lora_alpha = scaling * r gives PEFT's scaling alpha / r back; dropout only acts in training
             LoraConfig(r=spec.r, lora_alpha=scaling * spec.r, lora_dropout=0.0, target_modules=list(spec.target_modules),
                        task_type="CAUSAL_LM", base_model_name_or_path=spec.base_model).save_pretrained(str(folder))
+            sort_adapter_config(folder)
             save_file(adapter, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
         save_file({f"routers.{i}.weight": routers[i].contiguous() for i in sorted(routers)},
                   str(tmp / ROUTER_WEIGHTS), metadata={"format": "pt"})

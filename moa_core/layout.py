@@ -60,5 +60,17 @@ class Layout:
         return self.root / "metrics" / ("" if self.seed is None else f"seed-{self.seed}")
 
     @property
+    def timings(self) -> Path:
+        """Wall-clock timings of the training stages (seconds, tokens/s): outside the DVC-tracked metrics files,
+        whose bytes must repeat for the same inputs (moa_core.incremental.split_timings)."""
+        return self.metrics / "timings"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    # incremental retraining
+    @property
+    def stage_records(self) -> Path:
+        """One record per stage's last successful run (moa_core.incremental): skipped when nothing it reads changed."""
+        return self.root / ".moa" / "stages" / ("" if self.seed is None else f"seed-{self.seed}")

@@ -201,12 +201,14 @@ def results_table_markdown(rows: list[EvalRow], domains: list[str]) -> str:
     """Markdown table in the style of the MoA paper's Table 2, one line per system.
 
     Columns: per-domain PPL/BLEU/R-L, Avg PPL/BLEU/R-L (best in bold: lowest PPL, highest BLEU/R-L),
-    router accuracy (%), trainable parameters and training time (s). A missing value shows as "–".
+    router accuracy (%), trainable parameters and training time (s). A missing value shows as "–". The
+    training time column is left out when no row has one (the DVC-tracked report: wall-clock time varies per run).
     """
+    timed = any(row.train_seconds is not None for row in rows)
     header = ["System"]
     header += [f"{d} {_HEADER_NAME[m]}" for d in domains for m in METRICS]
     header += [f"Avg {_HEADER_NAME[m]}" for m in METRICS]
-    header += ["Router acc (%)", "Trainable params", "Train time (s)"]
+    header += ["Router acc (%)", "Trainable params"] + (["Train time (s)"] if timed else [])
     lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
 
     averages = [row.average for row in rows]
@@ -222,7 +224,8 @@ def results_table_markdown(rows: list[EvalRow], domains: list[str]) -> str:
         acc = None if row.router_accuracy is None else 100.0 * row.router_accuracy
         cells.append(_fmt(acc, 2))
         cells.append("–" if row.trainable_params is None else human_count(row.trainable_params))
-        cells.append(_fmt(row.train_seconds, 1))
+        if timed:
+            cells.append(_fmt(row.train_seconds, 1))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

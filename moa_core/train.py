@@ -29,6 +29,7 @@ from .atomic import atomic_dir_write, atomic_write
 from .batching import autocast, balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
+from .incremental import sort_adapter_config
 from .metrics import token_nll
 from .model import MixtureModel
 from .stopping import StopRequested, stop_requested
@@ -334,7 +335,11 @@ def train_peft_lora(
     )
     peft_model.eval()
     if dp is None or dp.is_main:
-        atomic_dir_write(Path(out_dir), lambda tmp: peft_model.save_pretrained(tmp, safe_serialization=True))
+        def write(tmp: Path) -> None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            sort_adapter_config(tmp)  # the same adapter, the same bytes (DVC, the stage records)
+
+        atomic_dir_write(Path(out_dir), write)
     return result
 
 

@@ -9,9 +9,11 @@ import mlflow
 
 from moa_core.atomic import atomic_write_json
 from moa_core.data import REJECTED_QUARANTINE, curate, require_rows, write_curated, write_jsonl_atomic
+from moa_core.incremental import value_digest
 from moa_core.sources import load_source
 
 from .common import StageContext, stage_run
+from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
 
 
 def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
@@ -22,6 +24,12 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
     if source.kind == "file" and source.path and not Path(source.path).is_absolute():
         source = source.model_copy(update={"path": str(ctx.root / source.path)})  # relative to params.yaml
     src = load_source(source)
+    stage = f"curate:{domain}"
+    # the raw rows themselves (any source kind), the domain's entry and where the rows came from (the data card)
+    fp = fingerprint_stage(ctx, stage, [], uses_base_model=False, domain=dom.model_dump(mode="json"),
+                           rows=value_digest(src.rows), origin=[src.origin, src.licence, src.attribution])
+    if (done := skip_if_unchanged(ctx, stage, fp)) is not None:
+        return done
     result = curate(src.rows, domain, ctx.cfg.curate)
     card = {
         "domain": domain, "description": dom.description, "origin": src.origin,
@@ -34,11 +42,12 @@ def run_curate(ctx: StageContext, domain: str) -> dict[str, Any]:
         write_jsonl_atomic(rejected, result.quarantine)
         require_rows(result, domain, rejected)
     write_curated(out, result, card)
-    atomic_write_json(ctx.layout.metrics / f"curate_{domain}.json", result.counts)
-    with stage_run(ctx, f"curate:{domain}", domain=domain) as _run:
+    counts_file = atomic_write_json(ctx.layout.metrics / f"curate_{domain}.json", result.counts)
+    with stage_run(ctx, stage, domain=domain, **{FINGERPRINT_TAG: fp}) as _run:
         mlflow.log_params({"domain": domain, "source": dom.source.kind, **{f"curate.{k}": v for k, v in ctx.cfg.curate.model_dump().items()}})
         mlflow.log_metrics({k: float(v) for k, v in result.counts.items() if isinstance(v, int | float)})
         mlflow.log_artifact(str(out / "card.json"), "data")
         if result.quarantine:
             mlflow.log_artifact(str(out / "quarantine.jsonl"), "data")
+    record_success(ctx, stage, fp, [out, counts_file], result.counts)
     return result.counts

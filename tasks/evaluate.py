@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -17,9 +18,10 @@ from moa_core.model import load_mixture
 from moa_core.stats import METRICS as STAT_METRICS
 from moa_core.stats import RowStats, compare_systems, interval_table_markdown
 
-from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
-from .comparison_rows import ARROW, ORACLE, oracle_comparison, oracle_label, routing_rows
-from .fallback_eval import fallback_markdown, run_fallback_eval
+from .common import TORCH_LOCK, StageContext, read_training_metrics, stage_logger, stage_run
+from .comparison_rows import ARROW, ORACLE, ORACLE_FILE, oracle_comparison, oracle_label, routing_rows
+from .fallback_eval import FALLBACK_FILE, fallback_markdown, run_fallback_eval
+from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -29,8 +31,7 @@ ROWS_FILE = "eval_rows.json"
 
 
 def _read(ctx: StageContext, name: str) -> dict[str, Any]:
-    p = ctx.layout.metrics / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_training_metrics(ctx, name)
 
 
 def eval_progress(system: str, domains: list[str]):
@@ -91,8 +92,15 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     from .plots import confusion_heatmap, metric_bars
 
     lay, doms = ctx.layout, ctx.cfg.domain_names
-    test = ctx.splits("test")
     mixtures = [p.name for p in planned_mixtures(ctx.cfg) if p.required or (lay.mixture(p.name) / "mixture.json").exists()]
+    # everything the table is computed from: the curated splits, every adapter and mixture, the training summaries
+    # (trainable parameters); the domain list and curate.seed choose the out-of-domain prompts of the fallback row
+    reads = [*(lay.curated(d) for d in doms), *(lay.expert(d) for d in doms), lay.mixed, *map(lay.mixture, mixtures),
+             *(lay.metrics / f"{name}.json" for name in _training_summaries(ctx, mixtures))]
+    stage_fp = fingerprint_stage(ctx, "evaluate", reads, domains=doms, curate_seed=ctx.cfg.curate.seed)
+    if (done := skip_if_unchanged(ctx, "evaluate", stage_fp)) is not None:
+        return done
+    test = ctx.splits("test")
     with TORCH_LOCK:
         systems = _baselines(ctx, test)
         for name in mixtures:
@@ -106,6 +114,11 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         rows.append(metrics.EvalRow(system=labels.get(name, name), per_domain=ev.per_domain,
                                     router_accuracy=ev.router_accuracy, trainable_params=params, train_seconds=seconds,
                                     router_accuracy_by_domain=ev.router_accuracy_by_domain))
+    # The tracked files (eval.json, eval.md) hold what the inputs determine; the wall-clock training time varies per
+    # run, so it is only in the table `moa run` prints, in metrics/timings/eval.json and in MLflow.
+    timed_table = metrics.results_table_markdown(rows, doms)
+    seconds = {row.system: row.train_seconds for row in rows if row.train_seconds is not None}
+    rows = [dataclasses.replace(row, train_seconds=None) for row in rows]
     table = metrics.results_table_markdown(rows, doms)
     oracle_data, oracle_md = oracle_comparison(ctx, rows, {name: labels.get(name, name) for name in systems})
     data = metrics.results_to_json(rows)
@@ -124,9 +137,12 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
               + (fallback_markdown(fallback) if fallback else "")
               + "## Sample generations\n\n| domain | instruction | reference | prediction |\n|---|---|---|---|\n" + samples + "\n")
     atomic_write_text(lay.reports / "eval.md", report)
-    with stage_run(ctx, "evaluate"):
+    atomic_write_json(lay.timings / "eval.json", {"train_seconds": seconds})
+    with stage_run(ctx, "evaluate", **{FINGERPRINT_TAG: stage_fp}):
         flat = {f"{sys_}.{k}": v for sys_, vals in data.items() for k, v in vals.items() if isinstance(v, int | float)}
+        flat.update({f"{sys_}.train_seconds": v for sys_, v in seconds.items()})
         mlflow.log_metrics({k: float(v) for k, v in flat.items()})
+        mlflow.log_text(timed_table, "eval_with_train_time.md")
         mlflow.log_metrics({f"{name}.{k}": float(v) for name, vals in oracle_data.items() for k, v in vals.items()})
         if fallback:
             mlflow.log_metrics({f"fallback.{k}": float(v) for k, v in fallback.items() if isinstance(v, int | float)})
@@ -137,20 +153,33 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         if confusion:
             mlflow.log_figure(confusion_heatmap(confusion, doms, f"{ctx.cfg.method} router (test split)"),
                               "plots/router_confusion.png")
-    return {"table": table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion,
-            "fallback": fallback, "oracle": oracle_data}
+    result = {"table": timed_table, "metrics": data, "router_accuracy": routed.router_accuracy, "confusion": confusion,
+              "fallback": fallback, "oracle": oracle_data}
+    outputs = [lay.metrics / name for name in ("eval.json", ROWS_FILE, FALLBACK_FILE, ORACLE_FILE)]
+    if ctx.seed is None:  # reports/ is shared by the seeds of a several-seed run: the last seed's report stands there
+        outputs.append(lay.reports / "eval.md")
+    record_success(ctx, "evaluate", stage_fp, outputs, result)
+    return result
+
+
+def _training_summaries(ctx: StageContext, mixtures: list[str]) -> list[str]:
+    """The metrics files (names without .json) of the training stages whose systems the table shows."""
+    return [*(f"train_expert_{d}" for d in ctx.cfg.domain_names), "train_mixed", *(f"train_router_{m}" for m in mixtures)]
 
 
 def run_intervals(ctx: StageContext) -> dict[str, Any]:
     """The comparison over every training seed of the run, with 95 % bootstrap intervals over test rows and
     paired verdicts against the method -> metrics/eval_intervals.json, reports/eval_intervals.md, MLflow."""
     seeds = ctx.seeds
-    per_seed = []
-    for s in seeds:
-        path = ctx.for_seed(s).layout.metrics / ROWS_FILE
+    rows_files = [ctx.for_seed(s).layout.metrics / ROWS_FILE for s in seeds]
+    for s, path in zip(seeds, rows_files):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run the evaluate stage for seed {s} first")
-        per_seed.append(json.loads(path.read_text()))
+    stage_fp = fingerprint_stage(ctx, "intervals", rows_files, uses_base_model=False, seeds=seeds,
+                                 domains=ctx.cfg.domain_names)
+    if (done := skip_if_unchanged(ctx, "intervals", stage_fp)) is not None:
+        return done
+    per_seed = [json.loads(path.read_text()) for path in rows_files]
     systems = [name for name in per_seed[0] if all(name in p for p in per_seed)]
     per_system = {name: [{d: RowStats.from_json(r) for d, r in p[name].items()} for p in per_seed] for name in systems}
     comparison = compare_systems(per_system, ctx.cfg.domain_names, ctx.cfg.method, n_boot=ctx.cfg.evaluate.bootstrap)
@@ -160,7 +189,7 @@ def run_intervals(ctx: StageContext) -> dict[str, Any]:
     atomic_write_json(lay.metrics / "eval_intervals.json", comparison)
     report = f"# Evaluation with uncertainty ({ctx.cfg.method}, held-out test split, seeds {seeds})\n\n{table}"
     atomic_write_text(lay.reports / "eval_intervals.md", report)
-    with stage_run(ctx, "intervals"):
+    with stage_run(ctx, "intervals", **{FINGERPRINT_TAG: stage_fp}):
         flat: dict[str, float] = {}
         for name, entry in comparison["systems"].items():
             for m in STAT_METRICS:
@@ -171,4 +200,7 @@ def run_intervals(ctx: StageContext) -> dict[str, Any]:
         mlflow.log_metrics(flat)
         mlflow.log_text(report, "eval_intervals.md")
         mlflow.log_dict(comparison, "eval_intervals.json")
-    return {"table": table, "comparison": comparison}
+    result = {"table": table, "comparison": comparison}
+    record_success(ctx, "intervals", stage_fp, [lay.metrics / "eval_intervals.json", lay.reports / "eval_intervals.md"],
+                   result)
+    return result

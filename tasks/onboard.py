@@ -25,7 +25,7 @@ from moa_core.model import load_mixture, read_spec, save_mixture
 from moa_core.onboard import OnboardError, extend_mixture, not_onboardable_message, regression_gate
 from moa_core.sources import FILE_SUFFIXES, check_source
 
-from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, stage_run
+from .common import TORCH_LOCK, StageContext, fingerprint, log_history, progress, read_training_metrics, stage_run
 from .evaluate import eval_progress
 
 _KEEP = ("licence", "attribution")
@@ -223,14 +223,9 @@ def onboarding_cost(plan: OnboardPlan, expert: dict[str, Any] | None, extend: di
     """Onboarding vs retraining everything, as MoDULA reports it: training seconds and trainable parameters.
     The retrain figures are the last pipeline run's measured stage times (metrics/*.json) for the old
     domains; its parameter count is that of the new mixture's experts and routers."""
-    lay, old = plan.old.layout, plan.old.cfg.domain_names
-
-    def read(name: str) -> dict[str, Any]:
-        p = lay.metrics / f"{name}.json"
-        return json.loads(p.read_text()) if p.exists() else {}
-
-    experts = [read(f"train_expert_{x}") for x in old]
-    router = read(f"train_router_{plan.method}")
+    old = plan.old.cfg.domain_names
+    experts = [read_training_metrics(plan.old, f"train_expert_{x}") for x in old]
+    router = read_training_metrics(plan.old, f"train_router_{plan.method}")
     stage1 = sum(e.get("train_seconds", 0.0) for e in experts) if plan.recipe.needs_experts else 0.0
     retrain_s = router.get("train_seconds", 0.0) + stage1
     onboard_s = extend["train_seconds"] + (expert or {}).get("train_seconds", 0.0)

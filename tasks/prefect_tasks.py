@@ -1,5 +1,6 @@
 """The stages as Prefect tasks: coarse (one task = one curation / training / evaluation job), retried
-only on errors a retry can fix, never cached by Prefect (DVC is the cache; two caches would disagree)."""
+only on errors a retry can fix, never cached by Prefect: what a run may skip is decided by one mechanism, the
+stages' own records (tasks/incremental.py), which `moa stage` (DVC's commands) writes too."""
 
 from __future__ import annotations
 

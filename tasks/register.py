@@ -14,8 +14,10 @@ from mlflow import MlflowClient
 
 from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base, resolve_base_path
+from moa_core.layout import Layout
 
-from .common import TORCH_LOCK, StageContext, stage_logger, stage_run
+from .common import TORCH_LOCK, StageContext, stage_logger, stage_run, tracking_uri
+from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
 
 CHAMPION = "champion"
 
@@ -169,11 +171,32 @@ def gate(candidate: Figures, champion: Figures | None, reg: Any) -> tuple[bool, 
     return promote, why
 
 
+def _version_exists(ctx: StageContext, result: dict[str, Any]) -> bool:
+    """The recorded version is still in the registry (a new tracking store, or a deleted version, registers again)."""
+    try:
+        MlflowClient().get_model_version(ctx.cfg.registry.model_name, str(result["version"]))
+    except Exception:  # noqa: BLE001 - whatever the store says, "not found" or unreachable, register again
+        return False
+    return True
+
+
 def run_register(ctx: StageContext) -> dict[str, Any]:
+    """Register the method's mixture as a new version and let the gate decide @champion. Skipped in a pipeline run
+    whose evaluation, mixture and settings are those of the version registered last (no new version then, so
+    @champion stays where the gate put it)."""
     reg = ctx.cfg.registry
+    lay = ctx.layout
+    reads = [lay.metrics / "eval.json", Layout.at(ctx.root).metrics / "eval_intervals.json",
+             lay.mixture(ctx.cfg.method), *(ctx.split_path(d, "test") for d in ctx.cfg.domain_names)]
+    # the version's tags name the method and domains; another tracking store has none of our versions
+    stage_fp = fingerprint_stage(ctx, "register", reads, method=ctx.cfg.method, domains=ctx.cfg.domain_names,
+                                 tracking=tracking_uri(ctx))
+    done = skip_if_unchanged(ctx, "register", stage_fp, still_valid=lambda recorded: _version_exists(ctx, recorded))
+    if done is not None:
+        return done
     cand = _candidate(ctx)
     value = cand.metric
-    with stage_run(ctx, "register") as run:
+    with stage_run(ctx, "register", **{FINGERPRINT_TAG: stage_fp}) as run:
         version = log_mixture_version(ctx, ctx.layout.mixture(ctx.cfg.method), {
             reg.promote_metric: str(value), "moa.method": ctx.cfg.method, "moa.domains": ",".join(ctx.cfg.domain_names),
             EVAL_FINGERPRINT: cand.fingerprint, ROUTER_ACCURACY: json.dumps(cand.router_accuracy, sort_keys=True)})
@@ -191,5 +214,6 @@ def run_register(ctx: StageContext) -> dict[str, Any]:
         mlflow.log_metric(reg.promote_metric, value)
     result = {"model": reg.model_name, "version": version, "promoted": promote, "reason": why,
               "metric": value, "run_id": run.info.run_id}
-    atomic_write_json(ctx.layout.metrics / "registered.json", result)
+    registered = atomic_write_json(ctx.layout.metrics / "registered.json", result)
+    record_success(ctx, "register", stage_fp, [registered], result)
     return result

@@ -9,11 +9,14 @@ from typing import Any
 
 import mlflow
 
-from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
 from moa_core.train import TrainResult, early_stopping_summary, train_peft_lora
 
-from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
+from .common import (
+    TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run,
+    write_training_metrics,
+)
+from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
 
 
 def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics_name: str, title: str,
@@ -33,12 +36,19 @@ def _log_training(ctx: StageContext, result: TrainResult, out_dir: Path, metrics
     mlflow.log_figure(loss_curve([int(h["step"]) for h in result.history], [h["loss"] for h in result.history], title,
                                  val=result.val_history, best_step=result.best_step), "plots/loss.png")
     mlflow.log_artifacts(str(out_dir), "adapter")
-    atomic_write_json(ctx.layout.metrics / f"{metrics_name}.json", summary)
+    write_training_metrics(ctx, metrics_name, summary)
     return summary
 
 
 def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckpt: Path, run_name: str,
            metrics_name: str, init_from: Path | None = None) -> dict[str, Any]:
+    # the stage's fingerprint decides whether this run may skip it; the checkpoint's own `fp` below only decides
+    # whether an interrupted run's checkpoint may be resumed
+    stage = run_name
+    reads = [ctx.split_path(d, split) for d in domains for split in ("train", "val")]
+    stage_fp = fingerprint_stage(ctx, stage, reads + ([init_from] if init_from is not None else []), domains=domains)
+    if (done := skip_if_unchanged(ctx, stage, stage_fp)) is not None:
+        return done
     records = [ctx.split(d, "train") for d in domains]
     val = [ctx.split(d, "val") for d in domains]
     steps = ctx.cfg.train.step_budget(steps, sum(len(r) for r in records))
@@ -55,7 +65,7 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
             train_peft_lora(base, tok, records, ctx.cfg, steps, out_dir, ckpt, None, fp, dp=dp, val_by_domain=val,
                             init_from=init_from)
             return {"rank": dp.rank}
-        with stage_run(ctx, run_name):
+        with stage_run(ctx, run_name, **{FINGERPRINT_TAG: stage_fp}):
             mlflow.set_tag("base_model", model_id)
             mlflow.log_params({"domains": ",".join(domains), "steps": steps, "base_model": model_id,
                                "init_from": str(init_from) if init_from else "fresh",
@@ -66,6 +76,7 @@ def _train(ctx: StageContext, domains: list[str], steps: int, out_dir: Path, ckp
                                      progress(run_name, steps), fp, dp=dp, val_by_domain=val, init_from=init_from)
             summary = _log_training(ctx, result, out_dir, metrics_name, f"{run_name} loss", world)
     shutil.rmtree(ckpt, ignore_errors=True)  # the adapter is saved; the checkpoint only serves an interrupted run
+    record_success(ctx, stage, stage_fp, [out_dir, ctx.layout.metrics / f"{metrics_name}.json"], summary)
     return summary
 
 

@@ -8,14 +8,18 @@ from typing import Any
 
 import mlflow
 
-from moa_core.atomic import atomic_write_json
 from moa_core.base_model import load_base
+from moa_core.incremental import split_timings
 from moa_core.methods import DomainData, fit_method, get_method
 from moa_core.fallback import resolve_threshold
 from moa_core.model import save_mixture
 from moa_core.train import early_stopping_summary
 
-from .common import TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run
+from .common import (
+    TORCH_LOCK, StageContext, data_parallel_group, fingerprint, log_history, progress, stage_run,
+    write_training_metrics,
+)
+from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
 
 
 def run_train_router(ctx: StageContext, method: str | None = None, eta: float | None = None,
@@ -27,10 +31,16 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
     method = method or ctx.cfg.method
     name = name or method
     lay, doms = ctx.layout, ctx.cfg.domain_names
+    recipe = get_method(method)
+    stage = f"train_router:{name}"
+    reads = [ctx.split_path(d, split) for d in doms for split in ("train", "val")]
+    stage_fp = fingerprint_stage(ctx, stage, reads + ([lay.expert(d) for d in doms] if recipe.needs_experts else []),
+                                 method=method, eta=eta, name=name)
+    if (done := skip_if_unchanged(ctx, stage, stage_fp)) is not None:
+        return done
     train = [ctx.split(d, "train") for d in doms]
     val = [ctx.split(d, "val") for d in doms]
     ckpt = lay.checkpoints / f"mixture-{name}"
-    recipe = get_method(method)
     fp = fingerprint(ctx, *recipe.config_sections, domains=doms) + f"-{eta}"
     expert_dirs = [lay.expert(d) for d in doms] if recipe.needs_experts else None
     data = DomainData(train, val)
@@ -41,7 +51,7 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
             fit_method(ctx.cfg, method, base, tok, model_id, data, expert_dirs=expert_dirs, ckpt_root=ckpt,
                        eta=eta, fingerprint=fp, dp=dp)
             return {"rank": dp.rank}
-        run.enter_context(stage_run(ctx, f"train_router:{name}", method=method))
+        run.enter_context(stage_run(ctx, stage, method=method, **{FINGERPRINT_TAG: stage_fp}))
         mlflow.set_tag("base_model", model_id)
         mlflow.log_params({"method": method, "eta": ctx.cfg.router.eta if eta is None else eta,
                            "ddp_world_size": world,
@@ -73,8 +83,9 @@ def run_train_router(ctx: StageContext, method: str | None = None, eta: float | 
         if mm.spec.fallback_threshold is not None:
             summary["fallback_threshold"] = mm.spec.fallback_threshold
             mlflow.log_metric("fallback_threshold", mm.spec.fallback_threshold)
-        out = save_mixture(mm, lay.mixture(name), extra={"train": summary})
+        out = save_mixture(mm, lay.mixture(name), extra={"train": split_timings(summary)[0]})  # the same bytes each run
         mlflow.log_artifacts(str(out), "mixture")
     shutil.rmtree(ckpt, ignore_errors=True)
-    atomic_write_json(lay.metrics / f"train_router_{name}.json", summary)
+    write_training_metrics(ctx, f"train_router_{name}", summary)
+    record_success(ctx, stage, stage_fp, [out, lay.metrics / f"train_router_{name}.json"], summary)
     return summary

@@ -258,3 +258,13 @@ def test_metric_bars_figure() -> None:
     assert heights == sorted([5.0, 7.0, 12.5, 8.5, 15.0, 9.0])
     with pytest.raises(ValueError, match="unknown metric"):
         metric_bars(_rows(), DOMAINS, "accuracy")
+
+
+def test_results_table_without_training_times_has_no_time_column() -> None:
+    """The DVC-tracked report leaves wall-clock time out: no row has one, so no column (not a column of dashes)."""
+    import dataclasses
+
+    table = results_table_markdown([dataclasses.replace(r, train_seconds=None) for r in _rows()], DOMAINS)
+    header, _sep, *lines = table.strip().splitlines()
+    assert header.endswith("| Router acc (%) | Trainable params |") and "Train time" not in table
+    assert all(line.count("|") == header.count("|") for line in lines)

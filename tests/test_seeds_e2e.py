@@ -43,6 +43,14 @@ def test_each_seed_trains_and_evaluates_in_its_own_folders(seeds_run):
         rows = json.loads((root / f"metrics/seed-{seed}/eval_rows.json").read_text())
         test_rows = sum(1 for _ in (root / "data/curated/finance/test.jsonl").open())
         assert len(rows["moa"]["finance"]["rougeL"]) == test_rows  # max_samples 0: every test row generated
+    # incremental retraining keeps one record per seed (the seed is part of each fingerprint); curation is shared
+    assert (root / ".moa/stages/curate.code.json").exists() and not (root / ".moa/stages/train_expert.code.json").exists()
+    for seed in (3, 4):
+        record = json.loads((root / f".moa/stages/seed-{seed}/train_expert.code.json").read_text())
+        assert f"models/seed-{seed}/experts/code" in record["outputs"]
+    fingerprints = {json.loads((root / f".moa/stages/seed-{s}/train_expert.code.json").read_text())["fingerprint"]
+                    for s in (3, 4)}
+    assert len(fingerprints) == 2
     # the two seeds trained differently
     a, b = (json.loads((root / f"metrics/seed-{s}/eval.json").read_text())["moa"]["avg_ppl"] for s in (3, 4))
     assert a != b

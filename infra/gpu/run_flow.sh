@@ -329,7 +329,7 @@ run_seeds() {
     # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
     tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
         --exclude=./metrics --exclude=./reports --exclude=./.whl --exclude=./.gg1 --exclude=./.gg2 --exclude=./.gpu \
-        --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out -cf - . | tar -C "$dir" -xf -
+        --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out --exclude=./.moa -cf - . | tar -C "$dir" -xf -
     # the seed goes into the last profile named: profiles merge in order, so it wins
     "$PYTHON" -c 'import sys, yaml
 path, profile, seed = sys.argv[1], sys.argv[2].split(",")[-1], int(sys.argv[3])

@@ -73,6 +73,17 @@ def pipeline_result(project: Path) -> dict:
     return moa_pipeline(params=str(project / "params.yaml"), profile="quick")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`optin` tests run only when a -m expression names them (`pytest -m optin`): each one repeats, at a cost the
+    default run should not pay, a check the default run already makes in a cheaper form (README, Tests)."""
+    if "optin" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: run with `pytest -m optin` (README, Tests)")
+    for item in items:
+        if item.get_closest_marker("optin"):
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Prefect stops its embedded server at interpreter exit and logs that at INFO through a handler whose
     stream pytest has closed by then ("I/O operation on closed file"); only warnings are worth that line."""

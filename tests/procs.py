@@ -108,4 +108,4 @@ def spawn(request: pytest.FixtureRequest):
 
     yield _spawn
     for p in reversed(started):
-        p.stop()
+        p.stop(grace=3.0)  # teardown, nothing left to check: a Prefect worker can take 10 s+ to honour SIGTERM

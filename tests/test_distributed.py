@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_raw_params
+from helpers import curate_in_process
 from moa_core.distributed import DataParallel
 
 
@@ -66,8 +67,7 @@ def test_moa_stage_trains_an_expert_over_two_processes(tmp_path: Path, tiny_mode
                                  str(tmp_path / "params.yaml")], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
-    curate = moa("curate", "code")
-    assert curate.wait(timeout=300) == 0, curate.communicate()
+    curate_in_process(tmp_path / "params.yaml", "code")  # set-up only: the stage under test is train-expert
     odd = moa("train-expert", "code", "--nproc-per-node", "3")
     _, err = odd.communicate(timeout=300)
     assert odd.returncode == 2 and "train.batch_size=2 does not split over 3 processes" in err, err

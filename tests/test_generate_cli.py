@@ -61,8 +61,9 @@ def test_local_generate_routes_forces_and_never_imports_prefect(project, tiny_to
     assert [(row["prompt"], row["expert"], row["confidence"]) for row in rows] == [
         ("What is fever?", "medicine", None), ("def add(a, b):", "medicine", None)]
 
-    r = _moa(root, "generate", "--local", "--expert", "law", "hello")
-    assert r.returncode == 2 and "unknown expert 'law'" in r.stderr and "medicine" in r.stderr
+    # an unknown expert: in this process (the two runs above already cover the command as its own process)
+    r = CliRunner().invoke(app, ["generate", "--local", "--expert", "law", "-p", str(root / "params.yaml"), "hello"])
+    assert r.exit_code == 2 and "unknown expert 'law'" in r.stderr and "medicine" in r.stderr, r.output
 
 
 def test_registered_champion_version_and_run(project):

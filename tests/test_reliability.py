@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_raw_params
+from helpers import curate_in_process
 
 
 def _moa(root: Path, *args: str, **kw) -> subprocess.Popen:
@@ -31,8 +32,7 @@ def test_training_killed_with_sigkill_resumes(tmp_path: Path, tiny_model_dir: Pa
     raw["curate"]["max_rows"] = 30
     raw["train"].update({"expert_steps": 40, "checkpoint_every": 1, "batch_size": 2, "max_length": 64})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    curate = _moa(tmp_path, "stage", "curate", "code")
-    assert curate.wait(timeout=300) == 0, curate.stdout.read()
+    curate_in_process(tmp_path / "params.yaml", "code")  # set-up only: the stage under test is train-expert
 
     ckpt = tmp_path / "models/checkpoints/expert-code/checkpoint.pt"
     job = _moa(tmp_path, "stage", "train-expert", "code")

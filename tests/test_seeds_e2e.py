@@ -88,8 +88,9 @@ def test_mlflow_has_per_seed_and_pooled_runs(seeds_run):
     assert client.get_metric_history(expert.info.run_id, "val/val_loss")
 
 
-def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path):
+def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path, monkeypatch, capsys):
     """infra/gpu/pool_seeds.py (seeds trained in separate project copies) gives what one several-seed flow gives."""
+    import importlib.util
     import shutil
     import subprocess
     import sys
@@ -110,17 +111,21 @@ def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path):
     mine = json.loads((pooled / "metrics/eval_intervals.json").read_text())["systems"]
     flows = json.loads((root / "metrics/eval_intervals.json").read_text())["systems"]
     assert mine == flows
-    missing = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "infra/gpu/pool_seeds.py"), "--params",
-                              str(pooled / "params.yaml"), str(tmp_path / "seed-9")], capture_output=True, text=True)
-    assert missing.returncode == 2 and "did not finish its evaluation" in missing.stderr
+    # a seed folder without its evaluation: exit status 2 and why (main() in this process: a second process
+    # start would only repeat the imports the run above already went through)
+    spec = importlib.util.spec_from_file_location("pool_seeds", Path(__file__).parents[1] / "infra/gpu/pool_seeds.py")
+    pool_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool_seeds)
+    monkeypatch.setattr(sys, "argv", ["pool_seeds.py", "--params", str(pooled / "params.yaml"), str(tmp_path / "seed-9")])
+    assert pool_seeds.main() == 2
+    assert "did not finish its evaluation" in capsys.readouterr().err
 
 
-def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path):
+def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path, capsys):
     """infra/gpu/paired.py (two systems from project copies, e.g. two profiles) gives the average paired
     difference the flow's intervals stage gives for the same systems and seeds; a system against itself is 0."""
+    import importlib.util
     import shutil
-    import subprocess
-    import sys
 
     root, _ = seeds_run
     dirs = []
@@ -130,13 +135,15 @@ def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path)
         shutil.copyfile(root / f"metrics/seed-{seed}/eval_rows.json", d / "eval_rows.json")
         dirs.append(str(d.parent))
     both = ",".join(dirs)
-    script = str(Path(__file__).parents[1] / "infra/gpu/paired.py")
+    # main() in this process, as for pool_seeds above: a second process would only repeat the imports
+    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "infra/gpu/paired.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
 
     def avg_row(a: str, b: str) -> list[str]:
-        out = subprocess.run([sys.executable, script, "--bootstrap", "200", f"{both}:{a}", f"{both}:{b}"],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return [c.strip() for c in next(ln for ln in out.stdout.splitlines() if ln.startswith("| avg |")).split("|")[2:-1]]
+        assert paired.main(["--bootstrap", "200", f"{both}:{a}", f"{both}:{b}"]) == 0
+        out = capsys.readouterr().out
+        return [c.strip() for c in next(ln for ln in out.splitlines() if ln.startswith("| avg |")).split("|")[2:-1]]
 
     flows = json.loads((root / "metrics/eval_intervals.json").read_text())["systems"]["lora-mixed"]["vs_reference"]
     for cell, metric in zip(avg_row("moa", "lora-mixed"), ("ppl", "bleu", "rougeL")):

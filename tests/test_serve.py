@@ -96,7 +96,9 @@ def test_unknown_domain_is_a_400_whose_message_names_the_known_domains(tiny_mode
     mixture = save_mixture(build_mixture(tiny_cfg, "moa", base, str(tiny_model_dir)), tmp_path / "mixture")
     mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=MoAPyfunc(), artifacts={"mixture": str(mixture)},
                              model_config={"base_path": str(tiny_model_dir), "max_new_tokens": 2, "device": "cpu"},
-                             signature=signature(2))
+                             signature=signature(2),
+                             # as tasks/register.py does: listed, so MLflow does not start a process to infer them
+                             pip_requirements=["torch", "transformers", "peft", "safetensors", "pandas"])
     client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))))
     r = client.post("/invocations", json=_split([["What is law?", "law"]], ["prompt", "domain"]))
     assert r.status_code == 400, r.text

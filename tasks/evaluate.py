@@ -30,10 +30,6 @@ SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
 ROWS_FILE = "eval_rows.json"
 
 
-def _read(ctx: StageContext, name: str) -> dict[str, Any]:
-    return read_training_metrics(ctx, name)
-
-
 def eval_progress(system: str, domains: list[str]):
     """evaluate_system's callback: `evaluate moa: finance (3/4)` in the task's log, as each domain starts."""
     log = stage_logger()
@@ -70,7 +66,7 @@ def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) ->
 def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
     """(trainable parameters, training seconds) of a system, from the training stages' metrics files."""
     doms = ctx.cfg.domain_names
-    experts = [_read(ctx, f"train_expert_{d}") for d in doms]
+    experts = [read_training_metrics(ctx, f"train_expert_{d}") for d in doms]
     if system == "base":
         return 0, 0.0
     if system == ORACLE:  # the method's own mixture, evaluated with perfect routing
@@ -78,9 +74,9 @@ def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
     if system in ("single", ARROW):  # Arrow trains nothing beyond the stage-1 experts
         return (experts[0].get("trainable_params"), sum(e.get("train_seconds", 0.0) for e in experts)) if experts[0] else (None, None)
     if system == "mixed":
-        m = _read(ctx, "train_mixed")
+        m = read_training_metrics(ctx, "train_mixed")
         return m.get("trainable_params"), m.get("train_seconds")
-    r = _read(ctx, f"train_router_{system}")
+    r = read_training_metrics(ctx, f"train_router_{system}")
     if not r:
         return None, None
     stage1 = sum(e.get("train_seconds", 0.0) for e in experts) if get_method(r["method"]).needs_experts else 0.0

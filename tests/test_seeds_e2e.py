@@ -88,34 +88,52 @@ def test_mlflow_has_per_seed_and_pooled_runs(seeds_run):
     assert client.get_metric_history(expert.info.run_id, "val/val_loss")
 
 
-def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path, monkeypatch, capsys):
-    """infra/gpu/pool_seeds.py (seeds trained in separate project copies) gives what one several-seed flow gives."""
-    import importlib.util
-    import shutil
-    import subprocess
-    import sys
+GPU_SCRIPTS = Path(__file__).parents[1] / "infra" / "gpu"
 
-    root, _ = seeds_run
+
+def _seed_copies(root: Path, tmp_path: Path) -> list[str]:
+    """Per-seed project copies holding only metrics/eval_rows.json, as `run_flow.sh seeds` leaves them."""
+    import shutil
+
     dirs = []
     for seed in (3, 4):
         d = tmp_path / f"seed-{seed}" / "metrics"
         d.mkdir(parents=True)
         shutil.copyfile(root / f"metrics/seed-{seed}/eval_rows.json", d / "eval_rows.json")
         dirs.append(str(d.parent))
+    return dirs
+
+
+def _gpu_script(name: str):
+    """infra/gpu/<name>.py as a module, to call its main() in this process: a second process would only repeat
+    the imports the seeds run already went through."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, GPU_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path, monkeypatch, capsys):
+    """infra/gpu/pool_seeds.py (seeds trained in separate project copies) gives what one several-seed flow gives."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, _ = seeds_run
+    dirs = _seed_copies(root, tmp_path)
     pooled = tmp_path / "pooled"
     pooled.mkdir()
     shutil.copyfile(root / "params.yaml", pooled / "params.yaml")
-    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "infra/gpu/pool_seeds.py"), "--profile", "seeds",
+    out = subprocess.run([sys.executable, str(GPU_SCRIPTS / "pool_seeds.py"), "--profile", "seeds",
                           "--params", str(pooled / "params.yaml"), *dirs], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     mine = json.loads((pooled / "metrics/eval_intervals.json").read_text())["systems"]
     flows = json.loads((root / "metrics/eval_intervals.json").read_text())["systems"]
     assert mine == flows
-    # a seed folder without its evaluation: exit status 2 and why (main() in this process: a second process
-    # start would only repeat the imports the run above already went through)
-    spec = importlib.util.spec_from_file_location("pool_seeds", Path(__file__).parents[1] / "infra/gpu/pool_seeds.py")
-    pool_seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pool_seeds)
+    # a seed folder without its evaluation: exit status 2 and why
+    pool_seeds = _gpu_script("pool_seeds")
     monkeypatch.setattr(sys, "argv", ["pool_seeds.py", "--params", str(pooled / "params.yaml"), str(tmp_path / "seed-9")])
     assert pool_seeds.main() == 2
     assert "did not finish its evaluation" in capsys.readouterr().err
@@ -124,21 +142,10 @@ def test_seeds_run_apart_pool_to_the_same_intervals(seeds_run, tmp_path, monkeyp
 def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path, capsys):
     """infra/gpu/paired.py (two systems from project copies, e.g. two profiles) gives the average paired
     difference the flow's intervals stage gives for the same systems and seeds; a system against itself is 0."""
-    import importlib.util
-    import shutil
-
     root, _ = seeds_run
-    dirs = []
-    for seed in (3, 4):
-        d = tmp_path / f"seed-{seed}" / "metrics"
-        d.mkdir(parents=True)
-        shutil.copyfile(root / f"metrics/seed-{seed}/eval_rows.json", d / "eval_rows.json")
-        dirs.append(str(d.parent))
+    dirs = _seed_copies(root, tmp_path)
     both = ",".join(dirs)
-    # main() in this process, as for pool_seeds above: a second process would only repeat the imports
-    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "infra/gpu/paired.py")
-    paired = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired)
+    paired = _gpu_script("paired")
 
     def avg_row(a: str, b: str) -> list[str]:
         assert paired.main(["--bootstrap", "200", f"{both}:{a}", f"{both}:{b}"]) == 0

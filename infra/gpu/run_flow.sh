@@ -317,6 +317,10 @@ run_moa() {
 # own copy of the checkout with train.seeds = [K]; their results are pooled afterwards by infra/gpu/pool_seeds.py.
 # The copies live in $STAGE/<profile>-seed-K (a composed profile "gpu,from_mixed" -> gpu_from_mixed-seed-K), so the
 # copies of another profile stay on a warm machine for a later `serve` call.
+seed_dir() {  # PROFILE K -> the copy of seed K (a composed profile "gpu,from_mixed" -> gpu_from_mixed-seed-K)
+  echo "$STAGE/${1//,/_}-seed-$2"
+}
+
 run_seeds() {
   local profile=${1:-gpu} n=${2:-3} first=${3:-0} k pids=() rc=0 wrap=() prefix
   prefix=${profile//,/_}
@@ -324,7 +328,8 @@ run_seeds() {
     wrap=(timeout --signal=INT --kill-after=15 $((TIME_LIMIT - (SECONDS - START) - 40)))
   fi
   for k in $(seq "$first" $((first + n - 1))); do
-    local dir=$STAGE/$prefix-seed-$k
+    local dir
+    dir=$(seed_dir "$profile" "$k")
     rm -rf "$dir" && mkdir -p "$dir"
     # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
     tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
@@ -347,8 +352,10 @@ open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" 
   local list
   list=$(mktemp)
   for k in $(seq "$first" $((first + n - 1))); do
-    (cd "$STAGE" && { find "$prefix-seed-$k/metrics" "$prefix-seed-$k/reports" -type f 2>/dev/null || true
-                      find "$prefix-seed-$k/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
+    local rel
+    rel=$(seed_dir "$profile" "$k") && rel=${rel#"$STAGE"/}
+    (cd "$STAGE" && { find "$rel/metrics" "$rel/reports" -type f 2>/dev/null || true
+                      find "$rel/mlruns" -maxdepth 1 -name '*.db' 2>/dev/null || true; })
   done >"$list"
   tar -czf "$OUT/results.tar.gz" -C "$STAGE" -T "$list"
   rm -f "$list"
@@ -415,7 +422,7 @@ case "$cmd" in
     run_seeds "$@" || rc=$?
     # then serve the first seed's registered @champion, if the call has the time left (the copies are gone once
     # the machine goes back, so a later `serve` call is only possible on a warm machine)
-    first=$STAGE/${1:-gpu}-seed-${3:-0} && first=${first//,/_}
+    first=$(seed_dir "${1:-gpu}" "${3:-0}")
     left=$((TIME_LIMIT > 0 ? TIME_LIMIT - (SECONDS - START) : 100000))
     if [ -f "$first/metrics/registered.json" ] && [ "$left" -gt 120 ]; then
       MOA_SERVE_WAIT=$((left - 60)) serve_champion "$first" || rc=1

@@ -144,6 +144,9 @@ class TrainConfig(_Strict):
     epochs: float | None = Field(
         None, gt=0, le=100, description="when set, every stage's step budget is epochs x its training rows / batch_size "
                                         "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")
+    min_steps: int = Field(0, ge=0, description="with epochs: every stage trains at least this many steps, so a domain "
+                                                "of a few hundred rows still gets enough updates at a large batch "
+                                                "(early stopping still ends it at its validation minimum)")
     eval_every: int = Field(0, ge=0, description="validation loss every N steps with early stopping; 0 = off")
     patience: int = Field(3, ge=1, description="early stopping: evaluations without improvement before stopping")
     min_delta: float = Field(0.0, ge=0, description="early stopping: a validation loss must beat the best by more "
@@ -162,8 +165,9 @@ class TrainConfig(_Strict):
         return list(dict.fromkeys(self.seeds)) or [self.seed]
 
     def step_budget(self, steps: int, rows: int) -> int:
-        """A stage's step count: `steps`, or `epochs` passes over its `rows` training rows when epochs is set."""
-        return max(1, math.ceil(self.epochs * rows / self.batch_size)) if self.epochs else steps
+        """A stage's step count: `steps`, or `epochs` passes over its `rows` training rows (at least `min_steps`)
+        when epochs is set."""
+        return max(1, self.min_steps, math.ceil(self.epochs * rows / self.batch_size)) if self.epochs else steps
 
 
 class RouterConfig(_Strict):

@@ -35,7 +35,7 @@ RECORD_FORMAT = 1
 # (train.num_threads, parallel_jobs, log_every, checkpoint_every) change no output and appear nowhere.
 _TRAINING = ("train.max_length", "train.batch_size", "train.lr", "train.weight_decay", "train.warmup_fraction",
              "train.grad_clip", "train.seed", "train.precision", "train.epochs", "train.eval_every",
-             "train.patience", "train.val_rows")
+             "train.patience", "train.val_rows", "train.min_delta", "train.min_steps")
 
 # The params.yaml keys (a section, or a dotted key inside one) each stage reads. dvc.yaml lists exactly these as
 # the stage's `params` (tests/test_incremental.py holds the two together), so the flow and `dvc repro` re-run a

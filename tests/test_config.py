@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT, tiny_raw_params
 from moa_core.base_model import BaseModelError, resolve_base_path
-from moa_core.config import BaseModelConfig, ConfigError, load_config, parse_config
+from moa_core.config import BaseModelConfig, ConfigError, TrainConfig, load_config, parse_config
 
 
 def _raw() -> dict:
@@ -135,3 +135,11 @@ def test_a_profile_does_not_hide_a_bad_base_value():
     assert "batch_size" in raw["profiles"]["quick"]["train"]
     with pytest.raises(ConfigError, match=r"train\.batch_size.*four"):
         parse_config(raw, "params.yaml", profile="quick")
+
+
+def test_epoch_budget_has_a_floor_of_min_steps():
+    t = TrainConfig(batch_size=64, epochs=3.0, min_steps=48)
+    assert t.step_budget(999, 131) == 48  # 3 epochs of HumanEval's 131 rows at batch 64 are 7 steps: the floor wins
+    assert t.step_budget(999, 13_160) == 617  # a large domain: epochs decide
+    assert TrainConfig(batch_size=64, epochs=3.0).step_budget(999, 131) == 7
+    assert TrainConfig(batch_size=64, min_steps=48).step_budget(10, 131) == 10  # without epochs: the stage's own steps

@@ -16,7 +16,8 @@
 #                                                        assemble the GGUF, run `moa run --profile PROFILE ARGS...`
 #   bash infra/gpu/run_flow.sh seeds [PROFILE] [N] [FIRST]  N flows side by side on the GPU, one per seed (train.seeds
 #                                                        = [k], k = FIRST..FIRST+N-1, FIRST defaults to 0), in copies
-#                                                        of the checkout; pool: infra/gpu/pool_seeds.py
+#                                                        of the checkout; pool: infra/gpu/pool_seeds.py. MOA_RESUME=1:
+#                                                        continue the copies an earlier call stopped at its time limit
 #   bash infra/gpu/run_flow.sh serve DIR                 serve DIR's @champion with `mlflow models serve` and ask it
 #                                                        (DIR: a project path, or a seeds copy's name like gpu-seed-0)
 #   bash infra/gpu/run_flow.sh local [PROFILE] [ARGS...] the same run with this interpreter's own packages (no kit)
@@ -324,12 +325,23 @@ seed_dir() {  # PROFILE K -> the copy of seed K (a composed profile "gpu,from_mi
 run_seeds() {
   local profile=${1:-gpu} n=${2:-3} first=${3:-0} k pids=() rc=0 wrap=() prefix
   prefix=${profile//,/_}
+  # three flows on one GPU: let each process return the cached blocks its odd-length batches leave behind
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   if [ "$TIME_LIMIT" -gt 0 ]; then
     wrap=(timeout --signal=INT --kill-after=15 $((TIME_LIMIT - (SECONDS - START) - 40)))
   fi
   for k in $(seq "$first" $((first + n - 1))); do
     local dir
     dir=$(seed_dir "$profile" "$k")
+    if [ "${MOA_RESUME:-0}" = 1 ] && [ -f "$dir/params.yaml" ]; then
+      # a flow stopped at an earlier call's time limit: the same copy again, so finished stages are skipped
+      # (their records in .moa/stages) and the interrupted one resumes from its checkpoint
+      ( cd "$dir" && export PREFECT_HOME=$dir/.prefect PYTHONPATH=$dir:$SITE:$DATA &&
+        ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >>"$OUT/run-$prefix-seed$k.log" 2>&1 ) &
+      pids+=($!)
+      say "seed $k: flow resumed in $dir (log run-$prefix-seed$k.log)"
+      continue
+    fi
     rm -rf "$dir" && mkdir -p "$dir"
     # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
     tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \

@@ -122,6 +122,8 @@ def _evaluate_system(
             row_stats.routed_ok = [float(e == dom_idx) for e in experts]
         enc = [encode(tokenizer, r, max_len) for r in records]
         for i in range(0, len(enc), ev.batch_size):
+            # a domain of every test row takes minutes on a GPU: a stop request is honoured between batches
+            raise_if_stop_requested(f"evaluation stopped in domain {name!r} (perplexity)")
             b = _on(mm, collate(enc[i:i + ev.batch_size], tokenizer.pad_token_id,
                                 None if experts is None else experts[i:i + ev.batch_size]))
             out = mm(b["input_ids"], b["attention_mask"], expert=b.get("expert"), adapters_off=off,
@@ -133,6 +135,7 @@ def _evaluate_system(
         k = min(ev.max_samples or len(records), len(records))
         preds: list[str] = []
         for i in range(0, k, ev.batch_size):
+            raise_if_stop_requested(f"evaluation stopped in domain {name!r} (generation)")
             j = min(k, i + ev.batch_size)
             b = _on(mm, collate([{"input_ids": p} for p in prompts[i:j]], tokenizer.pad_token_id, left_pad=True))
             expert = None if experts is None else torch.tensor(experts[i:j], device=b["input_ids"].device)

@@ -3,7 +3,7 @@ job to stop at its next step boundary instead of killing it mid-step or waiting 
 
 The signal handler only sets a flag (`request_stop`); `train_loop` polls it once per step, writes a checkpoint
 and raises `StopRequested`, which ends the stage, the flow run and the command; the next run resumes from the
-checkpoint. Evaluation polls it per domain. Stdlib only, like the rest of `moa_core`'s plumbing.
+checkpoint. Evaluation polls it before every batch. Stdlib only, like the rest of `moa_core`'s plumbing.
 """
 
 from __future__ import annotations

@@ -174,3 +174,22 @@ def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(tmp_path: P
         assert _port_free(mlflow_port) and _port_free(prefect_port)
     finally:
         ui.stop()
+
+
+def test_evaluation_stops_between_batches_not_only_between_domains(tiny_base, tiny_tok, tiny_cfg):
+    """Every test row of a large domain takes minutes on a GPU: a stop asked for inside a domain ends the
+    evaluation at its next batch, not after the whole domain (the run would be killed before that)."""
+    from conftest import toy_records
+    from moa_core.evaluate import evaluate_system
+    from moa_core.methods import build_mixture
+    from moa_core.stopping import StopRequested, clear_stop, request_stop
+
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    test = {name: recs for name, recs in zip(tiny_cfg.domain_names, toy_records(len(tiny_cfg.domain_names), 4))}
+    first = next(iter(test))
+    cfg = tiny_cfg.model_copy(update={"evaluate": tiny_cfg.evaluate.model_copy(update={"batch_size": 1})})
+    try:  # the stop arrives once the first domain has begun
+        with pytest.raises(StopRequested, match=f"in domain '{first}'"):
+            evaluate_system(mm, tiny_tok, test, cfg, 0, progress=lambda name: request_stop())
+    finally:
+        clear_stop()

@@ -35,7 +35,12 @@ def main() -> int:
         if not rows.exists():
             print(f"{rows} is missing: that seed's flow did not finish its evaluation", file=sys.stderr)
             return 2
-        seeds.append(int(d.name.rsplit("-", 1)[-1]))
+        name = d.resolve().name  # "gpu-seed-2", also when given as gpu-seed-2/ or gpu-seed-2/metrics/..
+        if not name.rsplit("-", 1)[-1].isdigit():
+            print(f"{d}: the folder name must end in -<seed>, as run_flow.sh seeds names its copies (gpu-seed-0)",
+                  file=sys.stderr)
+            return 2
+        seeds.append(int(name.rsplit("-", 1)[-1]))
     ctx = StageContext.load(args.params, args.profile)
     cfg = ctx.cfg.model_copy(update={"train": ctx.cfg.train.model_copy(update={"seeds": seeds})})
     ctx = dataclasses.replace(ctx, cfg=cfg)

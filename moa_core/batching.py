@@ -114,6 +114,38 @@ def balanced_batches(
         step += 1
 
 
+def natural_batches(
+    encoded: Sequence[Sequence[dict[str, list[int]]]], batch_size: int, seed: int, pad_id: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, Tensor]]:
+    """Endless batches from the pooled rows of every domain, reshuffled each epoch: each domain appears in
+    proportion to its size (one LoRA trained on the concatenated data, LLaMA-Factory's `mix_strategy: concat`).
+    Deterministic in (seed, step) like `balanced_batches`, and with one domain the very same batches."""
+    if not encoded or any(len(d) == 0 for d in encoded):
+        raise ValueError("every domain needs at least one training example")
+    rng = random.Random(seed)
+    pool = [(k, i) for k, d in enumerate(encoded) for i in range(len(d))]
+    order = list(range(len(pool)))
+    pos = len(order)  # force a shuffle on first use
+    step = 0
+    while True:
+        rows, experts = [], []
+        for _ in range(batch_size):
+            if pos >= len(order):
+                rng.shuffle(order)
+                pos = 0
+            k, i = pool[order[pos]]
+            rows.append(encoded[k][i])
+            experts.append(k)
+            pos += 1
+        if step >= start_step:
+            yield collate(rows, pad_id, experts)
+        step += 1
+
+
+BATCHES = {"balanced": balanced_batches, "natural": natural_batches}  # train.mixed_sampling -> batch source
+
+
 def fixed_batches(encoded: Sequence[dict[str, list[int]]], experts: Sequence[int], batch_size: int, pad_id: int,
                   left_pad: bool = False) -> Iterator[dict[str, Tensor]]:
     """Evaluation batches in the given order (no shuffling, no repetition)."""

@@ -141,6 +141,10 @@ class TrainConfig(_Strict):
     experts_from: Literal["base", "mixed"] = Field(
         "base", description="stage-1 experts start from fresh LoRA weights (base) or from the trained LoRA-mixed "
                             "adapter, then specialise on their domain (mixed; the experts then wait for train_mixed)")
+    mixed_sampling: Literal["balanced", "natural"] = Field(
+        "balanced", description="how the LoRA-mixed baseline draws its batches: balanced (every domain equally "
+                                "often, as MoA's stage 2) or natural (the pooled rows, each domain in proportion "
+                                "to its size)")
     epochs: float | None = Field(
         None, gt=0, le=100, description="when set, every stage's step budget is epochs x its training rows / batch_size "
                                         "(replaces expert_steps, mixed_steps, joint_steps, modula.universal_steps)")

@@ -43,7 +43,7 @@ _TRAINING = ("train.max_length", "train.batch_size", "train.lr", "train.weight_d
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "curate": ("curate",),
     "train_expert": ("base_model", "lora", *_TRAINING, "train.expert_steps", "train.experts_from"),
-    "train_mixed": ("base_model", "lora", *_TRAINING, "train.mixed_steps"),
+    "train_mixed": ("base_model", "lora", *_TRAINING, "train.mixed_steps", "train.mixed_sampling"),
     "train_router": ("method", "base_model", "lora", *_TRAINING, "train.expert_steps", "train.joint_steps",
                      "train.joint_lr", "router", "mosld", "modula", "evaluate.baselines", "evaluate.compare_methods"),
     "evaluate": ("method", "evaluate", "train.max_length", "train.precision"),

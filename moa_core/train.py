@@ -26,7 +26,7 @@ from peft import get_peft_model
 from torch import Tensor, nn
 
 from .atomic import atomic_dir_write, atomic_write
-from .batching import autocast, balanced_batches, encode, fixed_batches, to_device
+from .batching import BATCHES, autocast, balanced_batches, encode, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .incremental import sort_adapter_config
@@ -288,7 +288,7 @@ def train_peft_lora(
     dp: DataParallel | None = None, val_by_domain: list[list[Any]] | None = None, init_from: Path | None = None,
 ) -> TrainResult:
     """One PEFT LoRA on the given domains' records (one domain = a stage-1 expert; all = LoRA-mixed),
-    batches balanced across domains. Saves adapter_model.safetensors + adapter_config.json atomically
+    batches drawn as `train.mixed_sampling` says (balanced across domains, or natural; one domain: the same). Saves adapter_model.safetensors + adapter_config.json atomically
     (rank 0 only when `dp` spreads the batches over several processes). `steps` is replaced by
     `train.epochs` when set; `val_by_domain` (same domains) enables early stopping when `train.eval_every` > 0.
     `init_from`: a trained adapter (same lora settings) whose weights the LoRA starts from (train.experts_from: mixed)."""
@@ -320,6 +320,7 @@ def train_peft_lora(
                       num_items_in_batch=b.get(LM_TOKENS)).loss, {}
 
     val = _val_encoded(tokenizer, val_by_domain, cfg)
+    batches = BATCHES[cfg.train.mixed_sampling]
 
     def validate() -> float:
         def nll(b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -329,7 +330,7 @@ def train_peft_lora(
             return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, device)  # type: ignore[arg-type]
 
     result = train_loop(
-        params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
+        params, lambda s: batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
         step_fn, steps, cfg.train.lr, cfg.train, ckpt_dir, on_log, fingerprint, dp=dp,
         validate=validate if val else None,
     )

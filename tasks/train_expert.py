@@ -89,7 +89,7 @@ def run_train_expert(ctx: StageContext, domain: str) -> dict[str, Any]:
 
 
 def run_train_mixed(ctx: StageContext) -> dict[str, Any]:
-    """The LoRA-mixed baseline: one LoRA on all domains (balanced batches) -> models/mixed/."""
+    """The LoRA-mixed baseline: one LoRA on all domains (batches as train.mixed_sampling says) -> models/mixed/."""
     lay = ctx.layout
     return _train(ctx, ctx.cfg.domain_names, ctx.cfg.train.mixed_steps, lay.mixed, lay.checkpoints / "mixed",
                   "train_mixed", "train_mixed")

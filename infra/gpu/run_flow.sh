@@ -20,6 +20,7 @@
 #                                                        continue the copies an earlier call stopped at its time limit
 #   bash infra/gpu/run_flow.sh serve DIR                 serve DIR's @champion with `mlflow models serve` and ask it
 #                                                        (DIR: a project path, or a seeds copy's name like gpu-seed-0)
+#   bash infra/gpu/run_flow.sh exec CMD [ARGS...]        stage, check and assemble as `run` does, then run CMD with the kit
 #   bash infra/gpu/run_flow.sh local [PROFILE] [ARGS...] the same run with this interpreter's own packages (no kit)
 #
 # PROFILE defaults to gpu; `default` runs params.yaml without a profile.
@@ -442,6 +443,15 @@ case "$cmd" in
       say "no serve check: $first has no registered model, or only $left s are left"
     fi
     exit $rc
+    ;;
+  exec)
+    # any command with the kit staged and on PYTHONPATH (e.g. bench/mixed_sampling_probe.py in seed folders)
+    stage_pieces
+    assemble
+    kit_path
+    write_env
+    require_gpu
+    "$@"
     ;;
   local)
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}

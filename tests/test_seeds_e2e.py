@@ -157,3 +157,35 @@ def test_paired_across_runs_equals_the_flows_paired_verdict(seeds_run, tmp_path,
         d = flows[metric]
         assert cell == f"{d['value']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}", (metric, cell, d)
     assert avg_row("moa", "moa") == ["+0.00 [+0.00, +0.00] within noise"] * 3
+
+
+def test_mixed_probe_compares_like_paired(seeds_run, tmp_path, capsys):
+    """bench/mixed_sampling_probe.py compare: a probe holding the flow's own lora-mixed rows gives the PPL
+    difference paired.py gives for moa against lora-mixed; probe rows of another test split are refused."""
+    import importlib.util
+
+    root, _ = seeds_run
+    dirs = _seed_copies(root, tmp_path)
+    probes = []
+    for d in dirs:
+        rows = json.loads((Path(d) / "metrics/eval_rows.json").read_text())["lora-mixed"]
+        probe = Path(d + "-probe") / "metrics"
+        probe.mkdir(parents=True)
+        (probe / "mixed_probe.json").write_text(json.dumps(
+            {"rows": {dom: {"nll": r["nll"], "tokens": r["tokens"]} for dom, r in rows.items()}}))
+        probes.append(str(probe.parent))
+    spec = importlib.util.spec_from_file_location("probe", Path(__file__).parents[1] / "bench" / "mixed_sampling_probe.py")
+    probe_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_mod)
+    assert probe_mod.main(["compare", ",".join(probes), f"{','.join(dirs)}:moa", "--bootstrap", "200"]) == 0
+    mine = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| avg |")).split("|")[2].strip()
+    assert _gpu_script("paired").main(["--bootstrap", "200", f"{','.join(dirs)}:moa", f"{','.join(dirs)}:lora-mixed"]) == 0
+    theirs = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| avg |")).split("|")[2].strip()
+    assert mine == theirs
+    short = Path(probes[0]) / "metrics/mixed_probe.json"
+    data = json.loads(short.read_text())
+    first = next(iter(data["rows"]))
+    data["rows"][first] = {k: v[:-1] for k, v in data["rows"][first].items()}
+    short.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="different test rows"):
+        probe_mod.main(["compare", ",".join(probes), f"{','.join(dirs)}:moa"])

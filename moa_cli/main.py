@@ -68,7 +68,7 @@ LOCK_HELD_ENV = "MOA_PROJECT_LOCK_HELD"  # set by the torchrun launcher, which k
 def _stage_ctx(params: Path, stage: str, ctx=None):
     """_ctx + the project lock, held until this `moa stage` process exits (a DVC stage is one process).
     torchrun ranks started by `--nproc-per-node` run under the launcher's lock; started by hand, rank 0 takes it."""
-    from moa_core.distributed import is_main_process
+    from moa_core.ranks import is_main_process
     from tasks.common import project_lock
 
     ctx = ctx or _ctx(params)
@@ -115,7 +115,7 @@ def _torchrun(ctx, stage: str, nproc: int) -> None:
 
 
 def _print_result(result: dict) -> None:
-    from moa_core.distributed import is_main_process
+    from moa_core.ranks import is_main_process
 
     if is_main_process():  # torchrun's helper ranks have nothing to report
         console.print_json(json.dumps(result))
@@ -371,7 +371,7 @@ def stage_curate(domain: str, params: Params = Path("params.yaml")) -> None:
 def _train_ctx(params: Path, stage: str, nproc: int, side_by_side: bool = False):
     """side_by_side: the stage runs beside its peers (one expert per domain), so it takes its share of the
     cores (train.parallel_jobs); torchrun ranks also split them."""
-    from moa_core.distributed import launched_by_torchrun
+    from moa_core.ranks import launched_by_torchrun
     from tasks.common import set_torch_threads
 
     ctx = _ctx(params)

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from .ranks import is_main_process, launched_by_torchrun  # noqa: F401  (torch-free, for the CLI)
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -74,15 +76,6 @@ def check_sums_loss(model: nn.Module) -> None:
     if not accepts:
         raise ValueError(f"{type(model).__name__}.forward takes no loss keywords (num_items_in_batch), so its loss "
                          "cannot be scaled for data-parallel training; train it in one process")
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun group, or a process running alone (before the group is joined, from the env)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init_from_env(backend: str | None = None) -> DataParallel | None:

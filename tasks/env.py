@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from moa_core.config import MoAConfig
@@ -31,10 +32,18 @@ def configure_env(root: Path) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Prefect's embedded server gets 20 s to start by default: not enough on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from transformers.utils import logging as hf_logging
+    # one "Loading weights" bar per model load drowns the stage logs; transformers' warnings too
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load drowns the stage logs
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    else:
+        # the same settings as the variables transformers and huggingface_hub read at import: importing
+        # transformers here only to set them costs ~1 s at start-up of every command, also those that never load
+        # a model (moa validate, moa stage curate). Overridden, not defaulted, as the calls above override.
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 

@@ -7,21 +7,23 @@ import json
 import math
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import mlflow
 
-from moa_core import metrics
 from moa_core.atomic import atomic_write_json, atomic_write_text
-from moa_core.base_model import load_base
-from moa_core.evaluate import EvalRouting, SystemEval, evaluate_system, learned_routing
 from moa_core.methods import experts_side_by_side, get_method, planned_mixtures
-from moa_core.model import load_mixture
 from moa_core.stats import METRICS as STAT_METRICS
 from moa_core.stats import RowStats, compare_systems, interval_table_markdown
 
 from .common import TORCH_LOCK, StageContext, read_training_metrics, stage_logger, stage_run
-from .comparison_rows import ARROW, ORACLE, ORACLE_FILE, oracle_comparison, oracle_label, routing_rows
-from .fallback_eval import FALLBACK_FILE, fallback_markdown, run_fallback_eval
 from .incremental import FINGERPRINT_TAG, fingerprint_stage, record_success, skip_if_unchanged
+
+# The evaluate stage's model code (torch, the base model, the mixtures: ~4 s at start-up) is imported in the functions
+# that evaluate: `moa stage intervals` only pools the rows files, with numpy. The modules hold no transformers
+# lazy-attribute access at import, so a first import in a flow's task thread is safe (cf. moa_core/base_model.py).
+if TYPE_CHECKING:
+    from moa_core.evaluate import SystemEval
 
 # Row names of the table and keys of metrics/eval.json (the single-LoRA row is an oracle: label known).
 SYSTEM_LABELS = {"base": "base", "single": "single-lora", "mixed": "lora-mixed"}
@@ -39,6 +41,9 @@ def eval_progress(system: str, domains: list[str]):
 def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, SystemEval]:
     """base, single-lora and lora-mixed share one model: the stage-1 experts, plus the mixed LoRA as one
     more expert, on one copy of the base (the base row switches the adapters off)."""
+    from moa_core.base_model import load_base
+    from moa_core.evaluate import EvalRouting, evaluate_system
+
     wanted = set(ctx.cfg.evaluate.baselines)
     out: dict[str, SystemEval] = {}
     if not wanted & {"base", "single", "mixed"}:
@@ -58,6 +63,10 @@ def _baselines(ctx: StageContext, test: dict[str, list[Any]]) -> dict[str, Syste
 
 
 def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) -> SystemEval:
+    from moa_core.base_model import load_base
+    from moa_core.evaluate import evaluate_system, learned_routing
+    from moa_core.model import load_mixture
+
     base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
     mm = load_mixture(base, ctx.layout.mixture(name))
     return evaluate_system(mm, tok, test, ctx.cfg, learned_routing(mm.spec), eval_progress(name, list(test)))
@@ -65,6 +74,8 @@ def _mixture_system(ctx: StageContext, name: str, test: dict[str, list[Any]]) ->
 
 def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
     """(trainable parameters, training seconds) of a system, from the training stages' metrics files."""
+    from .comparison_rows import ARROW, ORACLE
+
     doms = ctx.cfg.domain_names
     experts = [read_training_metrics(ctx, f"train_expert_{d}") for d in doms]
     if system == "base":
@@ -85,6 +96,10 @@ def _costs(ctx: StageContext, system: str) -> tuple[int | None, float | None]:
 
 
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
+    from moa_core import metrics
+
+    from .comparison_rows import ARROW, ORACLE, ORACLE_FILE, oracle_comparison, oracle_label, routing_rows
+    from .fallback_eval import FALLBACK_FILE, fallback_markdown, run_fallback_eval
     from .plots import confusion_heatmap, metric_bars
 
     lay, doms = ctx.layout, ctx.cfg.domain_names

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from moa_core.base_model import resolve_base_path
 from moa_core.config import BaseModelConfig
 from moa_core.incremental import (
     SKIPPED, STAGE_KEYS, base_model_identity, is_unchanged, make_record, path_digest, read_record, record_path,
@@ -29,6 +28,10 @@ _BASE_RESOLVE_LOCK = threading.Lock()
 
 
 def _base_identity(base: BaseModelConfig, root: Path) -> str:
+    # imported here: moa_core.base_model imports torch and transformers (~3 s at start-up), which the stages that
+    # do not fingerprint the base model (curate, intervals) never need. In the flow it is already imported.
+    from moa_core.base_model import resolve_base_path
+
     with _BASE_RESOLVE_LOCK:
         path, model_id = resolve_base_path(base, root)
     return f"{model_id}:{base_model_identity(path)}"

@@ -83,6 +83,31 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int, experts: Sequ
     return batch
 
 
+def _reshuffled(n: int, rng: random.Random) -> Iterator[int]:
+    """0..n-1 forever, in a fresh order from `rng` each epoch (shuffled in place, first when first drawn)."""
+    order = list(range(n))
+    while True:
+        rng.shuffle(order)
+        yield from order
+
+
+def _collated(draws: Iterator[tuple[int, dict[str, list[int]]]], batch_size: int, pad_id: int,
+              start_step: int) -> Iterator[dict[str, Tensor]]:
+    """Batches of `batch_size` (domain, example) draws; those before `start_step` are drawn and dropped, so a
+    resumed run sees the batches an uninterrupted run would have seen."""
+    step = 0
+    while True:
+        drawn = [next(draws) for _ in range(batch_size)]
+        if step >= start_step:
+            yield collate([row for _, row in drawn], pad_id, [k for k, _ in drawn])
+        step += 1
+
+
+def _check_domains(encoded: Sequence[Sequence[Any]]) -> None:
+    if not encoded or any(len(d) == 0 for d in encoded):
+        raise ValueError("every domain needs at least one training example")
+
+
 def balanced_batches(
     encoded: Sequence[Sequence[dict[str, list[int]]]], batch_size: int, seed: int, pad_id: int,
     start_step: int = 0,
@@ -91,27 +116,16 @@ def balanced_batches(
     domains round-robin (so every domain is equally represented however large it is), each domain's
     examples in a reshuffled order per epoch. Deterministic in (seed, step): a resumed run at
     `start_step` sees the batches an uninterrupted run would have seen."""
-    if not encoded or any(len(d) == 0 for d in encoded):
-        raise ValueError("every domain needs at least one training example")
+    _check_domains(encoded)
     rng = random.Random(seed)
-    orders = [list(range(len(d))) for d in encoded]
-    pos = [len(o) for o in orders]  # force a shuffle on first use
-    turn = 0
-    step = 0
-    while True:
-        rows, experts = [], []
-        for _ in range(batch_size):
-            k = turn % len(encoded)
-            turn += 1
-            if pos[k] >= len(orders[k]):
-                rng.shuffle(orders[k])
-                pos[k] = 0
-            rows.append(encoded[k][orders[k][pos[k]]])
-            experts.append(k)
-            pos[k] += 1
-        if step >= start_step:
-            yield collate(rows, pad_id, experts)
-        step += 1
+    orders = [_reshuffled(len(d), rng) for d in encoded]
+
+    def draws() -> Iterator[tuple[int, dict[str, list[int]]]]:
+        while True:
+            for k, d in enumerate(encoded):
+                yield k, d[next(orders[k])]
+
+    return _collated(draws(), batch_size, pad_id, start_step)
 
 
 def natural_batches(
@@ -121,26 +135,9 @@ def natural_batches(
     """Endless batches from the pooled rows of every domain, reshuffled each epoch: each domain appears in
     proportion to its size (one LoRA trained on the concatenated data, LLaMA-Factory's `mix_strategy: concat`).
     Deterministic in (seed, step) like `balanced_batches`, and with one domain the very same batches."""
-    if not encoded or any(len(d) == 0 for d in encoded):
-        raise ValueError("every domain needs at least one training example")
-    rng = random.Random(seed)
-    pool = [(k, i) for k, d in enumerate(encoded) for i in range(len(d))]
-    order = list(range(len(pool)))
-    pos = len(order)  # force a shuffle on first use
-    step = 0
-    while True:
-        rows, experts = [], []
-        for _ in range(batch_size):
-            if pos >= len(order):
-                rng.shuffle(order)
-                pos = 0
-            k, i = pool[order[pos]]
-            rows.append(encoded[k][i])
-            experts.append(k)
-            pos += 1
-        if step >= start_step:
-            yield collate(rows, pad_id, experts)
-        step += 1
+    _check_domains(encoded)
+    pool = [(k, row) for k, d in enumerate(encoded) for row in d]
+    return _collated((pool[i] for i in _reshuffled(len(pool), random.Random(seed))), batch_size, pad_id, start_step)
 
 
 BATCHES = {"balanced": balanced_batches, "natural": natural_batches}  # train.mixed_sampling -> batch source

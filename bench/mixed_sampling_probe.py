@@ -25,8 +25,6 @@ PROBE_FILE = "mixed_probe.json"
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from moa_core.base_model import load_base
     from moa_core.evaluate import evaluate_system
     from moa_core.methods.moa import experts_side_by_side
@@ -48,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     base, tok, model_id = load_base(cfg.base_model, ctx.root)
     mm = experts_side_by_side(cfg, base, model_id, [ctx.layout.mixed])
     test = ctx.splits("test")
-    with torch.no_grad():
-        ev = evaluate_system(mm, tok, test, cfg, 0)
+    ev = evaluate_system(mm, tok, test, cfg, 0)  # no autograd, the flow's autocast: evaluate_system's own
     out = {"profile": args.profile, "seed": args.seed, "mixed_sampling": cfg.train.mixed_sampling,
            "train": {k: v for k, v in train.items() if isinstance(v, int | float | str)}, "seconds_to_trained": trained_s,
            "ppl": {d: v["ppl"] for d, v in ev.per_domain.items()},

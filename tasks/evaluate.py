@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 

@@ -334,31 +334,29 @@ run_seeds() {
   for k in $(seq "$first" $((first + n - 1))); do
     local dir
     dir=$(seed_dir "$profile" "$k")
+    local how=started
     if [ "${MOA_RESUME:-0}" = 1 ] && [ -f "$dir/params.yaml" ]; then
       # a flow stopped at an earlier call's time limit: the same copy again, so finished stages are skipped
       # (their records in .moa/stages) and the interrupted one resumes from its checkpoint
-      ( cd "$dir" && export PREFECT_HOME=$dir/.prefect PYTHONPATH=$dir:$SITE:$DATA &&
-        ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >>"$OUT/run-$prefix-seed$k.log" 2>&1 ) &
-      pids+=($!)
-      say "seed $k: flow resumed in $dir (log run-$prefix-seed$k.log)"
-      continue
-    fi
-    rm -rf "$dir" && mkdir -p "$dir"
-    # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
-    tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
-        --exclude=./metrics --exclude=./reports --exclude=./.whl --exclude=./.gg1 --exclude=./.gg2 --exclude=./.gpu \
-        --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out --exclude=./.moa -cf - . | tar -C "$dir" -xf -
-    # the seed goes into the last profile named: profiles merge in order, so it wins
-    "$PYTHON" -c 'import sys, yaml
+      how=resumed
+    else
+      rm -rf "$dir" && mkdir -p "$dir" && : >"$OUT/run-$prefix-seed$k.log"
+      # the code and params only: no outputs, kit pieces or git metadata (the device's copy may have no .git)
+      tar -C "$ROOT" --exclude=./.git --exclude=./models --exclude=./mlruns --exclude=./.prefect --exclude=./data \
+          --exclude=./metrics --exclude=./reports --exclude=./.whl --exclude=./.gg1 --exclude=./.gg2 --exclude=./.gpu \
+          --exclude=./.wt18 --exclude=./.venv --exclude=./gpu-out --exclude=./.moa -cf - . | tar -C "$dir" -xf -
+      # the seed goes into the last profile named: profiles merge in order, so it wins
+      "$PYTHON" -c 'import sys, yaml
 path, profile, seed = sys.argv[1], sys.argv[2].split(",")[-1], int(sys.argv[3])
 raw = yaml.safe_load(open(path))
 train = raw["profiles"][profile].setdefault("train", {})
 train["seeds"], train["num_threads"] = [seed], 2
 open(path, "w").write(yaml.safe_dump(raw, sort_keys=False))' "$dir/params.yaml" "$profile" "$k"
+    fi
     ( cd "$dir" && export PREFECT_HOME=$dir/.prefect PYTHONPATH=$dir:$SITE:$DATA &&
-      ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >"$OUT/run-$prefix-seed$k.log" 2>&1 ) &
+      ${wrap[@]+"${wrap[@]}"} "$PYTHON" -m moa_cli.main run --profile "$profile" >>"$OUT/run-$prefix-seed$k.log" 2>&1 ) &
     pids+=($!)
-    say "seed $k: flow started in $dir (log run-$prefix-seed$k.log)"
+    say "seed $k: flow $how in $dir (log run-$prefix-seed$k.log)"
   done
   for k in "${!pids[@]}"; do wait "${pids[$k]}" || { say "seed $k exited with an error"; rc=1; }; done
   mkdir -p "$OUT"

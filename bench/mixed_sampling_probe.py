@@ -2,12 +2,16 @@
 MLflow), then perplexity on every test row through the evaluation's own code. Written to <project>/metrics/
 mixed_probe.json, with per-row statistics that `compare` pairs against a full flow's system on the same rows.
 
-It answers one question cheaply (no experts, no stage 2, no generation): how good is lora-mixed under another
-sampling (`--profile gpu,natural_mix`) than the flow's run used? Run it in an empty project folder holding a
-params.yaml (the code on PYTHONPATH), as `run_flow.sh seeds` does for whole flows:
+It answers one question cheaply (no experts, no stage 2): how good is lora-mixed under another sampling
+(`--profile gpu,natural_mix`) than the flow's run used? Run it in an empty project folder holding a params.yaml
+(the code on PYTHONPATH), as `run_flow.sh seeds` does for whole flows:
 
     python bench/mixed_sampling_probe.py run --params DIR/params.yaml --profile gpu,natural_mix --seed 0
     python bench/mixed_sampling_probe.py compare PROBE_DIR[,PROBE_DIR...] FLOW_DIR[,FLOW_DIR...]:moa
+
+With `--generate` it also generates on the rows the profile's `evaluate.max_samples` allows (every row for
+`gpu`) and writes metrics/eval_rows.json as the flow's evaluate does (system `lora-mixed`), so that
+`infra/gpu/paired.py FLOW_DIR...:moa PROBE_DIR...:lora-mixed` pairs PPL, BLEU and ROUGE-L.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from moa_core.methods.moa import experts_side_by_side
     from tasks.common import StageContext, configure_env
     from tasks.curate import run_curate
+    from tasks.evaluate import ROWS_FILE, SYSTEM_LABELS
     from tasks.train_expert import run_train_mixed
 
     ctx = StageContext.load(args.params, args.profile)
-    cfg = ctx.cfg.model_copy(update={
-        "train": ctx.cfg.train.model_copy(update={"seeds": [args.seed], "seed": args.seed}),
-        "evaluate": ctx.cfg.evaluate.model_copy(update={"max_samples": 1})})  # perplexity on every row; 1 generation
+    update = {"train": ctx.cfg.train.model_copy(update={"seeds": [args.seed], "seed": args.seed})}
+    if not args.generate:  # perplexity on every row, 1 generation
+        update["evaluate"] = ctx.cfg.evaluate.model_copy(update={"max_samples": 1})
+    cfg = ctx.cfg.model_copy(update=update)
     ctx = dataclasses.replace(ctx, cfg=cfg).for_seed(args.seed)
     configure_env(ctx.root)
     t0 = time.perf_counter()
@@ -51,9 +57,14 @@ def run(args: argparse.Namespace) -> int:
            "train": {k: v for k, v in train.items() if isinstance(v, int | float | str)}, "seconds_to_trained": trained_s,
            "ppl": {d: v["ppl"] for d, v in ev.per_domain.items()},
            "rows": {d: {"nll": r.nll, "tokens": r.tokens} for d, r in ev.rows.items()}}
+    if args.generate:
+        out["per_domain"] = ev.per_domain
     path = ctx.layout.metrics / PROBE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
+    if args.generate:  # the flow's per-row file, for infra/gpu/paired.py
+        rows = {SYSTEM_LABELS["mixed"]: {d: r.to_json() for d, r in ev.rows.items()}}
+        (ctx.layout.metrics / ROWS_FILE).write_text(json.dumps(rows))
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
     return 0
 
@@ -91,6 +102,8 @@ def main(argv: list[str]) -> int:
     r.add_argument("--params", type=Path, required=True)
     r.add_argument("--profile", default="gpu,natural_mix")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--generate", action="store_true",
+                   help="also generate (as many rows as evaluate.max_samples) and write metrics/eval_rows.json")
     c = sub.add_parser("compare", help="paired PPL: a flow's system against the probe's lora-mixed")
     c.add_argument("probe_dirs")
     c.add_argument("flow", help="FLOW_DIR[,FLOW_DIR...]:SYSTEM, one folder per seed in the probes' order")

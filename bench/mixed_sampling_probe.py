@@ -3,10 +3,10 @@ MLflow), then perplexity on every test row through the evaluation's own code. Wr
 mixed_probe.json, with per-row statistics that `compare` pairs against a full flow's system on the same rows.
 
 It answers one question cheaply (no experts, no stage 2): how good is lora-mixed under another sampling
-(`--profile gpu,natural_mix`) than the flow's run used? Run it in an empty project folder holding a params.yaml
+(e.g. `--profile gpu,balanced_mix` against `gpu`) than a flow's run used? Run it in an empty project folder holding a params.yaml
 (the code on PYTHONPATH), as `run_flow.sh seeds` does for whole flows:
 
-    python bench/mixed_sampling_probe.py run --params DIR/params.yaml --profile gpu,natural_mix --seed 0
+    python bench/mixed_sampling_probe.py run --params DIR/params.yaml --profile gpu --seed 0
     python bench/mixed_sampling_probe.py compare PROBE_DIR[,PROBE_DIR...] FLOW_DIR[,FLOW_DIR...]:moa
 
 With `--generate` it also generates on the rows the profile's `evaluate.max_samples` allows (every row for
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="curate, train lora-mixed, perplexity on every test row")
     r.add_argument("--params", type=Path, required=True)
-    r.add_argument("--profile", default="gpu,natural_mix")
+    r.add_argument("--profile", default="gpu")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--generate", action="store_true",
                    help="also generate (as many rows as evaluate.max_samples) and write metrics/eval_rows.json")

@@ -24,6 +24,8 @@ and, to attribute the cost of (c):
                 CompileConfig(mode=--compile-mode, fullgraph=True); reduce-overhead = CUDA graphs). The
                 prompt (and MoA's routing pass) run eagerly, as HF does. The warm-up call compiles; its
                 time is reported as `warmup_s`. PEFT's adapter_names path is not compiled.
+  moa_split_c   moa_c with a decode step's routed LoRA as a shrink kernel and an expand kernel
+                (lora_kernels.DECODE_SPLIT) instead of one kernel per projection group; compiled separately
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -63,8 +65,10 @@ from _legacy import legacy_routed_path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from moa_core import lora_kernels  # noqa: E402
+
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
-            "moa_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
+            "moa_c", "moa_split_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -138,7 +142,7 @@ def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, s
 
 # the ratios reported per round: (numerator, denominator)
 RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft", "moa"), ("peft_split", "moa"),
-          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
+          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
           ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
 
 
@@ -184,6 +188,12 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
                 if v == "moa_c":
                     return mm.generate(ids, mask, **static, **gen)[0]
+                if v == "moa_split_c":
+                    lora_kernels.DECODE_SPLIT = True  # a guard of the compiled step: its own graph and capture
+                    try:
+                        return mm.generate(ids, mask, **static, **gen)[0]
+                    finally:
+                        lora_kernels.DECODE_SPLIT = False
                 if v == "moa_norc_c":
                     return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":
@@ -261,6 +271,8 @@ def run_shape(args: argparse.Namespace) -> dict:
             rec["match_moa_vs_moa_norc"] = float((outs["moa"] == outs["moa_norc"]).float().mean())
         if "moa_c" in outs and "moa" in outs:
             rec["match_moa_c_vs_moa"] = float((outs["moa"] == outs["moa_c"]).float().mean())
+        if "moa_c" in outs and "moa_split_c" in outs:  # the two decode layouts compute the same function
+            rec["match_moa_split_c_vs_moa_c"] = float((outs["moa_c"] == outs["moa_split_c"]).float().mean())
         if "peft" in med and "moa" in med:
             rec["peft_over_moa"] = med["peft"] / med["moa"]
         if "moa_v0" in med and "moa" in med:

@@ -8,6 +8,7 @@ experts = min(batch, E)). Variants:
 
   base      the base projections only (adapters off);
   fused     + the routed LoRA through moa_core.lora_kernels (one kernel per group of projections);
+  split     the same with a decode step's shrink and expand as two kernels (lora_kernels.DECODE_SPLIT);
   reference + the routed LoRA through ExpertMixtureLinear's own path (the gathered A, s*B kept on the route,
             bmm + baddbmm): its best case, gathers done once before timing.
 
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route  # noqa: E402
+from moa_core import lora_kernels  # noqa: E402
 from moa_core.lora_kernels import LoraFusion  # noqa: E402
 
 
@@ -90,11 +92,12 @@ def measure(args) -> dict:
                 for s in slots:
                     s.route = route
                     s.adapters_off = v == "base"
-                    s.fused = v == "fused"
+                    s.fused = v in ("fused", "split")
+                lora_kernels.DECODE_SPLIT = v == "split"  # read when the step runs, so each capture keeps its own
 
-            for v in ("base", "fused", "reference"):
+            for v in ("base", "fused", "split", "reference"):
                 configure(v)
-                if v == "fused":
+                if v in ("fused", "split"):
                     assert fusion.ready()
                 with torch.inference_mode():
                     outs[v] = step(stack, x).float()  # warm-up: Triton JIT, the reference path's gathers
@@ -126,10 +129,12 @@ def measure(args) -> dict:
                             t0 = time.perf_counter()
                             step(stack, x)
                             times[v].append((time.perf_counter() - t0) * 1e6)
+            lora_kernels.DECODE_SPLIT = False
             ref = outs["reference"]
             rel = float((outs["fused"] - ref).norm() / ref.norm())
+            rel_split = float((outs["split"] - ref).norm() / ref.norm())
             rec = {"experts": E, "batch": B, "tokens": args.tokens, "distinct_experts": min(B, E), "us": times,
-                   "fused_vs_reference_relerr": rel}
+                   "fused_vs_reference_relerr": rel, "split_vs_reference_relerr": rel_split}
             results.append(rec)
             med = {v: statistics.median(ts) for v, ts in times.items()}
             print(f"  E={E} B={B}: " + ", ".join(f"{v} {m:.1f} us" for v, m in med.items()) + f", relerr {rel:.2g}",
@@ -154,11 +159,18 @@ def render(p: dict) -> str:
     mode = "CUDA graph replay, GPU time per step" if p["graphs"] else "eager, CPU (script check only)"
     head = (f"### Projection stack of one step: {p['layers']} layers (d {p['hidden']}, kv {p['kv']}, ff {p['ff']}), "
             f"r={p['r']}, {p['device']} {p['dtype']}, {mode}; median [min-max] of {p['rounds']} interleaved rounds\n")
-    rows = [[r["experts"], r["batch"], r["tokens"], r["distinct_experts"], cell(r["us"]["base"]), cell(r["us"]["fused"]),
-             cell(r["us"]["reference"]), ratio(r["us"]["fused"], r["us"]["base"]),
-             ratio(r["us"]["reference"], r["us"]["base"]), r["fused_vs_reference_relerr"]] for r in p["results"]]
-    return head + "\n" + markdown_table(["experts", "batch", "tokens/row", "distinct", "base us", "fused us",
-                                         "reference us", "fused/base", "reference/base", "relerr fused~ref"], rows) + "\n"
+    def us(r: dict, v: str) -> str:  # results written before the split layout existed have no "split"
+        return cell(r["us"][v]) if v in r["us"] else "-"
+
+    def over_base(r: dict, v: str) -> str:
+        return ratio(r["us"][v], r["us"]["base"]) if v in r["us"] else "-"
+
+    rows = [[r["experts"], r["batch"], r["tokens"], r["distinct_experts"], us(r, "base"), us(r, "fused"), us(r, "split"),
+             us(r, "reference"), over_base(r, "fused"), over_base(r, "split"), over_base(r, "reference"),
+             r["fused_vs_reference_relerr"]] for r in p["results"]]
+    return head + "\n" + markdown_table(["experts", "batch", "tokens/row", "distinct", "base us", "fused us", "split us",
+                                         "reference us", "fused/base", "split/base", "reference/base",
+                                         "relerr fused~ref"], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

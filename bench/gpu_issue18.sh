@@ -20,7 +20,7 @@ fi
 t0=$SECONDS
 if (( ${T_INF:-400} > 0 )); then
   timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --batch 32 --prompt-len 128 \
-    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_c,moa_forced_c} \
+    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_c,moa_split_c,moa_forced_c} \
     --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
   echo "[inference done at +$((SECONDS - t0)) s]"
 fi

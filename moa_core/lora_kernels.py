@@ -16,7 +16,10 @@ program reads its row's expert A and B (experts not in the batch are never read)
 base output y itself when the group has one member.
 
 `routed_lora_torch` is the same formulation in torch (what runs on the CPU, and the oracle of the kernel);
-`routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. Under torch.compile both
+`routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. A decode step (one token per
+row) has two kernel layouts, chosen by `DECODE_SPLIT`: one kernel per group (each program shrinks its row, then
+expands a span of columns in a loop) or a shrink kernel and an expand kernel, each one short pass over a grid
+of many small programs (two launches, no sequential loop over the columns). Under torch.compile both
 are reached through the custom op `moa::routed_lora`, which stays one opaque call in the graph.
 Only inference uses this path (no autograd, eval mode, MoA-style experts: no shared A, no universal
 expert); training keeps the reference path.
@@ -48,6 +51,11 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("query", "key", "value"),
     ("w1", "w3"),
 )
+
+# Decode-step kernel layout (see the module docstring): False = one kernel per group, True = shrink + expand.
+# Read where torch.compile traces (`run_group`), so a change recompiles and re-captures instead of replaying
+# the other layout's CUDA graph.
+DECODE_SPLIT = False
 
 
 # ------------------------------------------------------------------------------------------ formulation
@@ -146,17 +154,62 @@ if HAVE_TRITON:
             tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _routed_shrink_decode_kernel(
+        x_ptr, a_ptr, idx_ptr, h_ptr, K,
+        sxb, sxk, sae, sar, sak, shb, shr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Program (row b, rank r): h[b, r] = x[b] . A[index[b], r], rounded to the activation dtype."""
+        b = tl.program_id(0)
+        r = tl.program_id(1)
+        e = tl.load(idx_ptr + b).to(tl.int64)
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+            ak = tl.load(a_ptr + e * sae + r * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
+            acc += xk * ak
+        tl.store(h_ptr + b * shb + r * shr, tl.sum(acc, axis=0).to(h_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _routed_expand_decode_kernel(
+        h_ptr, b_ptr, idx_ptr, y_ptr, out_ptr, R, N,
+        shb, shr, sbe, sbn, sbr, syb, syn, sob, son,
+        HAS_Y: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program (row b, a tile of BLOCK_N output columns): out = h[b] @ B[index[b]]^T (+ y)."""
+        b = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        e = tl.load(idx_ptr + b).to(tl.int64)
+        h = tl.load(h_ptr + b * shb + offs_r * shr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]
+        bt = tl.load(b_ptr + e * sbe + offs_n[:, None] * sbn + offs_r[None, :] * sbr,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, R_PAD]
+        d = tl.sum(bt * h[None, :], axis=1)  # [BLOCK_N]
+        if HAS_Y:
+            d += tl.load(y_ptr + b * syb + offs_n * syn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
 
-def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
-    """The Triton kernel behind `routed_lora_torch` (same arguments and result)."""
+def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
+                       split: bool = False) -> Tensor:
+    """The Triton kernel behind `routed_lora_torch` (same arguments and result); split: a decode step's
+    layout (`DECODE_SPLIT`)."""
     Bsz, T, K = x.shape
     E, N, R = B.shape
     out = torch.empty(Bsz, T, N, device=x.device, dtype=x.dtype)
     if T == 1:
-        return _launch_decode(x, A, B, index, y, out)
+        return (_launch_decode_split if split else _launch_decode)(x, A, B, index, y, out)
     BLOCK_T = 16 if T <= 16 else 64  # tl.dot needs 16 rows; a decode step (T = 1) masks the other 15
     BLOCK_K = min(128, _pow2_at_least(K, 16))
     R_PAD = _pow2_at_least(R, 16)
@@ -178,9 +231,10 @@ def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Option
     return out
 
 
-def _routed_lora_impl(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
+def _routed_lora_impl(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
+                      split: bool = False) -> Tensor:
     if x.is_cuda and HAVE_TRITON:
-        return routed_lora_triton(x, A, B, index, y)
+        return routed_lora_triton(x, A, B, index, y, split)
     return routed_lora_torch(x, A, B, index, y)
 
 
@@ -204,14 +258,32 @@ def _launch_decode(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[T
     return out
 
 
+def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor], out: Tensor) -> Tensor:
+    Bsz, _, K = x.shape
+    _, N, R = B.shape
+    h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)  # the shrink, in the activation dtype (as the reference)
+    BLOCK_K = min(_pow2_at_least(K, 16), 2048)
+    _routed_shrink_decode_kernel[(Bsz, R)](
+        x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(), BLOCK_K=BLOCK_K, num_warps=4)
+    R_PAD = _pow2_at_least(R, 1)
+    BLOCK_N = 128
+    ys = (y.stride(0), y.stride(2)) if y is not None else (0, 0)
+    _routed_expand_decode_kernel[(Bsz, triton.cdiv(N, BLOCK_N))](
+        h, B, index, y if y is not None else out, out, R, N,
+        *h.stride(), *B.stride(), *ys, out.stride(0), out.stride(2),
+        HAS_Y=y is not None, R_PAD=R_PAD, BLOCK_N=BLOCK_N, num_warps=4)
+    return out
+
+
 @torch.library.custom_op("moa::routed_lora", mutates_args=())
-def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
+def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
+                split: bool = False) -> Tensor:
     """One routed LoRA group (see `routed_lora_torch`): the Triton kernel on CUDA, else the torch formulation."""
-    return _routed_lora_impl(x, A, B, index, y)
+    return _routed_lora_impl(x, A, B, index, y, split)
 
 
 @routed_lora.register_fake
-def _(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
+def _(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None, split: bool = False) -> Tensor:
     return x.new_empty(*x.shape[:-1], B.shape[1])
 
 
@@ -219,8 +291,8 @@ def run_group(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor
     """The custom op where torch.compile traces (it stays one opaque call in the graph); eagerly its body,
     since the op dispatcher's host time would be paid on every projection group of every decode step."""
     if torch.compiler.is_compiling():
-        return routed_lora(x, A, B, index, y)
-    return _routed_lora_impl(x, A, B, index, y)
+        return routed_lora(x, A, B, index, y, DECODE_SPLIT)
+    return _routed_lora_impl(x, A, B, index, y, DECODE_SPLIT)
 
 
 # ------------------------------------------------------------------------------------------------ groups

@@ -186,14 +186,13 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
-                if v == "moa_c":
-                    return mm.generate(ids, mask, **static, **gen)[0]
-                if v == "moa_split_c":
-                    lora_kernels.DECODE_SPLIT = True  # a guard of the compiled step: its own graph and capture
+                if v in ("moa_c", "moa_split_c"):
+                    before = lora_kernels.DECODE_SPLIT  # a guard of the compiled step: each layout its own capture
+                    lora_kernels.DECODE_SPLIT = v == "moa_split_c"
                     try:
                         return mm.generate(ids, mask, **static, **gen)[0]
                     finally:
-                        lora_kernels.DECODE_SPLIT = False
+                        lora_kernels.DECODE_SPLIT = before
                 if v == "moa_norc_c":
                     return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":
@@ -313,7 +312,7 @@ def render(payload: dict) -> str:
         out += ["\nTime ratios per round (the two calls ran in the same round): median [min-max].\n",
                 markdown_table(["N"] + [f"{a}/{b}" for a, b in ratios], rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
-              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
     warm = [v for v in variants if v.endswith("_c")]
     if warm:  # the first call of a compiled variant compiles: its time, minus the median call, is the compile cost

@@ -24,12 +24,12 @@ if (( ${T_INF:-400} > 0 )); then
     --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
   echo "[inference done at +$((SECONDS - t0)) s]"
 fi
-if (( ${T_KERNEL:-90} > 0 )); then
-  timeout ${T_KERNEL:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k triton 2>&1 | tail -5 | tee "$OUT/tests.log"
+if (( ${T_KERNEL:-150} > 0 )); then
+  timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k triton 2>&1 | tail -5 | tee "$OUT/tests.log"
   echo "[kernel tests done at +$((SECONDS - t0)) s]"
 fi
-if (( ${T_MICRO:-60} > 0 )); then
-  timeout ${T_MICRO:-60} python3 bench/bench_lora_kernel.py --device cuda --batch 1,4,8,32 --experts 8,32,64 \
+if (( ${T_MICRO:-120} > 0 )); then
+  timeout ${T_MICRO:-120} python3 bench/bench_lora_kernel.py --device cuda --batch 1,4,8,32 --experts 8,32,64 \
     --json "$OUT/lora_kernel.json" 2>&1 | tee "$OUT/lora_kernel.log"
   echo "[kernel bench done at +$((SECONDS - t0)) s]"
 fi

@@ -179,3 +179,29 @@ def test_triton_kernel_matches_the_torch_formulation(T, with_y, K, R):
             out = lora_kernels.routed_lora_triton(x, A, B, index, y, split)
             err = float((out.double() - ref).norm() / ref.norm())
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, split, err)
+
+
+def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
+    """`DECODE_SPLIT` is read where torch.compile traces: flipping it compiles the other layout (its own graph,
+    so under CUDA graphs its own capture) instead of replaying the first one, and flipping it back reuses it."""
+    seen: list[bool] = []
+    real = lora_kernels._routed_lora_impl
+    monkeypatch.setattr(lora_kernels, "_routed_lora_impl", lambda *a: seen.append(a[-1]) or real(*a))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, A, B, i: lora_kernels.run_group(x, A, B, i) * 2, backend=backend, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    x, A, B = torch.randn(2, 1, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 6, 4, generator=g)
+    index = torch.tensor([0, 2])
+    want = lora_kernels.routed_lora_torch(x, A, B, index) * 2
+    for split in (False, True, False):
+        monkeypatch.setattr(lora_kernels, "DECODE_SPLIT", split)
+        assert torch.allclose(step(x, A, B, index), want)
+    assert len(graphs) == 2, "the flag did not recompile, or flipping it back compiled a third time"
+    assert seen[-3:] == [False, True, False], seen
+    torch._dynamo.reset()

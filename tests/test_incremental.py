@@ -249,6 +249,10 @@ def test_moa_run_leaves_dvc_up_to_date_and_a_second_run_trains_nothing(tmp_path:
     import subprocess
     import sys
 
+    from typer.testing import CliRunner
+
+    from moa_cli.main import app
+
     root = _project(tmp_path / "proj", tiny_model_dir)
     for code in ("moa_core", "tasks"):  # dvc.yaml's code deps, hashed into dvc.lock
         shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"))
@@ -265,14 +269,20 @@ def test_moa_run_leaves_dvc_up_to_date_and_a_second_run_trains_nothing(tmp_path:
         assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         return p.stdout + p.stderr
 
+    def moa_run() -> str:
+        # the `moa run` command in this process: a process of its own would add only its start-up (imports and
+        # a Prefect server, ~10 s); tests/test_stopping.py runs `moa run` as a process, to the end
+        r = CliRunner().invoke(app, ["run", "--params", str(root / "params.yaml")])
+        assert r.exit_code == 0, f"{r.output[-3000:]}\n{r.exception!r}"
+        return r.output
+
     dvc = str(bin_dir / "dvc")
     run("git", "init", "-q")
     run(dvc, "init", "-q")
-    moa_run = [sys.executable, "-m", "moa_cli.main", "run", "--params", str(root / "params.yaml")]
-    first = run(*moa_run)
+    first = moa_run()
     assert "dvc.lock records this run" in first, first[-3000:]
     assert json.loads(run(dvc, "status", "--json")) == {}
-    second = run(*moa_run)
+    second = moa_run()
     assert f"{len(ALL_STAGES)} of {len(ALL_STAGES)} stage runs unchanged, skipped" in " ".join(second.split()), second[-3000:]
     assert json.loads(run(dvc, "status", "--json")) == {}
     assert "Running stage" not in run(dvc, "repro")

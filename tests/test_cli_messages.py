@@ -42,3 +42,25 @@ def test_a_bad_domain_name_prints_the_whole_pattern(tmp_path: Path, tiny_model_d
     assert result.exit_code == 2, result.output
     assert "^[a-z][a-z0-9_]{0,31}$" in result.output, result.output
     assert "params.yaml and the model registry are unchanged" in result.output
+
+
+def test_moa_ui_links_the_experiments_before_the_first_run_then_the_experiments_runs(tmp_path: Path, tiny_model_dir):
+    """The MLflow links `moa ui` prints: on a project with no run yet the experiments list, once the experiment
+    exists its runs (tests/test_ui_browser.py reads them in the log of a real `moa ui`)."""
+    import mlflow
+
+    from moa_cli.main import mlflow_links
+    from tasks.common import StageContext
+    from tasks.tracking import mlflow_experiment
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_raw_params(tiny_model_dir)))
+    ctx = StageContext.load(tmp_path / "params.yaml")
+    before = mlflow.get_tracking_uri()
+    try:
+        base = "http://127.0.0.1:5000"
+        assert mlflow_links(ctx, base) == {"runs": f"{base}/#/experiments?workflowType=machine_learning",
+                                           "model": f"{base}/#/models/moa-model"}
+        exp = mlflow_experiment(ctx)
+        assert mlflow_links(ctx, base)["runs"] == f"{base}/#/experiments/{exp}/runs?workflowType=machine_learning"
+    finally:
+        mlflow.set_tracking_uri(before)  # the tracking URI is process-wide

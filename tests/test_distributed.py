@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -15,9 +16,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_raw_params
 from helpers import curate_in_process
+from moa_cli.main import app
 from moa_core.distributed import DataParallel
 
 
@@ -28,9 +31,17 @@ def _torchrun(nproc: int, *args: str, cwd: Path = ROOT) -> subprocess.CompletedP
 
 @pytest.mark.slow
 def test_two_ddp_processes_reproduce_one_process(tmp_path: Path, tiny_model_dir: Path):
-    for n in (1, 2):
-        proc = _torchrun(n, str(ROOT / "tests/ddp_worker.py"), str(tiny_model_dir), str(tmp_path / f"world{n}"))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    import ddp_worker
+
+    # One process is the worker run alone, here: under torchrun with one process (WORLD_SIZE=1) it takes the same
+    # no-DDP path (moa_core.ranks), so a launcher and a worker process would add only their start-up.
+    threads = torch.get_num_threads()
+    try:
+        ddp_worker.main(tiny_model_dir, tmp_path / "world1")
+    finally:
+        torch.set_num_threads(threads)  # the worker pins one thread, as each DDP rank does
+    proc = _torchrun(2, str(ROOT / "tests/ddp_worker.py"), str(tiny_model_dir), str(tmp_path / "world2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     for recipe in ("peft", "moa"):
         one, two = (json.loads((tmp_path / f"world{n}/{recipe}/history.json").read_text()) for n in (1, 2))
         assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -68,9 +79,16 @@ def test_moa_stage_trains_an_expert_over_two_processes(tmp_path: Path, tiny_mode
                                 stderr=subprocess.PIPE, text=True)
 
     curate_in_process(tmp_path / "params.yaml", "code")  # set-up only: the stage under test is train-expert
-    odd = moa("train-expert", "code", "--nproc-per-node", "3")
-    _, err = odd.communicate(timeout=300)
-    assert odd.returncode == 2 and "train.batch_size=2 does not split over 3 processes" in err, err
+    # refused before torchrun starts: in this process (the run below covers the command as a process of its own)
+    moa_log = logging.getLogger("moa")
+    kept = (list(moa_log.handlers), moa_log.level, moa_log.propagate)
+    try:
+        odd = CliRunner().invoke(app, ["stage", "train-expert", "code", "--nproc-per-node", "3",
+                                       "--params", str(tmp_path / "params.yaml")])
+    finally:  # `moa stage` gives the `moa` logger a handler on CliRunner's stderr, closed after invoke
+        moa_log.handlers[:], moa_log.level, moa_log.propagate = kept
+    err = " ".join(odd.stderr.split())  # rich wraps long lines
+    assert odd.exit_code == 2 and "train.batch_size=2 does not split over 3 processes" in err, odd.output
 
     job = moa("train-expert", "code", "--nproc-per-node", "2")
     lock = tmp_path / ".moa.lock"

@@ -33,11 +33,11 @@ def project(tmp_path: Path, tiny_model_dir, tiny_cfg, tiny_base, tiny_tok):
     return tmp_path, mm
 
 
-def _moa(root: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _moa(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                          os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-X", "importtime", "-m", "moa_cli.main", *args], cwd=root, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_local_generate_routes_forces_and_never_imports_prefect(project, tiny_tok):
@@ -53,15 +53,16 @@ def test_local_generate_routes_forces_and_never_imports_prefect(project, tiny_to
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
     assert "torch" in imported and "prefect" not in imported, "one generation must not import Prefect"
 
-    # prompts from stdin, one expert forced: no router confidence
-    r = _moa(root, "generate", "--local", "--json", "--max-new-tokens", "4", "--expert", "medicine",
-             stdin="What is fever?\n\ndef add(a, b):\n")
-    assert r.returncode == 0, r.stderr[-3000:]
+    # prompts from stdin (a pipe: not a terminal), one expert forced: no router confidence. In this process: the
+    # run above already covers the command as a process of its own
+    r = CliRunner().invoke(app, ["generate", "--local", "--json", "--max-new-tokens", "4", "--expert", "medicine",
+                                 "-p", str(root / "params.yaml")], input="What is fever?\n\ndef add(a, b):\n")
+    assert r.exit_code == 0, r.output[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [(row["prompt"], row["expert"], row["confidence"]) for row in rows] == [
         ("What is fever?", "medicine", None), ("def add(a, b):", "medicine", None)]
 
-    # an unknown expert: in this process (the two runs above already cover the command as its own process)
+    # an unknown expert, in this process too
     r = CliRunner().invoke(app, ["generate", "--local", "--expert", "law", "-p", str(root / "params.yaml"), "hello"])
     assert r.exit_code == 2 and "unknown expert 'law'" in r.stderr and "medicine" in r.stderr, r.output
 

@@ -20,6 +20,8 @@ def seeds_run(tmp_path_factory, tiny_model_dir: Path):
 
     root = tmp_path_factory.mktemp("seeds")
     raw = tiny_raw_params(tiny_model_dir)
+    # two domains: what is checked (per-seed folders, early stopping, every test row, pooling) is per domain
+    raw["domains"] = {k: raw["domains"][k] for k in ("code", "finance")}
     gpu = dict(raw["profiles"]["gpu"])
     # the gpu profile's keys, at a CPU budget: 2 seeds, early stopping, every test row
     gpu["curate"] = {"max_rows": 40}

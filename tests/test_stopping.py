@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import tiny_raw_params
-from procs import Proc
+from procs import Proc, port_free
 
 EXPERT_STEPS = 400
 CKPT = "models/checkpoints/expert-code/checkpoint.pt"
@@ -56,16 +54,6 @@ def _descendants(proc: Proc) -> tuple[list[psutil.Process], set[int]]:
     return kids, ports
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the closed connections' TIME_WAIT is no holder
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _stop_during_training(root: Path, sig: signal.Signals) -> tuple[Proc, float]:
     """Start `moa run`, send `sig` to its process (not its group) once the expert trains; returns the process
     and the seconds from the signal to its exit. Asserts the exit code, the checkpoint and the clean-up."""
@@ -96,7 +84,7 @@ def _stop_during_training(root: Path, sig: signal.Signals) -> tuple[Proc, float]
         assert not (root / "models/experts/code/adapter_model.safetensors").exists()
         gone, alive = psutil.wait_procs(kids, timeout=10)
         assert not alive, f"processes left behind after {sig.name}: {[p.cmdline() for p in alive]}"
-        assert all(_port_free(p) for p in ports), f"ports still taken after {sig.name}: {ports}"
+        assert all(port_free(p) for p in ports), f"ports still taken after {sig.name}: {ports}"
         return proc, took
     finally:
         proc.stop()
@@ -139,41 +127,6 @@ def torch_step(root: Path) -> int:
     import torch
 
     return int(torch.load(root / CKPT, map_location="cpu", weights_only=True)["step"])
-
-
-@pytest.mark.slow
-def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(tmp_path: Path, tiny_model_dir: Path):
-    """`kill <pid>` of `moa ui --prefect` stops the MLflow and Prefect servers it started; a second `moa ui` on the
-    same ports exits non-zero naming the port instead of exiting 0 with no server."""
-    from procs import free_port, wait_http
-
-    root = _project(tmp_path / "p", tiny_model_dir)
-    exe = str(Path(sys.executable).parent / "moa")
-    mlflow_port, prefect_port = free_port(), free_port()
-    args = ["ui", "--params", str(root / "params.yaml"), "--port", str(mlflow_port), "--prefect",
-            "--prefect-port", str(prefect_port)]
-    ui = Proc("moa ui", [exe, *args], root / "ui.log", env=os.environ.copy(), cwd=root)
-    try:
-        wait_http(ui, f"http://127.0.0.1:{mlflow_port}/health", timeout=180)
-        wait_http(ui, f"http://127.0.0.1:{prefect_port}/api/health", timeout=180)
-        out = ui.tail(1_000_000)
-        assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in out, out
-        assert f"http://127.0.0.1:{mlflow_port}/#/models/moa-model" in out, out
-
-        second = subprocess.run([exe, *args], cwd=root, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0, second.stderr
-        assert f"port {mlflow_port}" in second.stderr and f"port {prefect_port}" in second.stderr, second.stderr
-        assert "--port" in second.stderr, second.stderr
-
-        kids, ports = _descendants(ui)
-        assert {mlflow_port, prefect_port} <= ports, ports
-        os.kill(ui.p.pid, signal.SIGTERM)
-        assert ui.p.wait(timeout=30) == 0, ui.tail()
-        gone, alive = psutil.wait_procs(kids, timeout=15)
-        assert not alive, f"servers left behind: {[p.cmdline() for p in alive]}"
-        assert _port_free(mlflow_port) and _port_free(prefect_port)
-    finally:
-        ui.stop()
 
 
 def test_evaluation_stops_between_batches_not_only_between_domains(tiny_base, tiny_tok, tiny_cfg):

@@ -1,7 +1,8 @@
 """`moa ui --prefect` on the shared e2e pipeline run, looked at in a real headless browser (Debian's chromium +
 chromedriver, driven by selenium): the MLflow UI shows the experiment, the pipeline's parent run with its stage
 runs and the registered `moa-model` with its @champion alias; the Prefect UI shows the flow run. Both servers
-listen on 127.0.0.1 only. Screenshots go to tests/artifacts/ (git-ignored)."""
+listen on 127.0.0.1 only; `kill` of `moa ui` stops both, and a second `moa ui` on taken ports is refused.
+Screenshots go to tests/artifacts/ (git-ignored)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from procs import ROOT, VENV_BIN, Proc, free_port, wait_http
+from procs import ROOT, VENV_BIN, Proc, free_port, port_free, wait_http
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -24,13 +25,14 @@ def moa_ui(project: Path, pipeline_result: dict):
     """`moa ui --prefect` on free loopback ports, on the project of the shared pipeline run (and the test
     session's PREFECT_HOME, whose database holds that flow run)."""
     mlflow_port, prefect_port = free_port(), free_port()
-    proc = Proc("moa ui", [str(VENV_BIN / "moa"), "ui", "--params", str(project / "params.yaml"),
-                           "--port", str(mlflow_port), "--prefect", "--prefect-port", str(prefect_port)],
-                ARTIFACTS / "moa-ui.log", env=dict(os.environ), cwd=project)
+    args = ["ui", "--params", str(project / "params.yaml"), "--port", str(mlflow_port), "--prefect",
+            "--prefect-port", str(prefect_port)]
+    proc = Proc("moa ui", [str(VENV_BIN / "moa"), *args], ARTIFACTS / "moa-ui.log", env=dict(os.environ), cwd=project)
     try:
         wait_http(proc, f"http://127.0.0.1:{mlflow_port}/health", timeout=150)
         wait_http(proc, f"http://127.0.0.1:{prefect_port}/api/health", timeout=150)
-        yield {"proc": proc, "mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}"}
+        yield {"proc": proc, "args": args, "mlflow_port": mlflow_port, "prefect_port": prefect_port,
+               "mlflow": f"http://127.0.0.1:{mlflow_port}", "prefect": f"http://127.0.0.1:{prefect_port}"}
     finally:
         proc.stop()
 
@@ -89,7 +91,7 @@ def _page(driver, url: str, must_show: list[str], shot: str, timeout: float = 60
 
 def test_moa_ui_serves_both_uis_on_loopback_only(moa_ui: dict):
     proc: Proc = moa_ui["proc"]
-    ports = {int(moa_ui["mlflow"].rsplit(":", 1)[1]), int(moa_ui["prefect"].rsplit(":", 1)[1])}
+    ports = {moa_ui["mlflow_port"], moa_ui["prefect_port"]}
     listening = proc.listening()
     assert {port for _, port in listening} >= ports, listening
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, f"a server of `moa ui` listens beyond loopback: {listening}"
@@ -124,3 +126,37 @@ def test_prefect_ui_shows_the_pipeline_flow_run(moa_ui: dict, browser, pipeline_
     text = _page(browser, f"{moa_ui['prefect']}/runs/flow-run/{pipeline_result['flow_run_id']}",
                  ["moa_pipeline", "Completed"], "prefect-flow-run.png", timeout=90)
     assert "Can't connect to Server API" not in text
+
+
+# Last in this module: it stops the module's `moa ui` (which spares this check a `moa ui` start of its own).
+def test_moa_ui_stops_its_servers_on_sigterm_and_refuses_taken_ports(moa_ui: dict, project: Path):
+    """`kill <pid>` of `moa ui --prefect` stops the MLflow and Prefect servers it started; a second `moa ui` on the
+    same ports exits non-zero naming the port instead of exiting 0 with no server."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    ui: Proc = moa_ui["proc"]
+    mlflow_port, prefect_port = moa_ui["mlflow_port"], moa_ui["prefect_port"]
+    from mlflow import MlflowClient
+
+    # the links it printed (before any run it links the experiments list: tests/test_cli_messages.py)
+    exp = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns/mlflow.db'}").get_experiment_by_name("moa")
+    out = ui.tail(1_000_000)
+    assert f"http://127.0.0.1:{mlflow_port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in out, out
+    assert f"http://127.0.0.1:{mlflow_port}/#/models/moa-model" in out, out
+
+    second = subprocess.run([str(VENV_BIN / "moa"), *moa_ui["args"]], cwd=project, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode != 0, second.stderr
+    assert f"port {mlflow_port}" in second.stderr and f"port {prefect_port}" in second.stderr, second.stderr
+    assert "--port" in second.stderr, second.stderr
+
+    kids = psutil.Process(ui.p.pid).children(recursive=True)
+    assert {mlflow_port, prefect_port} <= {port for _, port in ui.listening()}, ui.listening()
+    os.kill(ui.p.pid, signal.SIGTERM)
+    assert ui.p.wait(timeout=30) == 0, ui.tail()
+    gone, alive = psutil.wait_procs(kids, timeout=15)
+    assert not alive, f"servers left behind: {[p.cmdline() for p in alive]}"
+    assert port_free(mlflow_port) and port_free(prefect_port)

@@ -121,6 +121,19 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _expand_decode_tile(h, b_ptr, y_ptr, out_ptr, b, e, offs_n, offs_r, r_ok, N,
+                            sbe, sbn, sbr, syb, syn, sob, son, HAS_Y: tl.constexpr):
+        """One decode row's expand over the columns offs_n: out[b, offs_n] = B[e][offs_n] . h (+ y[b, offs_n]),
+        h [R_PAD] fp32; both decode layouts end with it."""
+        n_ok = offs_n < N
+        bt = tl.load(b_ptr + e * sbe + offs_n[:, None] * sbn + offs_r[None, :] * sbr,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, R_PAD]
+        d = tl.sum(bt * h[None, :], axis=1)  # [BLOCK_N]
+        if HAS_Y:
+            d += tl.load(y_ptr + b * syb + offs_n * syn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _routed_lora_decode_kernel(
         x_ptr, a_ptr, b_ptr, idx_ptr, y_ptr, out_ptr,
         K, R, N, n_per_prog,
@@ -144,14 +157,8 @@ if HAVE_TRITON:
         h = h.to(x_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds the shrink to the activation dtype
         n_start = tl.program_id(1) * n_per_prog
         for n0 in range(n_start, n_start + n_per_prog, BLOCK_N):  # the last span's tiles past N are masked
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            bt = tl.load(b_ptr + e * sbe + offs_n[:, None] * sbn + offs_r[None, :] * sbr,
-                         mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, R_PAD]
-            d = tl.sum(bt * h[None, :], axis=1)  # [BLOCK_N]
-            if HAS_Y:
-                d += tl.load(y_ptr + b * syb + offs_n * syn, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _expand_decode_tile(h, b_ptr, y_ptr, out_ptr, b, e, n0 + tl.arange(0, BLOCK_N), offs_r, r_ok, N,
+                                sbe, sbn, sbr, syb, syn, sob, son, HAS_Y)
 
 
 if HAVE_TRITON:
@@ -183,18 +190,12 @@ if HAVE_TRITON:
     ):
         """Program (row b, a tile of BLOCK_N output columns): out = h[b] @ B[index[b]]^T (+ y)."""
         b = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
         e = tl.load(idx_ptr + b).to(tl.int64)
         h = tl.load(h_ptr + b * shb + offs_r * shr, mask=r_ok, other=0.0).to(tl.float32)  # [R_PAD]
-        bt = tl.load(b_ptr + e * sbe + offs_n[:, None] * sbn + offs_r[None, :] * sbr,
-                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, R_PAD]
-        d = tl.sum(bt * h[None, :], axis=1)  # [BLOCK_N]
-        if HAS_Y:
-            d += tl.load(y_ptr + b * syb + offs_n * syn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + b * sob + offs_n * son, d.to(out_ptr.dtype.element_ty), mask=n_ok)
+        _expand_decode_tile(h, b_ptr, y_ptr, out_ptr, b, e, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N),
+                            offs_r, r_ok, N, sbe, sbn, sbr, syb, syn, sob, son, HAS_Y)
 
 
 def _pow2_at_least(n: int, floor: int) -> int:

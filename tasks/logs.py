@@ -8,22 +8,28 @@ if TYPE_CHECKING:
     from .context import StageContext
 
 
-def stage_logger():
-    """The Prefect task/flow run's logger (its lines show in the Prefect UI), or outside a run (a DVC stage,
-    a test) the standard `moa` logger."""
-    import logging
+def _run_logger():
+    """The Prefect task/flow run's logger, or None outside a run."""
     import sys
 
     # Only a process that has imported Prefect can be inside one of its runs. Importing it just to find out cost
     # ~0.9 s at the start of every `moa stage` process (each DVC stage is one) that never runs a flow.
-    if "prefect" in sys.modules:
-        try:
-            from prefect import get_run_logger
+    if "prefect" not in sys.modules:
+        return None
+    try:
+        from prefect import get_run_logger
 
-            return get_run_logger()
-        except Exception:
-            pass
-    return logging.getLogger("moa")
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - no active run context
+        return None
+
+
+def stage_logger():
+    """The Prefect task/flow run's logger (its lines show in the Prefect UI), or outside a run (a DVC stage,
+    a test) the standard `moa` logger."""
+    import logging
+
+    return _run_logger() or logging.getLogger("moa")
 
 
 def progress(name: str, total: int):
@@ -51,14 +57,14 @@ def announce_stop(ctx: StageContext, rerun: str):
     def announce(sig: signal.Signals) -> None:
         line = (f"stop requested ({sig.name}): finishing the current step; the checkpoint goes under "
                 f"{ctx.layout.checkpoints}; re-run `{rerun}` to resume (send the signal again to kill at once)")
-        try:  # inside a flow run: its logger prints the line and keeps it in the Prefect UI
-            if "prefect" not in sys.modules:  # no run without Prefect imported (see stage_logger)
-                raise LookupError("not in a Prefect run")
-            from prefect import get_run_logger
-
-            get_run_logger().warning(line)
-        except Exception:  # noqa: BLE001 - outside a run (or the log fails): plain stderr; never a crash here
-            print(f"moa: {line}", file=sys.stderr, flush=True)
+        log = _run_logger()
+        if log is not None:  # inside a flow run: its logger prints the line and keeps it in the Prefect UI
+            try:
+                log.warning(line)
+                return
+            except Exception:  # noqa: BLE001 - the log fails: plain stderr below; never a crash here
+                pass
+        print(f"moa: {line}", file=sys.stderr, flush=True)
 
     return announce
 

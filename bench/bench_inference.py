@@ -25,7 +25,9 @@ and, to attribute the cost of (c):
                 prompt (and MoA's routing pass) run eagerly, as HF does. The warm-up call compiles; its
                 time is reported as `warmup_s`. PEFT's adapter_names path is not compiled.
   moa_split_c   moa_c with a decode step's routed LoRA as a shrink kernel and an expand kernel
-                (lora_kernels.DECODE_SPLIT) instead of one kernel per projection group; compiled separately
+                (lora_kernels.DECODE_SPLIT) instead of one kernel per projection group; compiled separately.
+                moa_c always runs the one-kernel layout, moa_split_c the split one; the other *_c variants
+                run the library's default (split since 2026-12-04)
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 

@@ -209,6 +209,7 @@ def _stoppable(ctx, rerun: str):
 
     try:
         with stopping.stop_on_signals(announce_stop(ctx, rerun)):
+            _start_prefect_server()
             yield
     except Exception as exc:
         if not stopping.stop_requested():
@@ -218,6 +219,50 @@ def _stoppable(ctx, rerun: str):
         console.print(f"[yellow]stopped[/yellow] ({stopping.stop_signal().name if stopping.stop_signal() else 'stop'}"
                       f"): {escape(detail)}\nThe checkpoints under {ctx.layout.checkpoints} resume with `{rerun}`.", soft_wrap=True)
         raise typer.Exit(code) from None
+
+
+def _start_prefect_server() -> None:
+    """Start Prefect's temporary API server now, as the flow run would at its start, but with SIGINT blocked in it.
+
+    Ctrl-C in a terminal and coreutils `timeout` (infra/gpu/run_flow.sh) signal the whole process group: the server
+    quit at once, and the stopping run then retried its last state reports, logs and events against a dead API until
+    it was killed ("Unable to connect ... EventsWorker failed"). Blocked, the SIGINT stays pending in the server;
+    Prefect still stops it at this process's exit (SIGTERM), and a SIGKILL of the group still ends it. A second
+    signal, which ends this process without atexit, stops it first (stopping.at_kill). Nothing to start when
+    PREFECT_API_URL names a running server."""
+    import signal
+    import threading
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from moa_core import stopping
+
+    server = SubprocessASGIServer()  # the one instance Prefect's clients use when no API URL is set
+    failed: list[BaseException] = []
+
+    def start() -> None:  # in a thread of its own: the mask is per thread, and the server inherits this one's
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            server.start()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="moa-prefect-server")
+    starter.start()
+    starter.join()
+    if failed:
+        raise failed[0]
+
+    def stop_server() -> None:
+        if (proc := server.server_process) is not None:
+            proc.terminate()
+
+    stopping.at_kill(stop_server)
 
 
 def _evaluate(params: Path, profile: str | None, holder: str) -> None:

@@ -235,3 +235,24 @@ def test_a_signal_taken_by_another_thread_stops_the_jobs_and_a_later_repeat_kill
         assert lines(5)[4] == "at_kill ran", proc.tail()
     finally:
         proc.stop()
+
+
+def test_a_job_whose_turn_comes_after_a_stop_does_not_start():
+    """After a stop request, the stages still waiting for their turn end at once (StopRequested, not retried)
+    instead of loading the base model and training a step each before they notice it."""
+    from moa_core.stopping import StopRequested, clear_stop, request_stop
+    from tasks.prefect_tasks import PIPELINE_STAGES, _retryable
+
+    request_stop(signal.SIGINT)
+    try:
+        for name, stage in PIPELINE_STAGES.items():
+            # no context: a job that started would fail on it with another error than StopRequested
+            with pytest.raises(StopRequested, match=f"{name} not started") as caught:
+                stage.fn(None, "code") if name in ("curate", "train_expert") else stage.fn(None)
+
+            class _State:  # what Prefect hands the retry condition: the failed state, re-raising on result()
+                def result(self):
+                    raise caught.value
+            assert not _retryable(None, None, _State())
+    finally:
+        clear_stop()

@@ -11,40 +11,39 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from moa_core.atomic import atomic_write_json
 from tasks.curate import run_curate
 from tasks.onboard import (
     OnboardPlan, onboarding_cost, plan_onboarding, run_extend, run_onboard_evaluate, run_onboard_register, with_parent,
 )
-from tasks.prefect_tasks import TASK_OPTIONS
+from tasks.prefect_tasks import stage_task
 from tasks.prologue import flow_run_prologue
 from tasks.train_expert import run_train_expert
 
 
-@task(name="onboard_curate", task_run_name="curate[{plan.domain}]", **TASK_OPTIONS)
+@stage_task(name="onboard_curate", task_run_name="curate[{plan.domain}]")
 def curate_new(plan: OnboardPlan) -> dict[str, Any]:
     return run_curate(plan.new, plan.domain)
 
 
-@task(name="onboard_train_expert", task_run_name="train_expert[{plan.domain}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+@stage_task(name="onboard_train_expert", task_run_name="train_expert[{plan.domain}]", retries=1, retry_delay_seconds=2)
 def train_new_expert(plan: OnboardPlan) -> dict[str, Any]:
     return run_train_expert(plan.new, plan.domain)
 
 
-@task(name="onboard_extend", task_run_name="extend[{plan.domain}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
+@stage_task(name="onboard_extend", task_run_name="extend[{plan.domain}]", retries=1, retry_delay_seconds=2)
 def extend(plan: OnboardPlan) -> dict[str, Any]:
     return run_extend(plan)
 
 
-@task(name="onboard_evaluate", task_run_name="evaluate[{plan.domain}]", **TASK_OPTIONS)
+@stage_task(name="onboard_evaluate", task_run_name="evaluate[{plan.domain}]")
 def evaluate(plan: OnboardPlan) -> dict[str, Any]:
     return run_onboard_evaluate(plan)
 
 
-@task(name="onboard_register", task_run_name="register[{plan.domain}]", **TASK_OPTIONS)
+@stage_task(name="onboard_register", task_run_name="register[{plan.domain}]")
 def register(plan: OnboardPlan, evaluation: dict[str, Any]) -> dict[str, Any]:
     return run_onboard_register(plan, evaluation)
 

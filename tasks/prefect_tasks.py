@@ -42,27 +42,28 @@ def _retryable(_task: Any, _run: Any, state: Any) -> bool:
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": _retryable}
 
 
-def _not_after_a_stop(job: Callable[..., Any]) -> Callable[..., Any]:
-    """A job whose turn comes after a stop request ends at once instead of loading the base model and running a
-    step (on a CPU that made Ctrl-C take ~25 s: each waiting job started, trained one step and checkpointed)."""
-    @functools.wraps(job)  # Prefect reads the parameters (and task_run_name's fields) from the wrapped signature
-    def run(*args: Any, **kwargs: Any) -> Any:
-        raise_if_stop_requested(f"{job.__name__.removeprefix('run_')} not started")
-        return job(*args, **kwargs)
-    return run
+def stage_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """`prefect.task` with TASK_OPTIONS for a stage job (this module's and the onboarding flow's). A job whose turn
+    comes after a stop request ends at once instead of loading the base model and running a step (on a CPU that
+    made Ctrl-C take ~25 s: each waiting job started, trained one step and checkpointed)."""
+    def make(job: Callable[..., Any]) -> Any:
+        @functools.wraps(job)  # Prefect reads the parameters (and task_run_name's fields) from the wrapped signature
+        def run(*args: Any, **kwargs: Any) -> Any:
+            raise_if_stop_requested(f"{options.get('name', job.__name__)} not started")
+            return job(*args, **kwargs)
+        return task(run, **options, **TASK_OPTIONS)
+    return make
 
 
-curate_task = task(_not_after_a_stop(run_curate), name="curate", task_run_name="curate[{domain}]", **TASK_OPTIONS)
-train_expert_task = task(_not_after_a_stop(run_train_expert), name="train_expert",
-                         task_run_name="train_expert[{domain}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
-train_mixed_task = task(_not_after_a_stop(run_train_mixed), name="train_mixed", retries=1, retry_delay_seconds=2,
-                        **TASK_OPTIONS)
-train_router_task = task(_not_after_a_stop(run_train_router), name="train_router",
-                         task_run_name="train_router[{name}]", retries=1, retry_delay_seconds=2, **TASK_OPTIONS)
-evaluate_task = task(_not_after_a_stop(run_evaluate), name="evaluate", **TASK_OPTIONS)
-intervals_task = task(_not_after_a_stop(run_intervals), name="intervals", **TASK_OPTIONS)
-register_task = task(_not_after_a_stop(run_register), name="register", retries=2, retry_delay_seconds=1,
-                     **TASK_OPTIONS)
+curate_task = stage_task(name="curate", task_run_name="curate[{domain}]")(run_curate)
+train_expert_task = stage_task(name="train_expert", task_run_name="train_expert[{domain}]", retries=1,
+                               retry_delay_seconds=2)(run_train_expert)
+train_mixed_task = stage_task(name="train_mixed", retries=1, retry_delay_seconds=2)(run_train_mixed)
+train_router_task = stage_task(name="train_router", task_run_name="train_router[{name}]", retries=1,
+                               retry_delay_seconds=2)(run_train_router)
+evaluate_task = stage_task(name="evaluate")(run_evaluate)
+intervals_task = stage_task(name="intervals")(run_intervals)
+register_task = stage_task(name="register", retries=2, retry_delay_seconds=1)(run_register)
 
 # The pipeline's stages in run order: moa_pipeline (flows/pipeline.py) runs them as these tasks, dvc.yaml has one
 # stage of each name running `moa stage <name, with - for _>`. tests/test_pipeline_definition.py holds dvc.yaml

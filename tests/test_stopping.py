@@ -6,6 +6,7 @@ one of its other threads, which the kernel may pick for any signal sent to the p
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -240,15 +241,18 @@ def test_a_signal_taken_by_another_thread_stops_the_jobs_and_a_later_repeat_kill
 def test_a_job_whose_turn_comes_after_a_stop_does_not_start():
     """After a stop request, the stages still waiting for their turn end at once (StopRequested, not retried)
     instead of loading the base model and training a step each before they notice it."""
+    from flows import onboard
     from moa_core.stopping import StopRequested, clear_stop, request_stop
     from tasks.prefect_tasks import PIPELINE_STAGES, _retryable
 
+    onboarding = [onboard.curate_new, onboard.train_new_expert, onboard.extend, onboard.evaluate, onboard.register]
     request_stop(signal.SIGINT)
     try:
-        for name, stage in PIPELINE_STAGES.items():
+        for stage in [*PIPELINE_STAGES.values(), *onboarding]:
             # no context: a job that started would fail on it with another error than StopRequested
-            with pytest.raises(StopRequested, match=f"{name} not started") as caught:
-                stage.fn(None, "code") if name in ("curate", "train_expert") else stage.fn(None)
+            args = [None] * len(inspect.signature(stage.fn).parameters)
+            with pytest.raises(StopRequested, match=f"{stage.name} not started") as caught:
+                stage.fn(*args)
 
             class _State:  # what Prefect hands the retry condition: the failed state, re-raising on result()
                 def result(self):

@@ -25,9 +25,12 @@ and, to attribute the cost of (c):
                 prompt (and MoA's routing pass) run eagerly, as HF does. The warm-up call compiles; its
                 time is reported as `warmup_s`. PEFT's adapter_names path is not compiled.
   moa_split_c   moa_c with a decode step's routed LoRA as a shrink kernel and an expand kernel
-                (lora_kernels.DECODE_SPLIT) instead of one kernel per projection group; compiled separately.
-                moa_c always runs the one-kernel layout, moa_split_c the split one; the other *_c variants
-                run the library's default (split since 2026-12-04)
+                (lora_kernels.DECODE_LAYOUT "split") instead of one kernel per projection group; compiled
+                separately.
+  moa_merged_c  moa_c with a decode step's projection groups as a shrink kernel and one GEMM each that computes
+                the base projections and the LoRA together (DECODE_LAYOUT "merged"). moa_c always runs the
+                one-kernel layout ("fused"), moa_split_c and moa_merged_c theirs; the other *_c variants run
+                the library's default (lora_kernels.DECODE_LAYOUT)
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -70,7 +73,7 @@ from torch import nn  # noqa: E402
 from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
-            "moa_c", "moa_split_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
+            "moa_c", "moa_split_c", "moa_merged_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -144,10 +147,11 @@ def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, s
 
 # the ratios reported per round: (numerator, denominator)
 RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft", "moa"), ("peft_split", "moa"),
-          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
+          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_merged_c", "base_c"), ("moa_merged_c", "moa_split_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
           ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
 
 
+LAYOUT_OF = {"moa_c": "fused", "moa_split_c": "split", "moa_merged_c": "merged"}  # variants that pin a decode layout
 FUSED = {"auto": None, "on": True, "off": False}  # --fused -> LoraFusion.enabled of the moa variants
 
 
@@ -188,13 +192,13 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
-                if v in ("moa_c", "moa_split_c"):
-                    before = lora_kernels.DECODE_SPLIT  # a guard of the compiled step: each layout its own capture
-                    lora_kernels.DECODE_SPLIT = v == "moa_split_c"
+                if v in LAYOUT_OF:
+                    before = lora_kernels.DECODE_LAYOUT  # a guard of the compiled step: each layout its own capture
+                    lora_kernels.DECODE_LAYOUT = LAYOUT_OF[v]
                     try:
                         return mm.generate(ids, mask, **static, **gen)[0]
                     finally:
-                        lora_kernels.DECODE_SPLIT = before
+                        lora_kernels.DECODE_LAYOUT = before
                 if v == "moa_norc_c":
                     return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":
@@ -272,8 +276,9 @@ def run_shape(args: argparse.Namespace) -> dict:
             rec["match_moa_vs_moa_norc"] = float((outs["moa"] == outs["moa_norc"]).float().mean())
         if "moa_c" in outs and "moa" in outs:
             rec["match_moa_c_vs_moa"] = float((outs["moa"] == outs["moa_c"]).float().mean())
-        if "moa_c" in outs and "moa_split_c" in outs:  # the two decode layouts compute the same function
-            rec["match_moa_split_c_vs_moa_c"] = float((outs["moa_c"] == outs["moa_split_c"]).float().mean())
+        for v in ("moa_split_c", "moa_merged_c"):  # the decode layouts compute the same function
+            if "moa_c" in outs and v in outs:
+                rec[f"match_{v}_vs_moa_c"] = float((outs["moa_c"] == outs[v]).float().mean())
         if "peft" in med and "moa" in med:
             rec["peft_over_moa"] = med["peft"] / med["moa"]
         if "moa_v0" in med and "moa" in med:
@@ -314,7 +319,7 @@ def render(payload: dict) -> str:
         out += ["\nTime ratios per round (the two calls ran in the same round): median [min-max].\n",
                 markdown_table(["N"] + [f"{a}/{b}" for a, b in ratios], rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
-              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
     warm = [v for v in variants if v.endswith("_c")]
     if warm:  # the first call of a compiled variant compiles: its time, minus the median call, is the compile cost

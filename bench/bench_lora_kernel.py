@@ -8,7 +8,10 @@ experts = min(batch, E)). Variants:
 
   base      the base projections only (adapters off);
   fused     + the routed LoRA through moa_core.lora_kernels (one kernel per group of projections);
-  split     the same with a decode step's shrink and expand as two kernels (lora_kernels.DECODE_SPLIT);
+  split     the same with a decode step's shrink and expand as two kernels (lora_kernels.DECODE_LAYOUT "split");
+  merged    a decode step's group as a shrink kernel and one GEMM computing base and LoRA together (the members'
+            base linears skipped: DECODE_LAYOUT "merged"); with --merged-configs also merged:<i>, the same with
+            the i-th launch configuration (lora_kernels.MERGED_CONFIG keys, e.g. "min_programs=64,block_k=256");
   reference + the routed LoRA through ExpertMixtureLinear's own path (the gathered A, s*B kept on the route,
             bmm + baddbmm): its best case, gathers done once before timing.
 
@@ -77,6 +80,9 @@ def step(stack, x):
 def measure(args) -> dict:
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_merged = dict(lora_kernels.MERGED_CONFIG)
+    merged_configs = {f"merged:{i}": {**default_merged, **{k: int(v) for k, v in (kv.split("=") for kv in c.split(","))}}
+                      for i, c in enumerate(args.merged_configs)}
     results = []
     for E in args.experts:
         slots, stack, fusion = build_stack(args.layers, args.hidden, args.kv, args.ff, E, args.r, device, dtype)
@@ -89,17 +95,21 @@ def measure(args) -> dict:
             outs = {}
 
             def configure(v: str) -> None:
+                layout = v.split(":")[0]
                 for s in slots:
                     s.route = route
                     s.adapters_off = v == "base"
-                    s.fused = v in ("fused", "split")
-                lora_kernels.DECODE_SPLIT = v == "split"  # read when the step runs, so each capture keeps its own
+                    s.fused = layout in lora_kernels.DECODE_LAYOUTS
+                if layout in lora_kernels.DECODE_LAYOUTS:  # read when the step runs: each capture keeps its own
+                    lora_kernels.DECODE_LAYOUT = layout
+                lora_kernels.MERGED_CONFIG = merged_configs.get(v, default_merged)
 
-            # the split layout differs from fused only in a decode step (one token per row)
-            variants = ("base", "fused", "split", "reference") if args.tokens == 1 else ("base", "fused", "reference")
+            # the layouts differ only in a decode step (one token per row)
+            variants = ["base", "fused", "split", "merged", *merged_configs, "reference"] if args.tokens == 1 \
+                else ["base", "fused", "reference"]
             for v in variants:
                 configure(v)
-                if v in ("fused", "split"):
+                if v != "base" and v != "reference":
                     assert fusion.ready()
                 with torch.inference_mode():
                     outs[v] = step(stack, x).float()  # warm-up: Triton JIT, the reference path's gathers
@@ -131,13 +141,14 @@ def measure(args) -> dict:
                             t0 = time.perf_counter()
                             step(stack, x)
                             times[v].append((time.perf_counter() - t0) * 1e6)
-            lora_kernels.DECODE_SPLIT = False
+            configure("fused")
             ref = outs["reference"]
             rel = float((outs["fused"] - ref).norm() / ref.norm())
             rec = {"experts": E, "batch": B, "tokens": args.tokens, "distinct_experts": min(B, E), "us": times,
                    "fused_vs_reference_relerr": rel}
-            if "split" in outs:
-                rec["split_vs_reference_relerr"] = float((outs["split"] - ref).norm() / ref.norm())
+            for v in variants:
+                if v not in ("base", "fused", "reference"):
+                    rec[f"{v}_vs_reference_relerr"] = float((outs[v] - ref).norm() / ref.norm())
             results.append(rec)
             med = {v: statistics.median(ts) for v, ts in times.items()}
             print(f"  E={E} B={B}: " + ", ".join(f"{v} {m:.1f} us" for v, m in med.items()) + f", relerr {rel:.2g}",
@@ -148,6 +159,7 @@ def measure(args) -> dict:
     return {"benchmark": "lora_kernel", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "layers": args.layers, "hidden": args.hidden, "kv": args.kv, "ff": args.ff, "r": args.r,
             "rounds": args.rounds, "replays": args.replays, "graphs": device.type == "cuda",
+            "merged_config": default_merged, "merged_configs": merged_configs,
             "machine": machine_info(device), "results": results}
 
 
@@ -162,18 +174,22 @@ def render(p: dict) -> str:
     mode = "CUDA graph replay, GPU time per step" if p["graphs"] else "eager, CPU (script check only)"
     head = (f"### Projection stack of one step: {p['layers']} layers (d {p['hidden']}, kv {p['kv']}, ff {p['ff']}), "
             f"r={p['r']}, {p['device']} {p['dtype']}, {mode}; median [min-max] of {p['rounds']} interleaved rounds\n")
-    def us(r: dict, v: str) -> str:  # results written before the split layout existed have no "split"
+    def us(r: dict, v: str) -> str:  # results written before a layout existed lack its column
         return cell(r["us"][v]) if v in r["us"] else "-"
 
     def over_base(r: dict, v: str) -> str:
         return ratio(r["us"][v], r["us"]["base"]) if v in r["us"] else "-"
 
-    rows = [[r["experts"], r["batch"], r["tokens"], r["distinct_experts"], us(r, "base"), us(r, "fused"), us(r, "split"),
-             us(r, "reference"), over_base(r, "fused"), over_base(r, "split"), over_base(r, "reference"),
-             r["fused_vs_reference_relerr"], r.get("split_vs_reference_relerr", "-")] for r in p["results"]]
-    return head + "\n" + markdown_table(["experts", "batch", "tokens/row", "distinct", "base us", "fused us", "split us",
-                                         "reference us", "fused/base", "split/base", "reference/base",
-                                         "relerr fused~ref", "relerr split~ref"], rows) + "\n"
+    variants = [v for v in ("fused", "split", "merged") if any(v in r["us"] for r in p["results"])]
+    variants += sorted({v for r in p["results"] for v in r["us"] if v.startswith("merged:")}) + ["reference"]
+    rows = [[r["experts"], r["batch"], r["tokens"], r["distinct_experts"], us(r, "base")] + [us(r, v) for v in variants]
+            + [over_base(r, v) for v in variants]
+            + [f"{r[k]:.2g}" if isinstance(r.get(k := f"{v}_vs_reference_relerr"), float) else "-" for v in variants[:-1]]
+            for r in p["results"]]
+    configs = "".join(f"\n{v}: {c}" for v, c in p.get("merged_configs", {}).items())
+    return head + configs + "\n" + markdown_table(
+        ["experts", "batch", "tokens/row", "distinct", "base us"] + [f"{v} us" for v in variants]
+        + [f"{v}/base" for v in variants] + [f"relerr {v}~ref" for v in variants[:-1]], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", default=8, type=int)
     ap.add_argument("--rounds", default=7, type=int)
     ap.add_argument("--replays", default=20, type=int, help="graph replays per timed sample")
+    ap.add_argument("--merged-configs", default=[], type=lambda t: [c for c in t.split(";") if c],
+                    help="extra launch configurations of the merged layout to time, ';'-separated, each "
+                         "'key=value,...' over lora_kernels.MERGED_CONFIG (e.g. 'min_programs=64;block_k=256')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--render", default=None)
     args = ap.parse_args(argv)

@@ -19,18 +19,18 @@ fi
   python3 -c "import torch,transformers,peft,triton;print(torch.__version__,transformers.__version__,peft.__version__,triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 t0=$SECONDS
 if (( ${T_INF:-400} > 0 )); then
-  timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --batch 32 --prompt-len 128 \
-    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_c,moa_split_c,moa_forced_c} \
+  timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --prompt-len 128 \
+    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_split_c,moa_merged_c} --batch ${INF_BATCH:-32} \
     --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
   echo "[inference done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_KERNEL:-150} > 0 )); then
-  timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k triton 2>&1 | tail -5 | tee "$OUT/tests.log"
+  timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k "triton or merged_kernel" 2>&1 | tail -5 | tee "$OUT/tests.log"
   echo "[kernel tests done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_MICRO:-120} > 0 )); then
-  timeout ${T_MICRO:-120} python3 bench/bench_lora_kernel.py --device cuda --batch 1,4,8,32 --experts 8,32,64 \
-    --json "$OUT/lora_kernel.json" 2>&1 | tee "$OUT/lora_kernel.log"
+  timeout ${T_MICRO:-120} python3 bench/bench_lora_kernel.py --device cuda --batch ${MICRO_BATCH:-1,4,8,32} --experts ${MICRO_EXPERTS:-8,32,64} \
+    --merged-configs "${MERGED_CONFIGS:-}" --json "$OUT/lora_kernel.json" 2>&1 | tee "$OUT/lora_kernel.log"
   echo "[kernel bench done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_GRAPH:-90} > 0 )); then

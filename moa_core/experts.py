@@ -134,6 +134,8 @@ class ExpertMixtureLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, d_in] -> [B, T, d_out]."""
+        if self._fused_here(x) and self.fused_group.takes_whole(x):
+            return self.fused_group.whole(self, x, self.slot.route.index)  # base and LoRA in the group's kernels
         # plain nn.Linear: call F.linear directly (one module call less per projection and decode step)
         y = F.linear(x, self.base.weight, self.base.bias) if type(self.base) is nn.Linear else self.base(x)
         if self.slot.adapters_off:
@@ -150,9 +152,16 @@ class ExpertMixtureLinear(nn.Module):
             return y + self._gated(xd, route.gates)
         return y
 
+    def _fused_here(self, x: Tensor) -> bool:
+        """Whether this forward's routed LoRA goes to the fused kernels (lora_kernels.LoraGroup): inference with one
+        expert per sequence, on a projection the model put in a group."""
+        slot = self.slot
+        return (slot.fused and self.fused_group is not None and slot.route.index is not None and not slot.adapters_off
+                and not self.training and x.dtype == self.lora_A.dtype)
+
     def _indexed(self, x: Tensor, route: Route, y: Tensor) -> Tensor:
         """Sequence-level top-1: x [B, T, d_a], route.index [B], y = W0 x [B, T, d_out] -> y + delta."""
-        if self.slot.fused and self.fused_group is not None and not self.training and x.dtype == self.lora_A.dtype:
+        if self._fused_here(x):
             return self.fused_group.apply(self, x, route.index, y)  # one kernel per group of projections
         if x.shape[1] == 1 and not self.shared_a and torch.compiler.is_compiling():
             return self._indexed_decode(x, route.index, y)

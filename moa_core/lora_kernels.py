@@ -17,10 +17,23 @@ base output y itself when the group has one member.
 
 `routed_lora_torch` is the same formulation in torch (what runs on the CPU, and the oracle of the kernel);
 `routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. A decode step (one token per
-row) has two kernel layouts, chosen by `DECODE_SPLIT`: one kernel per group (each program shrinks its row, then
-expands a span of columns in a loop) or a shrink kernel and an expand kernel, each one short pass over a grid
-of many small programs (two launches, no sequential loop over the columns). Under torch.compile both
-are reached through the custom op `moa::routed_lora`, which stays one opaque call in the graph.
+row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
+
+- "fused": one kernel per group (each program shrinks its row, then expands a span of columns in a loop), after
+  the base projections;
+- "split": a shrink kernel and an expand kernel, each one short pass over a grid of many small programs, after
+  the base projections;
+- "merged": a shrink kernel, then one kernel that computes the whole group's output, base and LoRA together:
+
+      out[b] = x[b] @ W_cat^T (+ bias_cat) + sum_j h[b, m(n) r + j] Bt[e, j, n]     for every column n
+
+  where W_cat [N, K] is the members' base weights stacked (q/k/v: one GEMM instead of three; the members'
+  `base.weight` become views of it, so it costs no memory) and Bt [E, r, N] each member's s B^T side by side,
+  m(n) the member that owns column n. A decode step of a layer then runs 8 kernels for its 7 projections
+  (4 shrinks, 4 group GEMMs) where the base model runs 7 GEMMs.
+
+Under torch.compile the kernels are reached through the custom ops `moa::routed_lora` and
+`moa::routed_linear`, each one opaque call in the graph.
 Only inference uses this path (no autograd, eval mode, MoA-style experts: no shared A, no universal
 expert); training keeps the reference path.
 """
@@ -31,7 +44,7 @@ import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:  # experts.py imports nothing from here: the hook there is one attribute
     from .experts import ExpertMixtureLinear
@@ -52,11 +65,12 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
-# Decode-step kernel layout (see the module docstring): False = one kernel per group, True = shrink + expand.
-# True since it measured 10-12 % faster in the projection stack at every batch (1-32) and expert count (8-64)
-# and ~5 % in the full model under CUDA graphs (H200, BENCHMARKS.md). Read where torch.compile traces
-# (`run_group`), so a change recompiles and re-captures instead of replaying the other layout's CUDA graph.
-DECODE_SPLIT = True
+# Decode-step kernel layout (see the module docstring): "fused", "split" or "merged". "split" measured 10-12 %
+# faster than "fused" in the projection stack at every batch (1-32) and expert count (8-64) and ~5 % in the full
+# model under CUDA graphs (H200, BENCHMARKS.md). Read where torch.compile traces (`LoraGroup.takes_whole`,
+# `run_group`), so a change recompiles and re-captures instead of replaying another layout's CUDA graph.
+DECODE_LAYOUTS = ("fused", "split", "merged")
+DECODE_LAYOUT = "split"
 
 
 # ------------------------------------------------------------------------------------------ formulation
@@ -66,6 +80,21 @@ def routed_lora_torch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optiona
     h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
     Bg = B.index_select(0, index).transpose(1, 2)  # [Bsz, R, N]
     return torch.bmm(h, Bg) if y is None else torch.baddbmm(y, h, Bg)
+
+
+def routed_linear_torch(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+                        bounds: list[int]) -> Tensor:
+    """The merged layout's function: x [Bsz, T, K], W [N, K] (the members' base weights stacked), bias [N] or None,
+    A [E, R, K] (R = members x r), Bt [E, r, N] (each member's s B^T side by side), index [Bsz], bounds: the
+    first column of each member after the first -> [Bsz, T, N]: x W^T + bias + the LoRA delta of the member owning
+    each column, h[..., m r:(m+1) r] @ Bt[e][:, its columns], with h = x A[e]^T."""
+    h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
+    Bg = Bt.index_select(0, index)  # [Bsz, r, N]
+    r = Bt.shape[1]
+    edges = [0, *bounds, W.shape[0]]
+    delta = torch.cat([torch.bmm(h[..., m * r:(m + 1) * r], Bg[..., n0:n1])
+                       for m, (n0, n1) in enumerate(zip(edges, edges[1:]))], dim=-1)
+    return torch.nn.functional.linear(x, W, bias) + delta
 
 
 if HAVE_TRITON:
@@ -199,14 +228,55 @@ if HAVE_TRITON:
                             offs_r, r_ok, N, sbe, sbn, sbr, syb, syn, sob, son, HAS_Y)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _routed_linear_decode_kernel(
+        x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, idx_ptr, out_ptr,
+        M, K, N, RM, S0, S1,
+        sxm, sxk, swn, shm, shr, sbe, sbr, som, son,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Program (a tile of BLOCK_N output columns, a tile of BLOCK_M rows; one token per row): the base GEMM
+        x W^T on the tensor cores, then each row's expert's rank-RM expand of its column's member's part of h.
+        W is K-contiguous, Bt N-contiguous; S0, S1: where the second and third members' columns start (N if none)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xk = tl.load(x_ptr + offs_m[:, None] * sxm + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # [BLOCK_M, BLOCK_K]
+            wk = tl.load(w_ptr + offs_n[None, :] * swn + offs_k[:, None], mask=n_ok[None, :] & k_ok[:, None],
+                         other=0.0)  # [BLOCK_K, BLOCK_N]
+            if IEEE:
+                acc += tl.dot(xk, wk, input_precision="ieee")
+            else:
+                acc += tl.dot(xk, wk)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        e = tl.load(idx_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+        r0 = ((offs_n >= S0).to(tl.int32) + (offs_n >= S1).to(tl.int32)) * RM  # [BLOCK_N] first rank of n's member
+        mask = m_ok[:, None] & n_ok[None, :]
+        for j in range(0, RM):
+            hj = tl.load(h_ptr + offs_m[:, None] * shm + (r0[None, :] + j) * shr, mask=mask, other=0.0)
+            bj = tl.load(bt_ptr + e[:, None] * sbe + j * sbr + offs_n[None, :], mask=mask, other=0.0)
+            acc += hj.to(tl.float32) * bj.to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * som + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
 
 def routed_lora_triton(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
                        split: bool = False) -> Tensor:
-    """The Triton kernel behind `routed_lora_torch` (same arguments and result); split: a decode step's
-    layout (`DECODE_SPLIT`)."""
+    """The Triton kernel behind `routed_lora_torch` (same arguments and result); split: a decode step in the
+    split layout (`DECODE_LAYOUT`), else the one-kernel ("fused") layout."""
     Bsz, T, K = x.shape
     E, N, R = B.shape
     out = torch.empty(Bsz, T, N, device=x.device, dtype=x.dtype)
@@ -277,6 +347,70 @@ def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Opti
     return out
 
 
+# Launch parameters of the merged layout's GEMM (a decode step's M = batch rows is small: the grid is spread over
+# columns). BLOCK_N is the widest of 128/64/32/16 that still gives `min_programs` programs (the H200 has 132 SMs).
+MERGED_CONFIG = {"min_programs": 128, "block_k": 128, "num_warps": 4, "num_stages": 3}
+
+
+def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+                         bounds: list[int]) -> Tensor:
+    """The merged layout's kernels behind `routed_linear_torch` (same arguments and result), one token per row:
+    the shrink h = x A[e]^T ([Bsz, R], the split layout's shrink kernel), then the group's GEMM with the expand."""
+    Bsz, T, K = x.shape
+    if T != 1:
+        raise ValueError(f"the merged layout serves decode steps (one token per row), got {T} tokens per row")
+    N, R, RM = W.shape[0], A.shape[1], Bt.shape[1]
+    if W.stride(1) != 1 or Bt.stride(2) != 1:
+        raise ValueError("the merged layout needs W contiguous along K and Bt along N")
+    cfg = MERGED_CONFIG
+    h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)  # the shrink, in the activation dtype (as the reference)
+    _routed_shrink_decode_kernel[(Bsz, R)](
+        x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(),
+        BLOCK_K=min(_pow2_at_least(K, 16), 2048), num_warps=4)
+    out = torch.empty(Bsz, 1, N, device=x.device, dtype=x.dtype)
+    BLOCK_M = min(64, _pow2_at_least(Bsz, 16))  # tl.dot needs 16 rows; smaller batches mask the rest
+    m_tiles = triton.cdiv(Bsz, BLOCK_M)
+    BLOCK_N = next((bn for bn in (128, 64, 32) if triton.cdiv(N, bn) * m_tiles >= cfg["min_programs"]), 16)
+    S0, S1 = ([*bounds, N, N])[:2]
+    _routed_linear_decode_kernel[(triton.cdiv(N, BLOCK_N), m_tiles)](
+        x, W, bias if bias is not None else W, h, Bt, index, out,
+        Bsz, K, N, RM, S0, S1,
+        x.stride(0), x.stride(2), W.stride(0), *h.stride(), Bt.stride(0), Bt.stride(1), out.stride(0), out.stride(2),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=min(cfg["block_k"], _pow2_at_least(K, 16)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _routed_linear_impl(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+                        bounds: list[int]) -> Tensor:
+    if x.is_cuda and HAVE_TRITON and x.shape[1] == 1:
+        return routed_linear_triton(x, W, bias, A, Bt, index, bounds)
+    return routed_linear_torch(x, W, bias, A, Bt, index, bounds)
+
+
+@torch.library.custom_op("moa::routed_linear", mutates_args=())
+def routed_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+                  bounds: list[int]) -> Tensor:
+    """One group's whole output in the merged layout (see `routed_linear_torch`): the Triton kernels on CUDA for a
+    decode step, else the torch formulation."""
+    return _routed_linear_impl(x, W, bias, A, Bt, index, bounds)
+
+
+@routed_linear.register_fake
+def _(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+      bounds: list[int]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], W.shape[0])
+
+
+def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+               bounds: list[int]) -> Tensor:
+    """`routed_linear` where torch.compile traces, eagerly its body (as `run_group`)."""
+    if torch.compiler.is_compiling():
+        return routed_linear(x, W, bias, A, Bt, index, bounds)
+    return _routed_linear_impl(x, W, bias, A, Bt, index, bounds)
+
+
 @torch.library.custom_op("moa::routed_lora", mutates_args=())
 def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
                 split: bool = False) -> Tensor:
@@ -292,18 +426,21 @@ def _(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None
 def run_group(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None) -> Tensor:
     """The custom op where torch.compile traces (it stays one opaque call in the graph); eagerly its body,
     since the op dispatcher's host time would be paid on every projection group of every decode step."""
+    split = DECODE_LAYOUT == "split"
     if torch.compiler.is_compiling():
-        return routed_lora(x, A, B, index, y, DECODE_SPLIT)
-    return _routed_lora_impl(x, A, B, index, y, DECODE_SPLIT)
+        return routed_lora(x, A, B, index, y, split)
+    return _routed_lora_impl(x, A, B, index, y, split)
 
 
 # ------------------------------------------------------------------------------------------------ groups
 class LoraGroup:
-    """Wrapped projections of one layer that read the same input, with their experts stacked for the kernel.
+    """Wrapped projections of one layer that read the same input, with their experts stacked for the kernels.
 
-    A [E, R, K] and B [E, N, R] are rebuilt by `refresh()` (outside any compiled region) when a member's
-    weights changed, in place where the shapes allow, and marked as static addresses so that CUDA graphs
-    neither copy them per replay nor re-record."""
+    A [E, R, K], B [E, N, R] (block-diagonal) and Bt [E, r, N] are rebuilt by `refresh()` (outside any compiled
+    region) when a member's weights changed, in place where the shapes allow, and marked as static addresses so
+    that CUDA graphs neither copy them per replay nor re-record. W [N, K] is the members' base weights stacked for
+    the merged layout: the members' `base.weight` are made views of it (once), so it costs no memory; None when a
+    member's base is not a plain nn.Linear."""
 
     def __init__(self, members: list["ExpertMixtureLinear"]) -> None:
         self.members = members
@@ -314,16 +451,22 @@ class LoraGroup:
             self.rank_slices.append(slice(r0, r0 + m.r))
             self.out_slices.append(slice(n0, n0 + m.out_features))
             r0, n0 = r0 + m.r, n0 + m.out_features
+        self.bounds = [s.start for s in self.out_slices[1:]]  # where each member's columns start, after the first
         self.position = {id(m): i for i, m in enumerate(members)}
         self.A: Tensor | None = None
         self.B: Tensor | None = None
+        self.Bt: Tensor | None = None
+        self.W: Tensor | None = None
+        self.bias: Tensor | None = None
         self._key: tuple | None = None
-        # (input, index, deltas [Bsz, T, N], members still to take theirs): the shrink of q serves k and v
+        # (input, index, the group's result [Bsz, T, N], members still to take theirs): the first member called on
+        # an input computes the whole group's result (one shrink for q/k/v), the others take their columns
         self.stash: tuple | None = None
 
     def _weights_key(self) -> tuple:
-        return tuple((id(p), p._version, p.device, p.dtype, tuple(p.shape))
-                     for m in self.members for p in (m.lora_A, m.lora_B, m.scaling))
+        params = [p for m in self.members for p in (m.lora_A, m.lora_B, m.scaling, m.base.weight, m.base.bias)]
+        return tuple(None if p is None else (id(p), p._version, p.data_ptr(), p.device, p.dtype, tuple(p.shape))
+                     for p in params)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -336,31 +479,82 @@ class LoraGroup:
         B = A.new_zeros(E, self.out_slices[-1].stop, self.rank_slices[-1].stop)  # [E, N, R]
         for m, rs, ns in zip(ms, self.rank_slices, self.out_slices):
             B[:, ns, rs] = m.lora_B * m.scaling.view(-1, 1, 1)
+        same_rank = len({m.r for m in ms}) == 1
+        Bt = torch.cat([(m.lora_B * m.scaling.view(-1, 1, 1)).transpose(1, 2) for m in ms], dim=2).contiguous() \
+            if same_rank else None  # [E, r, N]
         if self.A is not None and self.A.shape == A.shape and self.A.device == A.device and self.A.dtype == A.dtype \
-                and self.B.shape == B.shape:
+                and self.B.shape == B.shape and (Bt is None) == (self.Bt is None):
             self.A.copy_(A)
             self.B.copy_(B)
+            if Bt is not None:
+                self.Bt.copy_(Bt)
         else:
-            self.A, self.B = A, B
+            self.A, self.B, self.Bt = A, B, Bt
             if A.is_cuda:
-                torch._dynamo.mark_static_address(self.A)
-                torch._dynamo.mark_static_address(self.B)
+                for t in (self.A, self.B, self.Bt):
+                    if t is not None:
+                        torch._dynamo.mark_static_address(t)
+        self._merge_base_weights()
         self.stash = None
-        self._key = key
+        self._key = self._weights_key()
+
+    def _merge_base_weights(self) -> None:
+        """W [N, K] and bias [N] for the merged layout. Several members: their weights are copied once into one
+        tensor and each member's `base.weight` becomes a view of its rows (same values, no second copy); their
+        biases are stacked into a copy (zeros for a member without one)."""
+        ms = self.members
+        if any(type(m.base) is not nn.Linear or m.base.weight.stride(1) != 1 for m in ms) \
+                or len({(m.base.weight.device, m.base.weight.dtype) for m in ms}) != 1:
+            self.W = self.bias = None
+            return
+        weights = [m.base.weight for m in ms]
+        if len(ms) == 1:
+            self.W = weights[0]
+        elif not (self.W is not None and self.W.device == weights[0].device and self.W.dtype == weights[0].dtype
+                  and all(w.data_ptr() == self.W[ns].data_ptr() and w.shape == self.W[ns].shape
+                          for w, ns in zip(weights, self.out_slices))):
+            with torch.inference_mode(False):  # normal tensors: the model may train or be versioned later
+                self.W = torch.cat([w.detach() for w in weights])
+                for m, w, ns in zip(ms, weights, self.out_slices):
+                    m.base.weight = nn.Parameter(self.W[ns], requires_grad=w.requires_grad)
+        if any(m.base.bias is not None for m in ms):
+            self.bias = torch.cat([m.base.bias.detach() if m.base.bias is not None
+                                   else self.W.new_zeros(m.out_features) for m in ms])
+        else:
+            self.bias = None
+        if self.W.is_cuda:
+            for t in (self.W, self.bias):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
+
+    def _member_part(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, compute) -> Tensor:
+        """member's columns of the group's result on input x, computed (`compute()`) by the first member called."""
+        st = self.stash
+        if st is not None and st[0] is x and st[1] is index:
+            full = st[2]
+            self.stash = None if st[3] == 1 else (x, index, full, st[3] - 1)
+        else:
+            full = compute()
+            self.stash = (x, index, full, len(self.members) - 1)
+        return full[..., self.out_slices[self.position[id(member)]]]
 
     def apply(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """member's y + its LoRA delta; x [Bsz, T, K], index [Bsz], y [Bsz, T, d_out]."""
         if len(self.members) == 1:
             return run_group(x, self.A, self.B, index, y)
-        i = self.position[id(member)]
-        st = self.stash
-        if st is not None and st[0] is x and st[1] is index:
-            deltas = st[2]
-            self.stash = None if st[3] == 1 else (x, index, deltas, st[3] - 1)
-        else:  # the first member called on this input computes the whole group's deltas
-            deltas = run_group(x, self.A, self.B, index, None)
-            self.stash = (x, index, deltas, len(self.members) - 1)
-        return y + deltas[..., self.out_slices[i]]
+        return y + self._member_part(member, x, index, lambda: run_group(x, self.A, self.B, index, None))
+
+    def takes_whole(self, x: Tensor) -> bool:
+        """Whether member calls on x go to `whole` (the merged layout, a decode step), skipping their base linear."""
+        return DECODE_LAYOUT == "merged" and x.shape[1] == 1 and self.W is not None and self.Bt is not None
+
+    def whole(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor) -> Tensor:
+        """member's whole output, base and LoRA delta (the merged layout); x [Bsz, 1, K], index [Bsz]."""
+        def compute() -> Tensor:
+            return run_linear(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
+        if len(self.members) == 1:
+            return compute()
+        return self._member_part(member, x, index, compute)
 
 
 class LoraFusion:

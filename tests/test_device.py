@@ -90,15 +90,14 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
 
 
 def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
-                                              compile_mode: str = "reduce-overhead", split: bool = False) -> None:
+                                              compile_mode: str = "reduce-overhead", layout: str = "fused") -> None:
     """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
     call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
     then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
     input, not captured state. fp32, experts far apart, routers fitted so that each row's domain decides its
     expert. fused: None = the fused kernels where they apply (CUDA with triton), False = the reference path.
-    split: the graphed calls use the two-kernel decode layout (`lora_kernels.DECODE_SPLIT`), else the one-kernel
-    layout; the eager ones always the one-kernel layout, so the split case also says that the two layouts generate
-    the same tokens."""
+    layout: the graphed calls' decode layout (`lora_kernels.DECODE_LAYOUT`); the eager ones always run the one-kernel
+    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -144,19 +143,19 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     mm.lora_fusion.enabled = fused
     for name, domains in batches.items():
         ids, mask = prompts(domains)
-        before = lora_kernels.DECODE_SPLIT
+        before = lora_kernels.DECODE_LAYOUT
         try:
-            lora_kernels.DECODE_SPLIT = split
+            lora_kernels.DECODE_LAYOUT = layout
             graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
             assert torch.unique(chosen).numel() == abs(name)
-            lora_kernels.DECODE_SPLIT = False
+            lora_kernels.DECODE_LAYOUT = "fused"
             eager, _ = mm.generate(ids, mask, expert=chosen, **gen)
         finally:
-            lora_kernels.DECODE_SPLIT = before
+            lora_kernels.DECODE_LAYOUT = before
         same = graphed.sequences == eager.sequences
         if not bool(same.all()):
-            pytest.fail(f"fused={fused}, split={split}, {abs(name)} distinct experts: graph replay differs from eager at "
+            pytest.fail(f"fused={fused}, layout={layout}, {abs(name)} distinct experts: graph replay differs from eager at "
                         f"{(~same).nonzero().tolist()[:5]}")
         for a, b in zip(graphed.scores, eager.scores):
             finite = torch.isfinite(b)
@@ -172,10 +171,10 @@ def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("path", ["kernels", "kernels-split", "reference"])
+@pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "reference"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
     check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=False if path == "reference" else None,
-                                              split=path == "kernels-split")
+                                              layout={"kernels-split": "split", "kernels-merged": "merged"}.get(path, "fused"))
 
 
 if __name__ == "__main__":

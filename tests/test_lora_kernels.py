@@ -26,19 +26,24 @@ def _mixture(tiny_cfg, tiny_base, std: float = 0.2):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the fused path's kernel calls (the custom op) and still runs them."""
+    """Counts the fused path's kernel calls (either custom op: `run_group`, `run_linear`) and still runs them."""
     calls = []
-    real = lora_kernels.run_group
+    for name in ("run_group", "run_linear"):
+        real = getattr(lora_kernels, name)
 
-    def counting(*args):
-        calls.append(args[0].shape)
-        return real(*args)
+        def counting(*args, _real=real, _name=name):
+            calls.append((_name, args[0].shape))
+            return _real(*args)
 
-    monkeypatch.setattr(lora_kernels, "run_group", counting)
+        monkeypatch.setattr(lora_kernels, name, counting)
     return calls
 
 
-def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls):
+@pytest.mark.parametrize("layout", lora_kernels.DECODE_LAYOUTS)
+def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, monkeypatch, layout):
+    """Forward, forced and routed generation: the fused path in each decode layout (on the CPU their torch
+    formulations: "merged" computes the base projections in its own op) gives the reference path's results."""
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
     mm = _mixture(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (6, 9))
     mask = torch.ones_like(ids)
@@ -57,6 +62,7 @@ def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls):
         if not fused:
             assert op_calls == [], "the reference path must not touch the kernels"
     assert op_calls, "the fused path was not taken"
+    assert {name for name, _ in op_calls} == ({"run_group", "run_linear"} if layout == "merged" else {"run_group"})
     (l0, f0, r0, c0), (l1, f1, r1, c1) = results[False], results[True]
     assert torch.allclose(l0, l1, atol=1e-5, rtol=1e-5), float((l0 - l1).abs().max())
     assert torch.equal(c0, c1)
@@ -81,6 +87,34 @@ def test_projections_sharing_an_input_take_one_kernel_call(tiny_cfg, tiny_base, 
     assert all(g.stash is None for g in mm.lora_fusion.groups), "a group kept its input after all members ran"
 
 
+def test_merged_layout_runs_a_decode_step_without_the_base_linears(tiny_cfg, tiny_base, op_calls, monkeypatch):
+    """In the merged layout a decode step's projections are 4 group calls per layer, base included: no member runs
+    its own linear (on the CPU each group op runs one F.linear of the stacked W: 4 per layer where the split layout
+    runs the 7 members' own); the members' base weights became views of their group's W (no copy, same values)."""
+    mm = _mixture(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    before = {n: w.base.weight.detach().clone() for n, w in mm.wrapped.items()}
+    linear_calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: linear_calls.append(a[1].shape) or real_linear(*a))
+    ids = torch.randint(3, 250, (4, 1))
+    counts = {}
+    for layout in ("split", "merged"):
+        monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
+        op_calls.clear()
+        linear_calls.clear()
+        with torch.no_grad():
+            mm(ids, torch.ones_like(ids), expert=torch.tensor([1, 0, 2, 1]))
+        counts[layout] = len(linear_calls)
+    n_layers = len(mm.slots)
+    assert [name for name, _ in op_calls] == ["run_linear"] * (4 * n_layers)
+    assert counts["merged"] == counts["split"] - 3 * n_layers, counts
+    for g in mm.lora_fusion.groups:
+        for m, ns in zip(g.members, g.out_slices):
+            assert m.base.weight.data_ptr() == g.W[ns].data_ptr(), "a member's weight is a copy, not a view of W"
+    assert all(torch.equal(w.base.weight, before[n]) for n, w in mm.wrapped.items())
+
+
 def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_calls):
     mm = _mixture(tiny_cfg, tiny_base)
     mm.lora_fusion.enabled = True
@@ -92,11 +126,13 @@ def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_
     assert op_calls == []
 
 
-def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base):
-    """The kernel reads copies of the experts (stacked per group): loading or changing an expert in place,
-    or adding one, must reach them before the next forward."""
+@pytest.mark.parametrize("tokens", [6, 1])
+def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch, tokens):
+    """The kernels read copies of the experts (stacked per group): loading or changing an expert in place,
+    or adding one, must reach them before the next forward (tokens = 1: a decode step, in the merged layout)."""
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
     mm = _mixture(tiny_cfg, tiny_base)
-    ids = torch.randint(3, 250, (3, 6))
+    ids = torch.randint(3, 250, (3, tokens))
     mask = torch.ones_like(ids)
     expert = torch.tensor([0, 1, 2])
 
@@ -109,7 +145,7 @@ def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base):
         return out[False], out[True]
 
     before = both()[1]
-    w = next(iter(mm.wrapped.values()))
+    w = next(w for n, w in mm.wrapped.items() if n.endswith("up_proj"))  # (one token's attention ignores q)
     w.load_expert(1, torch.randn(w.r, w.in_features), torch.randn(w.out_features, w.r), 3.0)
     ref, new = both()
     assert not torch.allclose(before, new, atol=1e-3), "the loaded expert was not used"
@@ -129,8 +165,9 @@ def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base):
     assert torch.allclose(ref, new, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.optin)])
-def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_base, backend):
+@pytest.mark.parametrize("backend,layout", [("aot_eager", "split"), ("aot_eager", "merged"),
+                                            pytest.param("inductor", "merged", marks=pytest.mark.optin)])
+def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_base, monkeypatch, backend, layout):
     """HF's compiled decode step (static cache, torch.compile fullgraph) through the custom op: the same tokens as
     the reference path run eagerly, also after the number of distinct experts in the batch changes (no re-trace
     of the routing: the expert per row is a fixed-shape graph input).
@@ -143,6 +180,7 @@ def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_ba
 
     torch._dynamo.reset()
     counters.clear()
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
     mm = _mixture(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (6, 8))
     mask = torch.ones_like(ids)
@@ -175,15 +213,41 @@ def test_triton_kernel_matches_the_torch_formulation(T, with_y, K, R):
         y = torch.randn(Bsz, T, N, generator=g).to(device, dtype) if with_y else None
         index = torch.tensor([3, 0, 3, 1, 2], device=device)
         ref = lora_kernels.routed_lora_torch(x.double(), A.double(), B.double(), index, None if y is None else y.double())
-        for split in [False, True] if T == 1 else [False]:  # a decode step has two kernel layouts (DECODE_SPLIT)
+        for split in [False, True] if T == 1 else [False]:  # a decode step's "fused" and "split" layouts
             out = lora_kernels.routed_lora_triton(x, A, B, index, y, split)
             err = float((out.double() - ref).norm() / ref.norm())
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, split, err)
 
 
+@pytest.mark.skipif(not lora_kernels.HAVE_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="needs triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("Bsz", [1, 5, 40])  # one row (15 of the 16 masked), a partial tile, two row tiles
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("K,outs,r", [(96, (80, 24, 24), 8), (2500, (300,), 16), (64, (200, 72), 4)])
+def test_merged_kernel_matches_the_torch_formulation(Bsz, with_bias, K, outs, r):
+    """The merged layout's GEMM with the routed expand, 1-3 members of any widths (tiles straddle members)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        g = torch.Generator().manual_seed(Bsz + K)
+        E, N, R = 4, sum(outs), r * len(outs)
+        x = torch.randn(Bsz, 1, K, generator=g).to(device, dtype)
+        W = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+        bias = torch.randn(N, generator=g).to(device, dtype) if with_bias else None
+        A = (torch.randn(E, R, K, generator=g) / K ** 0.5).to(device, dtype)
+        Bt = torch.randn(E, r, N, generator=g).to(device, dtype)
+        index = torch.randint(0, E, (Bsz,), generator=g).to(device)
+        bounds = list(torch.tensor(outs).cumsum(0)[:-1].tolist())
+        as64 = [t.double() if t is not None else None for t in (x, W, bias, A, Bt)]
+        ref = lora_kernels.routed_linear_torch(*as64, index, bounds)
+        out = lora_kernels.routed_linear_triton(x, W, bias, A, Bt, index, bounds)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, err)
+
+
 def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
-    """`DECODE_SPLIT` is read where torch.compile traces: flipping it compiles the other layout (its own graph,
-    so under CUDA graphs its own capture) instead of replaying the first one, and flipping it back reuses it."""
+    """`DECODE_LAYOUT` is read where torch.compile traces: changing it compiles the other layout (its own graph,
+    so under CUDA graphs its own capture) instead of replaying the first one, and changing it back reuses it."""
     seen: list[bool] = []
     real = lora_kernels._routed_lora_impl
     monkeypatch.setattr(lora_kernels, "_routed_lora_impl", lambda *a: seen.append(a[-1]) or real(*a))
@@ -199,8 +263,8 @@ def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
     x, A, B = torch.randn(2, 1, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 6, 4, generator=g)
     index = torch.tensor([0, 2])
     want = lora_kernels.routed_lora_torch(x, A, B, index) * 2
-    for split in (False, True, False):
-        monkeypatch.setattr(lora_kernels, "DECODE_SPLIT", split)
+    for layout in ("fused", "split", "fused"):
+        monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
         assert torch.allclose(step(x, A, B, index), want)
     assert len(graphs) == 2, "the flag did not recompile, or flipping it back compiled a third time"
     assert seen[-3:] == [False, True, False], seen

@@ -348,21 +348,23 @@ def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Opti
 
 
 # Launch parameters of the merged layout's GEMM (a decode step's M = batch rows is small: the grid is spread over
-# columns). BLOCK_N is the widest of 128/64/32/16 that still gives `min_programs` programs (the H200 has 132 SMs).
-MERGED_CONFIG = {"min_programs": 128, "block_k": 128, "num_warps": 4, "num_stages": 3}
+# columns). BLOCK_N is `block_n`, or when 0 the widest of 128/64/32/16 that still gives `min_programs` programs
+# (the H200 has 132 SMs).
+MERGED_CONFIG = {"min_programs": 128, "block_n": 0, "block_k": 128, "num_warps": 4, "num_stages": 3}
 
 
 def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
-                         bounds: list[int]) -> Tensor:
+                         bounds: list[int], config: Optional[dict] = None) -> Tensor:
     """The merged layout's kernels behind `routed_linear_torch` (same arguments and result), one token per row:
-    the shrink h = x A[e]^T ([Bsz, R], the split layout's shrink kernel), then the group's GEMM with the expand."""
+    the shrink h = x A[e]^T ([Bsz, R], the split layout's shrink kernel), then the group's GEMM with the expand.
+    config: launch parameters over `MERGED_CONFIG` (benchmarks)."""
     Bsz, T, K = x.shape
     if T != 1:
         raise ValueError(f"the merged layout serves decode steps (one token per row), got {T} tokens per row")
     N, R, RM = W.shape[0], A.shape[1], Bt.shape[1]
     if W.stride(1) != 1 or Bt.stride(2) != 1:
         raise ValueError("the merged layout needs W contiguous along K and Bt along N")
-    cfg = MERGED_CONFIG
+    cfg = {**MERGED_CONFIG, **(config or {})}
     h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)  # the shrink, in the activation dtype (as the reference)
     _routed_shrink_decode_kernel[(Bsz, R)](
         x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(),
@@ -370,7 +372,7 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     out = torch.empty(Bsz, 1, N, device=x.device, dtype=x.dtype)
     BLOCK_M = min(64, _pow2_at_least(Bsz, 16))  # tl.dot needs 16 rows; smaller batches mask the rest
     m_tiles = triton.cdiv(Bsz, BLOCK_M)
-    BLOCK_N = next((bn for bn in (128, 64, 32) if triton.cdiv(N, bn) * m_tiles >= cfg["min_programs"]), 16)
+    BLOCK_N = cfg["block_n"] or next((bn for bn in (128, 64, 32) if triton.cdiv(N, bn) * m_tiles >= cfg["min_programs"]), 16)
     S0, S1 = ([*bounds, N, N])[:2]
     _routed_linear_decode_kernel[(triton.cdiv(N, BLOCK_N), m_tiles)](
         x, W, bias if bias is not None else W, h, Bt, index, out,

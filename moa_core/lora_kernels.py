@@ -233,9 +233,9 @@ if HAVE_TRITON:
     @triton.jit
     def _routed_linear_decode_kernel(
         x_ptr, w_ptr, bias_ptr, h_ptr, bt_ptr, idx_ptr, out_ptr,
-        M, K, N, RM, S0, S1,
+        M, K, N, S0, S1,
         sxm, sxk, swn, shm, shr, sbe, sbr, som, son,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        RM: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Program (a tile of BLOCK_N output columns, a tile of BLOCK_M rows; one token per row): the base GEMM
@@ -262,7 +262,7 @@ if HAVE_TRITON:
         e = tl.load(idx_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
         r0 = ((offs_n >= S0).to(tl.int32) + (offs_n >= S1).to(tl.int32)) * RM  # [BLOCK_N] first rank of n's member
         mask = m_ok[:, None] & n_ok[None, :]
-        for j in range(0, RM):
+        for j in tl.static_range(RM):  # unrolled: the rank's loads are issued together, not one latency each
             hj = tl.load(h_ptr + offs_m[:, None] * shm + (r0[None, :] + j) * shr, mask=mask, other=0.0)
             bj = tl.load(bt_ptr + e[:, None] * sbe + j * sbr + offs_n[None, :], mask=mask, other=0.0)
             acc += hj.to(tl.float32) * bj.to(tl.float32)
@@ -376,9 +376,9 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     S0, S1 = ([*bounds, N, N])[:2]
     _routed_linear_decode_kernel[(triton.cdiv(N, BLOCK_N), m_tiles)](
         x, W, bias if bias is not None else W, h, Bt, index, out,
-        Bsz, K, N, RM, S0, S1,
+        Bsz, K, N, S0, S1,
         x.stride(0), x.stride(2), W.stride(0), *h.stride(), Bt.stride(0), Bt.stride(1), out.stride(0), out.stride(2),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        RM=RM, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=min(cfg["block_k"], _pow2_at_least(K, 16)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

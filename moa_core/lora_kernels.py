@@ -29,8 +29,10 @@ row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
 
   where W_cat [N, K] is the members' base weights stacked (q/k/v: one GEMM instead of three; the members'
   `base.weight` become views of it, so it costs no memory) and Bt [E, r, N] each member's s B^T side by side,
-  m(n) the member that owns column n. A decode step of a layer then runs 8 kernels for its 7 projections
-  (4 shrinks, 4 group GEMMs) where the base model runs 7 GEMMs.
+  m(n) the member that owns column n. For a large weight (gate/up, down on a 0.5B model) cuBLAS's GEMM over W_cat
+  and the split layout's kernels serve instead (`MERGED_CONFIG`: Triton's GEMM was slower there). A decode
+  step of a Qwen2-0.5B layer then runs 10 kernels for its 7 projections (q/k/v and o: a shrink and the GEMM;
+  gate/up and down: cuBLAS, a shrink, an expand) where the base model runs 7 GEMMs.
 
 Under torch.compile the kernels are reached through the custom ops `moa::routed_lora` and
 `moa::routed_linear`, each one opaque call in the graph.
@@ -347,10 +349,12 @@ def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Opti
     return out
 
 
-# Launch parameters of the merged layout's GEMM (a decode step's M = batch rows is small: the grid is spread over
-# columns). BLOCK_N is `block_n`, or when 0 the widest of 128/64/32/16 that still gives `min_programs` programs
-# (the H200 has 132 SMs).
-MERGED_CONFIG = {"min_programs": 128, "block_n": 0, "block_k": 128, "num_warps": 4, "num_stages": 3}
+# The merged layout's choices, from bench/tune_merged.py on the H200 (BENCHMARKS.md). A group whose stacked weight
+# has at most `max_fused_weight` elements (q/k/v, o on the Qwen2-0.5B shape) runs the Triton GEMM with the expand
+# fused, with these launch parameters (a decode step's M = batch rows is small: the grid is spread over columns,
+# BLOCK_N of them per program); a larger one (gate/up, down) runs cuBLAS over the stacked weight and the split
+# layout's LoRA kernels, which were faster there (the Triton GEMM reached about half cuBLAS's bandwidth).
+MERGED_CONFIG = {"max_fused_weight": 2 ** 21, "block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 3}
 
 
 def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
@@ -372,7 +376,7 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     out = torch.empty(Bsz, 1, N, device=x.device, dtype=x.dtype)
     BLOCK_M = min(64, _pow2_at_least(Bsz, 16))  # tl.dot needs 16 rows; smaller batches mask the rest
     m_tiles = triton.cdiv(Bsz, BLOCK_M)
-    BLOCK_N = cfg["block_n"] or next((bn for bn in (128, 64, 32) if triton.cdiv(N, bn) * m_tiles >= cfg["min_programs"]), 16)
+    BLOCK_N = cfg["block_n"]
     S0, S1 = ([*bounds, N, N])[:2]
     _routed_linear_decode_kernel[(triton.cdiv(N, BLOCK_N), m_tiles)](
         x, W, bias if bias is not None else W, h, Bt, index, out,
@@ -384,33 +388,37 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     return out
 
 
-def _routed_linear_impl(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
-                        bounds: list[int]) -> Tensor:
+def _routed_linear_impl(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor,
+                        index: Tensor, bounds: list[int]) -> Tensor:
     if x.is_cuda and HAVE_TRITON and x.shape[1] == 1:
-        return routed_linear_triton(x, W, bias, A, Bt, index, bounds)
-    return routed_linear_torch(x, W, bias, A, Bt, index, bounds)
+        if W.numel() <= MERGED_CONFIG["max_fused_weight"]:
+            return routed_linear_triton(x, W, bias, A, Bt, index, bounds)
+        return routed_lora_triton(x, A, B, index, torch.nn.functional.linear(x, W, bias), split=True)
+    return routed_lora_torch(x, A, B, index, torch.nn.functional.linear(x, W, bias))
 
 
 @torch.library.custom_op("moa::routed_linear", mutates_args=())
-def routed_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+def routed_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
                   bounds: list[int]) -> Tensor:
-    """One group's whole output in the merged layout (see `routed_linear_torch`): the Triton kernels on CUDA for a
-    decode step, else the torch formulation."""
-    return _routed_linear_impl(x, W, bias, A, Bt, index, bounds)
+    """One group's whole output in the merged layout, x W^T (+ bias) + each row's routed LoRA (B: the block-diagonal
+    [E, N, R] of `routed_lora_torch`, Bt: the same experts as `routed_linear_torch` takes them): on CUDA in a decode
+    step the Triton GEMM with the expand fused, or cuBLAS and the split layout's kernels for a large weight
+    (`MERGED_CONFIG`); elsewhere the torch formulation."""
+    return _routed_linear_impl(x, W, bias, A, B, Bt, index, bounds)
 
 
 @routed_linear.register_fake
-def _(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+def _(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
       bounds: list[int]) -> Tensor:
     return x.new_empty(*x.shape[:-1], W.shape[0])
 
 
-def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
                bounds: list[int]) -> Tensor:
     """`routed_linear` where torch.compile traces, eagerly its body (as `run_group`)."""
     if torch.compiler.is_compiling():
-        return routed_linear(x, W, bias, A, Bt, index, bounds)
-    return _routed_linear_impl(x, W, bias, A, Bt, index, bounds)
+        return routed_linear(x, W, bias, A, B, Bt, index, bounds)
+    return _routed_linear_impl(x, W, bias, A, B, Bt, index, bounds)
 
 
 @torch.library.custom_op("moa::routed_lora", mutates_args=())
@@ -553,7 +561,7 @@ class LoraGroup:
     def whole(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor) -> Tensor:
         """member's whole output, base and LoRA delta (the merged layout); x [Bsz, 1, K], index [Bsz]."""
         def compute() -> Tensor:
-            return run_linear(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
+            return run_linear(x, self.W, self.bias, self.A, self.B, self.Bt, index, self.bounds)
         if len(self.members) == 1:
             return compute()
         return self._member_part(member, x, index, compute)

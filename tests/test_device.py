@@ -97,7 +97,8 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     input, not captured state. fp32, experts far apart, routers fitted so that each row's domain decides its
     expert. fused: None = the fused kernels where they apply (CUDA with triton), False = the reference path.
     layout: the graphed calls' decode layout (`lora_kernels.DECODE_LAYOUT`); the eager ones always run the one-kernel
-    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens."""
+    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens; in
+    "merged" the MLP's groups are sent down its cuBLAS path and attention's down its Triton GEMM, so both run."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -141,6 +142,23 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
                return_dict_in_generate=True)
     mm.lora_fusion.enabled = fused
+    merged_config = dict(lora_kernels.MERGED_CONFIG)
+    if layout == "merged" and mm.lora_fusion.ready():
+        # both of the merged layout's paths: the Triton GEMM for attention's groups, cuBLAS + split kernels for the MLP's
+        mlp = {id(w.fused_group) for n, w in mm.wrapped.items() if ".mlp." in n}
+        lora_kernels.MERGED_CONFIG["max_fused_weight"] = min(g.W.numel() for g in mm.lora_fusion.groups
+                                                             if id(g) in mlp) - 1
+        assert all(g.W.numel() <= lora_kernels.MERGED_CONFIG["max_fused_weight"]
+                   for g in mm.lora_fusion.groups if id(g) not in mlp)
+    try:
+        _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout)
+    finally:
+        lora_kernels.MERGED_CONFIG.update(merged_config)
+
+
+def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout) -> None:
+    from moa_core import lora_kernels
+
     for name, domains in batches.items():
         ids, mask = prompts(domains)
         before = lora_kernels.DECODE_LAYOUT

@@ -247,10 +247,19 @@ def run_shape(args: argparse.Namespace) -> dict:
                 t, out = timed(lambda: call(v), device)
                 times[v].append(t)
                 assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
+        prefill: dict[str, list[float]] = {v: [] for v in variants}
+        if args.prefill_rounds:  # the same calls generating one token: the prompt pass (and routing) alone
+            gen.update(max_new_tokens=1, min_new_tokens=1)
+            for i in range(args.prefill_rounds):
+                for v in (variants if i % 2 == 0 else variants[::-1]):
+                    prefill[v].append(timed(lambda: call(v), device)[0])
+            gen.update(max_new_tokens=G, min_new_tokens=G)
         med = {v: median(ts) for v, ts in times.items()}
         rec = {"experts": n, "median_s": med, "min_s": {v: min(ts) for v, ts in times.items()},
                "max_s": {v: max(ts) for v, ts in times.items()}, "all_s": times, "warmup_s": warm, **routing,
                "gen_tokens_per_s": {v: B * G / s for v, s in med.items()},
+               **({"prefill_s": prefill, "decode_step_s": {v: (med[v] - median(prefill[v])) / max(1, G - 1)
+                                                          for v in variants}} if args.prefill_rounds else {}),
                "paired_ratios": {f"{a}/{b}": spread([x / y for x, y in zip(times[a], times[b])])
                                  for a, b in RATIOS if a in times and b in times}}
         if "peft" in outs and "moa_forced" in outs:
@@ -318,6 +327,13 @@ def render(payload: dict) -> str:
             rows.append(row)
         out += ["\nTime ratios per round (the two calls ran in the same round): median [min-max].\n",
                 markdown_table(["N"] + [f"{a}/{b}" for a, b in ratios], rows)]
+    if "prefill_s" in payload["results"][0]:
+        rows = [[r["experts"]] + [ms(r["prefill_s"][v]) for v in variants]
+                + [f"{r['decode_step_s'][v] * 1e3:.3f}" for v in variants] for r in payload["results"]]
+        out += ["\nThe prompt pass alone (the same call generating one token; MoA's includes its routing), ms: median "
+                "[min-max]; decode ms per step = (median whole call - median prompt pass) / (new tokens - 1).\n",
+                markdown_table(["N"] + [f"{v} prompt ms" for v in variants] + [f"{v} decode ms/step" for v in variants],
+                               rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
               "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
@@ -342,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = generation_args(shape_args(__doc__, experts="1,2,4,8,16"))
     ap.add_argument("--repeats", default=5, type=int)
     ap.add_argument("--warmup", default=1, type=int)
+    ap.add_argument("--prefill-rounds", default=0, type=int,
+                    help="also time each variant generating one token (the prompt pass alone), in this many "
+                         "interleaved rounds, and report the decode time per step as (whole - prompt) / (tokens - 1)")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--routers", default="fit", choices=["fit", "random"],
                     help="fit: routers trained on the domain-marked prompts first (as after MoA stage 2); random: untrained")

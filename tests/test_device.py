@@ -90,15 +90,17 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
 
 
 def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
-                                              compile_mode: str = "reduce-overhead", layout: str = "fused") -> None:
+                                              compile_mode: str = "reduce-overhead", layout: str = "fused",
+                                              merged_cublas: bool = False) -> None:
     """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
     call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
     then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
     input, not captured state. fp32, experts far apart, routers fitted so that each row's domain decides its
     expert. fused: None = the fused kernels where they apply (CUDA with triton), False = the reference path.
     layout: the graphed calls' decode layout (`lora_kernels.DECODE_LAYOUT`); the eager ones always run the one-kernel
-    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens; in
-    "merged" the MLP's groups are sent down its cuBLAS path and attention's down its Triton GEMM, so both run."""
+    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens.
+    merged_cublas: the merged layout's groups all take its cuBLAS path (on the tiny model they all take the Triton
+    GEMM by default: their weights are small)."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -143,13 +145,8 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
                return_dict_in_generate=True)
     mm.lora_fusion.enabled = fused
     merged_config = dict(lora_kernels.MERGED_CONFIG)
-    if layout == "merged" and mm.lora_fusion.ready():
-        # both of the merged layout's paths: the Triton GEMM for attention's groups, cuBLAS + split kernels for the MLP's
-        mlp = {id(w.fused_group) for n, w in mm.wrapped.items() if ".mlp." in n}
-        lora_kernels.MERGED_CONFIG["max_fused_weight"] = min(g.W.numel() for g in mm.lora_fusion.groups
-                                                             if id(g) in mlp) - 1
-        assert all(g.W.numel() <= lora_kernels.MERGED_CONFIG["max_fused_weight"]
-                   for g in mm.lora_fusion.groups if id(g) not in mlp)
+    if merged_cublas:  # every group of the merged layout on its other path: cuBLAS over the stacked weight + split kernels
+        lora_kernels.MERGED_CONFIG["max_fused_weight"] = 0
     try:
         _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout)
     finally:
@@ -189,10 +186,11 @@ def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "reference"])
+@pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
     check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=False if path == "reference" else None,
-                                              layout={"kernels-split": "split", "kernels-merged": "merged"}.get(path, "fused"))
+                                              layout="fused" if path in ("kernels", "reference") else path.split("-")[1],
+                                              merged_cublas=path.endswith("cublas"))
 
 
 if __name__ == "__main__":

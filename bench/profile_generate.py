@@ -1,0 +1,76 @@
+"""Where one compiled generate call spends its host and GPU time: the base model against routed MoA, both with HF's
+static cache and CUDA graphs (`reduce-overhead`), as bench_inference.py's base_c and moa_c variants run them.
+
+After two warm-up calls (compilation, graph capture) one call per variant runs under torch.profiler (CPU and CUDA
+activities). Printed per variant and per phase (the whole call; the prompt pass alone = the same call generating
+one token): wall ms, GPU kernel time (sum of kernel durations, graph replays included) and kernels launched; then
+MoA's top host-side operators by self CPU time. A wall time far above the GPU time means the call waits on the host.
+
+Example:  python bench/profile_generate.py --shape qwen0.5b --device cuda --experts 8 --batch 8 --new-tokens 16
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import setup_shape, shape_args  # noqa: E402,I001
+from bench_inference import build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from moa_core import lora_kernels  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = generation_args(shape_args(__doc__, experts="8"))
+    ap.add_argument("--layout", default=lora_kernels.DECODE_LAYOUT, choices=lora_kernels.DECODE_LAYOUTS)
+    ap.add_argument("--top", default=20, type=int)
+    args = ap.parse_args(argv)
+    from transformers import CompileConfig
+
+    lora_kernels.DECODE_LAYOUT = args.layout
+    device, dtype, base, V = setup_shape(args)
+    n, B, P, G = args.experts[0], args.batch, args.prompt_len, args.new_tokens
+    rows = torch.arange(B, device=device) % n
+    ids, mask = domain_prompts(B, P, n, V, device), torch.ones(B, P, dtype=torch.long, device=device)
+    mm = build_moa(base, build_peft(base, n, seed=n), n, seed=n)
+    fit_routers(mm, ids, mask, rows, 40)
+    cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
+    cc._compile_all_devices = True
+    calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),
+             "moa_c": lambda t: mm.generate(ids, mask, **gen(t))[0]}
+
+    def gen(tokens: int) -> dict:
+        return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                    cache_implementation="static", compile_config=cc)
+
+    with torch.inference_mode():
+        for name, call in calls.items():
+            for tokens in (G, G, 1, 1):
+                call(tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        for name, call in calls.items():
+            for tokens in (G, 1):
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    t0 = time.perf_counter()
+                    call(tokens)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t0) * 1e3
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                gpu = sum(e.device_time for e in kernels) / 1e3
+                phase = "whole call" if tokens == G else "prompt pass"
+                print(f"{name} {phase} ({tokens} new tokens): wall {wall:.1f} ms, GPU kernels {gpu:.1f} ms, "
+                      f"{len(kernels)} kernels", flush=True)
+                if args.top:
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

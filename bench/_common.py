@@ -36,6 +36,9 @@ LORA_R, LORA_ALPHA = 8, 16.0  # params.yaml lora.r / lora.alpha -> scaling 2.0
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # tiny's width with Qwen2-0.5B's 24 layers: a compiled step's host work (guards, launches) at full depth, cheaply
+    "tiny24": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     # SmolLM2-135M(-Instruct)
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),

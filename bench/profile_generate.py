@@ -3,7 +3,8 @@ static cache and CUDA graphs (`reduce-overhead`), as bench_inference.py's base_c
 
 After two warm-up calls (compilation, graph capture) one call per variant runs under torch.profiler (CPU and CUDA
 activities). Printed per variant and per phase (the whole call; the prompt pass alone = the same call generating
-one token): wall ms, GPU kernel time (sum of kernel durations, graph replays included) and kernels launched; then
+one token): wall ms, GPU kernel time (sum of kernel durations, graph replays included), kernels launched and the
+host time of dynamo's cache lookups (the guard checks run before every compiled call); then
 MoA's top host-side operators by self CPU time. A wall time far above the GPU time means the call waits on the host.
 
 Example:  python bench/profile_generate.py --shape qwen0.5b --device cuda --experts 8 --batch 8 --new-tokens 16
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import setup_shape, shape_args  # noqa: E402,I001
-from bench_inference import build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
+from bench_inference import FUSED, build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -28,7 +29,10 @@ from moa_core import lora_kernels  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = generation_args(shape_args(__doc__, experts="8"))
     ap.add_argument("--layout", default=lora_kernels.DECODE_LAYOUT, choices=lora_kernels.DECODE_LAYOUTS)
-    ap.add_argument("--top", default=20, type=int)
+    ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
+                    help="MoA's fused routed-LoRA path: auto = on CUDA; on = also on the CPU (its torch formulation, "
+                         "to count a CUDA step's guards there)")
+    ap.add_argument("--top", default=20, type=int, help="rows of the profiler's operator table (0: none)")
     args = ap.parse_args(argv)
     from transformers import CompileConfig
 
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ids, mask = domain_prompts(B, P, n, V, device), torch.ones(B, P, dtype=torch.long, device=device)
     mm = build_moa(base, build_peft(base, n, seed=n), n, seed=n)
     fit_routers(mm, ids, mask, rows, 40)
+    mm.lora_fusion.enabled = FUSED[args.fused]
     cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
     cc._compile_all_devices = True
     calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),
@@ -65,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                 kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
                 gpu = sum(e.device_time for e in kernels) / 1e3
                 phase = "whole call" if tokens == G else "prompt pass"
+                lookups = [e for e in prof.events() if e.name == "TorchDynamo Cache Lookup"]
+                guards = sum(e.cpu_time_total for e in lookups) / max(1, len(lookups)) / 1e3
                 print(f"{name} {phase} ({tokens} new tokens): wall {wall:.1f} ms, GPU kernels {gpu:.1f} ms, "
-                      f"{len(kernels)} kernels", flush=True)
+                      f"{len(kernels)} kernels; dynamo cache lookups (guard checks) {len(lookups)} x {guards:.3f} ms",
+                      flush=True)
                 if args.top:
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     return 0

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
                     help="MoA's fused routed-LoRA path: auto = on CUDA; on = also on the CPU (its torch formulation, "
                          "to count a CUDA step's guards there)")
+    ap.add_argument("--variants", default="base_c,moa_c", type=lambda t: t.split(","))
     ap.add_argument("--top", default=20, type=int, help="rows of the profiler's operator table (0: none)")
     args = ap.parse_args(argv)
     from transformers import CompileConfig
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cc._compile_all_devices = True
     calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),
              "moa_c": lambda t: mm.generate(ids, mask, **gen(t))[0]}
+    calls = {v: calls[v] for v in args.variants}
 
     def gen(tokens: int) -> dict:
         return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,

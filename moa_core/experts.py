@@ -88,6 +88,7 @@ class ExpertMixtureLinear(nn.Module):
         self.dropconnect_p = dropconnect_p
         self.leaky_slope = leaky_slope
         self.fused_group = None  # a lora_kernels.LoraGroup, set by MixtureModel for the fused inference path
+        self.fused_columns = (0, 0)  # this projection's columns of its group's result (set with fused_group)
         d_in, d_out = base.in_features, base.out_features
         d_a = d_out if self.residual else d_in
         dev, dt = base.weight.device, base.weight.dtype
@@ -157,7 +158,7 @@ class ExpertMixtureLinear(nn.Module):
         expert per sequence, on a projection the model put in a group."""
         slot = self.slot
         return (slot.fused and self.fused_group is not None and slot.route.index is not None and not slot.adapters_off
-                and not self.training and x.dtype == self.lora_A.dtype)
+                and not self.training and x.dtype == self.fused_group.dtype)
 
     def _indexed(self, x: Tensor, route: Route, y: Tensor) -> Tensor:
         """Sequence-level top-1: x [B, T, d_a], route.index [B], y = W0 x [B, T, d_out] -> y + delta."""

@@ -67,12 +67,13 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
-# Decode-step kernel layout (see the module docstring): "fused", "split" or "merged". "split" measured 10-12 %
-# faster than "fused" in the projection stack at every batch (1-32) and expert count (8-64) and ~5 % in the full
-# model under CUDA graphs (H200, BENCHMARKS.md). Read where torch.compile traces (`LoraGroup.takes_whole`,
-# `run_group`), so a change recompiles and re-captures instead of replaying another layout's CUDA graph.
+# Decode-step kernel layout (see the module docstring): "fused", "split" or "merged". On the H200 (BENCHMARKS.md)
+# "split" was 10-12 % faster than "fused" in the projection stack, and "merged" 17-24 % faster than "split" at every
+# batch (1-32) and expert count (8-64) (1.17-1.37x the base projections' time against 1.49-1.68x), ~6 % in the full
+# model under CUDA graphs. Read where torch.compile traces (`LoraGroup.takes_whole`, `run_group`), so a change
+# recompiles and re-captures instead of replaying another layout's CUDA graph.
 DECODE_LAYOUTS = ("fused", "split", "merged")
-DECODE_LAYOUT = "split"
+DECODE_LAYOUT = "merged"
 
 
 # ------------------------------------------------------------------------------------------ formulation
@@ -388,37 +389,39 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     return out
 
 
-def _routed_linear_impl(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor,
-                        index: Tensor, bounds: list[int]) -> Tensor:
-    if x.is_cuda and HAVE_TRITON and x.shape[1] == 1:
-        if W.numel() <= MERGED_CONFIG["max_fused_weight"]:
-            return routed_linear_triton(x, W, bias, A, Bt, index, bounds)
-        return routed_lora_triton(x, A, B, index, torch.nn.functional.linear(x, W, bias), split=True)
-    return routed_lora_torch(x, A, B, index, torch.nn.functional.linear(x, W, bias))
+def _routed_linear_impl(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, index: Tensor,
+                        bounds: list[int], fused_gemm: bool) -> Tensor:
+    if fused_gemm:  # B is Bt [E, r, N]
+        if x.is_cuda and HAVE_TRITON and x.shape[1] == 1:
+            return routed_linear_triton(x, W, bias, A, B, index, bounds)
+        return routed_linear_torch(x, W, bias, A, B, index, bounds)
+    y = torch.nn.functional.linear(x, W, bias)  # B is the block-diagonal [E, N, R]
+    if x.is_cuda and HAVE_TRITON:
+        return routed_lora_triton(x, A, B, index, y, split=x.shape[1] == 1)
+    return routed_lora_torch(x, A, B, index, y)
 
 
 @torch.library.custom_op("moa::routed_linear", mutates_args=())
-def routed_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
-                  bounds: list[int]) -> Tensor:
-    """One group's whole output in the merged layout, x W^T (+ bias) + each row's routed LoRA (B: the block-diagonal
-    [E, N, R] of `routed_lora_torch`, Bt: the same experts as `routed_linear_torch` takes them): on CUDA in a decode
-    step the Triton GEMM with the expand fused, or cuBLAS and the split layout's kernels for a large weight
-    (`MERGED_CONFIG`); elsewhere the torch formulation."""
-    return _routed_linear_impl(x, W, bias, A, B, Bt, index, bounds)
+def routed_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, index: Tensor,
+                  bounds: list[int], fused_gemm: bool) -> Tensor:
+    """One group's whole output in the merged layout, x W^T (+ bias) + each row's routed LoRA. fused_gemm: the Triton
+    GEMM with the expand fused, B = Bt [E, r, N] (`routed_linear_torch`); else cuBLAS's GEMM and the split layout's
+    kernels, B = the block-diagonal [E, N, R] (`routed_lora_torch`). The torch formulations off CUDA."""
+    return _routed_linear_impl(x, W, bias, A, B, index, bounds, fused_gemm)
 
 
 @routed_linear.register_fake
-def _(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
-      bounds: list[int]) -> Tensor:
+def _(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, index: Tensor, bounds: list[int],
+      fused_gemm: bool) -> Tensor:
     return x.new_empty(*x.shape[:-1], W.shape[0])
 
 
-def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, Bt: Tensor, index: Tensor,
-               bounds: list[int]) -> Tensor:
+def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, index: Tensor,
+               bounds: list[int], fused_gemm: bool) -> Tensor:
     """`routed_linear` where torch.compile traces, eagerly its body (as `run_group`)."""
     if torch.compiler.is_compiling():
-        return routed_linear(x, W, bias, A, B, Bt, index, bounds)
-    return _routed_linear_impl(x, W, bias, A, B, Bt, index, bounds)
+        return routed_linear(x, W, bias, A, B, index, bounds, fused_gemm)
+    return _routed_linear_impl(x, W, bias, A, B, index, bounds, fused_gemm)
 
 
 @torch.library.custom_op("moa::routed_lora", mutates_args=())
@@ -462,7 +465,9 @@ class LoraGroup:
             self.out_slices.append(slice(n0, n0 + m.out_features))
             r0, n0 = r0 + m.r, n0 + m.out_features
         self.bounds = [s.start for s in self.out_slices[1:]]  # where each member's columns start, after the first
-        self.position = {id(m): i for i, m in enumerate(members)}
+        for m, ns in zip(members, self.out_slices):
+            m.fused_columns = (ns.start, ns.stop)  # its columns of the group's result (plain ints: cheap guards)
+        self.dtype: torch.dtype | None = None  # the stacked weights' (a plain attribute: no tensor guard per member)
         self.A: Tensor | None = None
         self.B: Tensor | None = None
         self.Bt: Tensor | None = None
@@ -505,6 +510,7 @@ class LoraGroup:
                     if t is not None:
                         torch._dynamo.mark_static_address(t)
         self._merge_base_weights()
+        self.dtype = A.dtype
         self.stash = None
         self._key = self._weights_key()
 
@@ -546,7 +552,8 @@ class LoraGroup:
         else:
             full = compute()
             self.stash = (x, index, full, len(self.members) - 1)
-        return full[..., self.out_slices[self.position[id(member)]]]
+        start, stop = member.fused_columns
+        return full[..., start:stop]
 
     def apply(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """member's y + its LoRA delta; x [Bsz, T, K], index [Bsz], y [Bsz, T, d_out]."""
@@ -559,9 +566,12 @@ class LoraGroup:
         return DECODE_LAYOUT == "merged" and x.shape[1] == 1 and self.W is not None and self.Bt is not None
 
     def whole(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor) -> Tensor:
-        """member's whole output, base and LoRA delta (the merged layout); x [Bsz, 1, K], index [Bsz]."""
+        """member's whole output, base and LoRA delta (the merged layout); x [Bsz, 1, K], index [Bsz]. Only the
+        tensors the chosen path reads enter the compiled graph (each one is a guard checked on every decode step)."""
         def compute() -> Tensor:
-            return run_linear(x, self.W, self.bias, self.A, self.B, self.Bt, index, self.bounds)
+            fused_gemm = self.W.numel() <= MERGED_CONFIG["max_fused_weight"]
+            return run_linear(x, self.W, self.bias, self.A, self.Bt if fused_gemm else self.B, index, self.bounds,
+                              fused_gemm)
         if len(self.members) == 1:
             return compute()
         return self._member_part(member, x, index, compute)

@@ -126,6 +126,48 @@ def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_
     assert op_calls == []
 
 
+@pytest.mark.parametrize("max_fused_weight", [2 ** 21, 0])  # every group on the Triton GEMM's formulation, or on cuBLAS's
+def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, op_calls, monkeypatch,
+                                                                     max_fused_weight):
+    """Qwen2's q/k/v carry biases (the benchmarks' shape does not): the merged layout stacks them with the weights.
+    A Llama with biases on every projection: forward, forced and routed generation as the reference path gives them,
+    on each of the merged layout's two paths; the base model's own output is unchanged by the stacking."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
+    monkeypatch.setitem(lora_kernels.MERGED_CONFIG, "max_fused_weight", max_fused_weight)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                        mlp_bias=True)).eval()
+    with torch.no_grad():
+        for mod in base.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(std=0.5)
+    ids = torch.randint(3, 250, (4, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = base(input_ids=ids, attention_mask=mask).logits
+    mm = _mixture(tiny_cfg, base)
+    expert = torch.tensor([2, 0, 1, 2])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    results = {}
+    for fused in (False, True):
+        mm.lora_fusion.enabled = fused
+        forced, _ = mm.generate(ids, mask, expert=expert, **gen)
+        with torch.no_grad():
+            off = mm(ids, mask, adapters_off=True).logits
+        results[fused] = forced
+    assert any(g.bias is not None for g in mm.lora_fusion.groups), "no group stacked biases"
+    assert "run_linear" in {name for name, _ in op_calls}, "the merged layout did not run"
+    torch.testing.assert_close(off, plain)  # the base's own output, after its weights became views of W
+    assert torch.equal(results[False].sequences, results[True].sequences)
+    for a, b in zip(results[False].scores, results[True].scores):
+        finite = torch.isfinite(a)
+        assert torch.allclose(a[finite], b[finite], atol=1e-5)
+
+
 @pytest.mark.parametrize("tokens", [6, 1])
 def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch, tokens):
     """The kernels read copies of the experts (stacked per group): loading or changing an expert in place,

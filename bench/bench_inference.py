@@ -27,6 +27,8 @@ and, to attribute the cost of (c):
   moa_split_c   moa_c with a decode step's routed LoRA as a shrink kernel and an expand kernel
                 (lora_kernels.DECODE_LAYOUT "split") instead of one kernel per projection group; compiled
                 separately.
+  moa_eager_route_c  moa_merged_c with the routing pass run eagerly (MixtureModel.compile_routing_pass = False):
+                its compile time and prompt pass against moa_merged_c's (which compiles the routing pass too)
   moa_merged_c  moa_c with a decode step's projection groups as a shrink kernel and one GEMM each that computes
                 the base projections and the LoRA together (DECODE_LAYOUT "merged"). moa_c always runs the
                 one-kernel layout ("fused"), moa_split_c and moa_merged_c theirs; the other *_c variants run
@@ -73,7 +75,7 @@ from torch import nn  # noqa: E402
 from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
-            "moa_c", "moa_split_c", "moa_merged_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
+            "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -147,11 +149,13 @@ def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, s
 
 # the ratios reported per round: (numerator, denominator)
 RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft", "moa"), ("peft_split", "moa"),
-          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_merged_c", "base_c"), ("moa_merged_c", "moa_split_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
+          ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_merged_c", "base_c"), ("moa_merged_c", "moa_split_c"), ("moa_eager_route_c", "base_c"),
+          ("moa_eager_route_c", "moa_merged_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
           ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
 
 
-LAYOUT_OF = {"moa_c": "fused", "moa_split_c": "split", "moa_merged_c": "merged"}  # variants that pin a decode layout
+# variants that pin a decode layout
+LAYOUT_OF = {"moa_c": "fused", "moa_split_c": "split", "moa_merged_c": "merged", "moa_eager_route_c": "merged"}
 FUSED = {"auto": None, "on": True, "off": False}  # --fused -> LoraFusion.enabled of the moa variants
 
 
@@ -195,10 +199,12 @@ def run_shape(args: argparse.Namespace) -> dict:
                 if v in LAYOUT_OF:
                     before = lora_kernels.DECODE_LAYOUT  # a guard of the compiled step: each layout its own capture
                     lora_kernels.DECODE_LAYOUT = LAYOUT_OF[v]
+                    mm.compile_routing_pass = v != "moa_eager_route_c"
                     try:
                         return mm.generate(ids, mask, **static, **gen)[0]
                     finally:
                         lora_kernels.DECODE_LAYOUT = before
+                        mm.compile_routing_pass = True
                 if v == "moa_norc_c":
                     return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":

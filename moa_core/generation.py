@@ -76,6 +76,10 @@ class RoutedGeneration:
     def _init_generation(self) -> None:
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
+        # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False: always
+        # eagerly. On a CPU run at Qwen2-0.5B's depth (bench shape `tiny24`) compiling it took about 70 % of MoA's
+        # first-call compile time; what it saves per prompt pass on a GPU is not measured yet (BENCHMARKS.md).
+        self.compile_routing_pass: bool = True
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
@@ -116,7 +120,7 @@ class RoutedGeneration:
         in for the prefill, and eagerly its per-projection LoRA kernels and per-layer router hooks are
         launch-bound."""
         T = input_ids.shape[1]
-        compiled = _hf_compiles_decode(self.model, gen_kwargs)
+        compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
         if stale.numel():

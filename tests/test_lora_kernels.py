@@ -311,3 +311,30 @@ def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
     assert len(graphs) == 2, "the flag did not recompile, or flipping it back compiled a third time"
     assert seen[-3:] == [False, True, False], seen
     torch._dynamo.reset()
+
+
+def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch):
+    """Routed generation with HF's compiled static-cache decode asks for a compiled routing pass, unless
+    `compile_routing_pass` is False; the tokens are eager generation's either way. (The routing pass itself runs
+    eagerly here: compiling it is inductor's C++ build on the CPU, about 30 s.)"""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    mm = _mixture(tiny_cfg, tiny_base)
+    asked = []
+    real = mm._run_decoder  # the routing pass and its re-run of rows whose layers disagreed
+    monkeypatch.setattr(mm, "_run_decoder", lambda ids, mask, use_cache, compiled: asked.append(compiled)
+                        or real(ids, mask, use_cache, False))
+    ids = torch.randint(3, 250, (4, 8))
+    mask = torch.ones_like(ids)
+    cc = CompileConfig(mode="default", fullgraph=True, backend="eager")  # dynamo alone: the flag is what is tested
+    cc._compile_all_devices = True
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    eager, chosen = mm.generate(ids, mask, **gen)
+    for compile_routing in (False, True):
+        mm.compile_routing_pass = compile_routing
+        asked.clear()
+        out, routed = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
+        assert asked and set(asked) == {compile_routing}, asked
+        assert torch.equal(routed, chosen) and torch.equal(out, eager)
+    torch._dynamo.reset()

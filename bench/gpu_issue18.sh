@@ -7,6 +7,10 @@
 # Run 1 (2026-12-03) showed what the steps take on an H200: kernel tests ~60 s (Triton JIT per configuration),
 # the CUDA-graph test 52 s, the projection-stack benchmark 36 s; the inference step needs more than 180 s
 # (the base's and MoA's compilation at batch 32), so give it 400 s in a call of its own.
+# 2026-12-04: with the 30 kernel cases ~65-70 s, the stack with 5 layouts ~40 s, the graph test ~45 s per case, the
+# inference step with base_c, moa_split_c, moa_merged_c ~165 s. Knobs: INF_VARIANTS, INF_BATCH, MICRO_BATCH,
+# MICRO_EXPERTS, MERGED_CONFIGS (extra launch configurations of the merged layout), GRAPH_PATHS (a -k expression).
+# The device's README: a call needs only .whl with pydantic and its four dependencies (the full .whl is 58 MB).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"

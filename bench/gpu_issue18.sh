@@ -10,7 +10,7 @@
 # 2026-12-04: with the 30 kernel cases ~65-70 s, the stack with 5 layouts ~40 s, the graph test ~45 s per case, the
 # inference step with base_c, moa_split_c, moa_merged_c ~165 s. Knobs: INF_VARIANTS, INF_BATCH, MICRO_BATCH,
 # MICRO_EXPERTS, MERGED_CONFIGS (extra launch configurations of the merged layout), GRAPH_PATHS (a -k expression).
-# The device's README: a call needs only .whl with pydantic and its four dependencies (the full .whl is 58 MB).
+# It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"

@@ -11,7 +11,7 @@ experts = min(batch, E)). Variants:
   split     the same with a decode step's shrink and expand as two kernels (lora_kernels.DECODE_LAYOUT "split");
   merged    a decode step's group as a shrink kernel and one GEMM computing base and LoRA together (the members'
             base linears skipped: DECODE_LAYOUT "merged"); with --merged-configs also merged:<i>, the same with
-            the i-th launch configuration (lora_kernels.MERGED_CONFIG keys, e.g. "min_programs=64,block_k=256");
+            the i-th launch configuration (lora_kernels.MERGED_CONFIG keys, e.g. "block_n=32,block_k=256");
   reference + the routed LoRA through ExpertMixtureLinear's own path (the gathered A, s*B kept on the route,
             bmm + baddbmm): its best case, gathers done once before timing.
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replays", default=20, type=int, help="graph replays per timed sample")
     ap.add_argument("--merged-configs", default=[], type=lambda t: [c for c in t.split(";") if c],
                     help="extra launch configurations of the merged layout to time, ';'-separated, each "
-                         "'key=value,...' over lora_kernels.MERGED_CONFIG (e.g. 'min_programs=64;block_k=256')")
+                         "'key=value,...' over lora_kernels.MERGED_CONFIG (e.g. 'block_n=32;block_k=256,num_warps=2')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--render", default=None)
     args = ap.parse_args(argv)

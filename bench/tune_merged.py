@@ -88,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         for B in args.batch:
             x = torch.randn(B, 1, K, device=dev, dtype=dt)
             index = torch.arange(B, device=dev) % E
-            h = torch.empty(B, R, device=dev, dtype=dt)
 
             def shrink():
-                lk._routed_shrink_decode_kernel[(B, R)](x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(),
-                                                        *h.stride(), BLOCK_K=min(lk._pow2_at_least(K, 16), 2048),
-                                                        num_warps=4)
+                return lk._shrink_decode(x, A, index)
 
             def split():
                 ys = [F.linear(x, w) for w in Ws]

@@ -333,13 +333,22 @@ def _launch_decode(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[T
     return out
 
 
-def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor], out: Tensor) -> Tensor:
+def _shrink_decode(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    """A decode step's routed shrink, x [Bsz, 1, K], A [E, R, K] -> h [Bsz, R] = x A[index]^T, in the activation
+    dtype (as the reference rounds it); the split and merged layouts' first kernel."""
     Bsz, _, K = x.shape
-    _, N, R = B.shape
-    h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)  # the shrink, in the activation dtype (as the reference)
-    BLOCK_K = min(_pow2_at_least(K, 16), 2048)
+    R = A.shape[1]
+    h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)
     _routed_shrink_decode_kernel[(Bsz, R)](
-        x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(), BLOCK_K=BLOCK_K, num_warps=4)
+        x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(),
+        BLOCK_K=min(_pow2_at_least(K, 16), 2048), num_warps=4)
+    return h
+
+
+def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor], out: Tensor) -> Tensor:
+    Bsz = x.shape[0]
+    _, N, R = B.shape
+    h = _shrink_decode(x, A, index)
     R_PAD = _pow2_at_least(R, 1)
     BLOCK_N = 128
     ys = (y.stride(0), y.stride(2)) if y is not None else (0, 0)
@@ -366,14 +375,11 @@ def routed_linear_triton(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor
     Bsz, T, K = x.shape
     if T != 1:
         raise ValueError(f"the merged layout serves decode steps (one token per row), got {T} tokens per row")
-    N, R, RM = W.shape[0], A.shape[1], Bt.shape[1]
+    N, RM = W.shape[0], Bt.shape[1]
     if W.stride(1) != 1 or Bt.stride(2) != 1:
         raise ValueError("the merged layout needs W contiguous along K and Bt along N")
     cfg = {**MERGED_CONFIG, **(config or {})}
-    h = torch.empty(Bsz, R, device=x.device, dtype=x.dtype)  # the shrink, in the activation dtype (as the reference)
-    _routed_shrink_decode_kernel[(Bsz, R)](
-        x, A, index, h, K, x.stride(0), x.stride(2), *A.stride(), *h.stride(),
-        BLOCK_K=min(_pow2_at_least(K, 16), 2048), num_warps=4)
+    h = _shrink_decode(x, A, index)
     out = torch.empty(Bsz, 1, N, device=x.device, dtype=x.dtype)
     BLOCK_M = min(64, _pow2_at_least(Bsz, 16))  # tl.dot needs 16 rows; smaller batches mask the rest
     m_tiles = triton.cdiv(Bsz, BLOCK_M)
@@ -491,12 +497,12 @@ class LoraGroup:
         ms = self.members
         A = torch.cat([m.lora_A for m in ms], dim=1)  # [E, R, K]
         E = A.shape[0]
+        scaled = [m.lora_B * m.scaling.view(-1, 1, 1) for m in ms]  # each member's s B [E, d_out, r]
         B = A.new_zeros(E, self.out_slices[-1].stop, self.rank_slices[-1].stop)  # [E, N, R]
-        for m, rs, ns in zip(ms, self.rank_slices, self.out_slices):
-            B[:, ns, rs] = m.lora_B * m.scaling.view(-1, 1, 1)
+        for sb, rs, ns in zip(scaled, self.rank_slices, self.out_slices):
+            B[:, ns, rs] = sb
         same_rank = len({m.r for m in ms}) == 1
-        Bt = torch.cat([(m.lora_B * m.scaling.view(-1, 1, 1)).transpose(1, 2) for m in ms], dim=2).contiguous() \
-            if same_rank else None  # [E, r, N]
+        Bt = torch.cat([sb.transpose(1, 2) for sb in scaled], dim=2).contiguous() if same_rank else None  # [E, r, N]
         if self.A is not None and self.A.shape == A.shape and self.A.device == A.device and self.A.dtype == A.dtype \
                 and self.B.shape == B.shape and (Bt is None) == (self.Bt is None):
             self.A.copy_(A)
@@ -533,11 +539,13 @@ class LoraGroup:
                 self.W = torch.cat([w.detach() for w in weights])
                 for m, w, ns in zip(ms, weights, self.out_slices):
                     m.base.weight = nn.Parameter(self.W[ns], requires_grad=w.requires_grad)
-        if any(m.base.bias is not None for m in ms):
-            self.bias = torch.cat([m.base.bias.detach() if m.base.bias is not None
-                                   else self.W.new_zeros(m.out_features) for m in ms])
+        bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else self.W.new_zeros(m.out_features)
+                          for m in ms]) if any(m.base.bias is not None for m in ms) else None
+        if bias is not None and self.bias is not None and self.bias.shape == bias.shape \
+                and self.bias.device == bias.device and self.bias.dtype == bias.dtype:
+            self.bias.copy_(bias)  # in place, as A and B: a captured CUDA graph keeps reading the same address
         else:
-            self.bias = None
+            self.bias = bias
         if self.W.is_cuda:
             for t in (self.W, self.bias):
                 if t is not None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import setup_shape, shape_args  # noqa: E402,I001
+from _common import machine_info, setup_shape, shape_args, write_json  # noqa: E402,I001
 from bench_inference import FUSED, build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
 
 import torch  # noqa: E402
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="base_c,moa_c", type=lambda t: t.split(","))
     ap.add_argument("--top", default=20, type=int, help="rows of the profiler's operator table (0: none)")
     args = ap.parse_args(argv)
+    if args.render:
+        ap.error("--render is not supported here: the figures are printed, and written with --json")
     from transformers import CompileConfig
 
     lora_kernels.DECODE_LAYOUT = args.layout
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
                     cache_implementation="static", compile_config=cc)
 
+    records = []
     with torch.inference_mode():
         for name, call in calls.items():
             for tokens in (G, G, 1, 1):
@@ -77,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {phase} ({tokens} new tokens): wall {wall:.1f} ms, GPU kernels {gpu:.1f} ms, "
                       f"{len(kernels)} kernels; dynamo cache lookups (guard checks) {len(lookups)} x {guards:.3f} ms",
                       flush=True)
+                records.append({"variant": name, "new_tokens": tokens, "wall_ms": wall, "gpu_kernel_ms": gpu,
+                                "kernels": len(kernels), "guard_checks": len(lookups), "guard_check_ms": guards})
                 if args.top:
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    write_json(args.json, {"benchmark": "profile_generate", "shape": args.shape, "layout": args.layout, "batch": B,
+                           "prompt_len": P, "new_tokens": G, "machine": machine_info(device), "results": records})
     return 0
 
 

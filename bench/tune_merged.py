@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replays", default=10, type=int)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if not (torch.cuda.is_available() and lk.HAVE_TRITON):
+        ap.error("needs a CUDA device and triton (it times the Triton kernels under CUDA graphs); on the CPU, "
+                 "bench/bench_lora_kernel.py --device cpu checks the layouts' code paths")
     dev, dt = torch.device("cuda"), torch.bfloat16
     sweep = configs(args.sweep)
     results = []

@@ -77,7 +77,7 @@ class RoutedGeneration:
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False: always
-        # eagerly. On a CPU run at Qwen2-0.5B's depth (bench shape `tiny24`) compiling it took about 70 % of MoA's
+        # eagerly. On a CPU run at Qwen2-0.5B's depth (bench shape `tiny24`) compiling it took more than half of MoA's
         # first-call compile time; what it saves per prompt pass on a GPU is not measured yet (BENCHMARKS.md).
         self.compile_routing_pass: bool = True
 

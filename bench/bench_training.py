@@ -45,7 +45,6 @@ import argparse
 import gc
 import sys
 import time
-import types
 from typing import Any
 from pathlib import Path
 
@@ -57,16 +56,18 @@ from _common import (  # noqa: I001
 )
 
 import torch  # noqa: E402
+from moa_core.config import TrainConfig  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 VARIANTS = ["peft_seq", "moa", "moa_b", "peft_one", "peft_par"]
 DROPOUT = 0.05  # params.yaml lora.dropout
 
 
-def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> types.SimpleNamespace:
-    """The fields train_loop reads from TrainConfig (params.yaml train:), no checkpoints, sparse logging."""
-    return types.SimpleNamespace(weight_decay=0.0, warmup_fraction=lr_warmup, grad_clip=grad_clip,
-                                 log_every=10**9, checkpoint_every=10**9)
+def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> TrainConfig:
+    """params.yaml's train: defaults for train_loop, no checkpoints, sparse logging. Precision stays fp32 (no
+    autocast): the bench casts the model itself (--dtype)."""
+    return TrainConfig(weight_decay=0.0, warmup_fraction=lr_warmup, grad_clip=grad_clip,
+                       log_every=10**9, checkpoint_every=10**9)
 
 
 def domain_rows(k: int, rows: int, T: int, V: int, device: torch.device) -> dict[str, Tensor]:

@@ -53,6 +53,7 @@ try:  # moa_core.config -> pydantic
     TRAIN_IMPORT_ERROR = ""
 except ImportError as exc:  # pragma: no cover - depends on the machine
     HAVE_TRAIN = False
+    TrainConfig = parse_config = None  # type: ignore[assignment,misc]
     TRAIN_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 

@@ -45,29 +45,32 @@ import argparse
 import gc
 import sys
 import time
+import types
 from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
     run_shapes, setup_shape, shape_args,  # noqa: E402
-    LORA_ALPHA, LORA_R, TARGETS, PeakMemory, build_base, clone, machine_info, markdown_table, median,
-    moa_spec, pick_device, pick_dtype, sync, timed, write_json,
+    HAVE_TRAIN, LORA_ALPHA, LORA_R, TARGETS, PeakMemory, TrainConfig, build_base, clone, machine_info, markdown_table,
+    median, moa_spec, pick_device, pick_dtype, sync, timed, write_json,
 )
 
 import torch  # noqa: E402
-from moa_core.config import TrainConfig  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 VARIANTS = ["peft_seq", "moa", "moa_b", "peft_one", "peft_par"]
 DROPOUT = 0.05  # params.yaml lora.dropout
 
 
-def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> TrainConfig:
-    """params.yaml's train: defaults for train_loop, no checkpoints, sparse logging. Precision stays fp32 (no
-    autocast): the bench casts the model itself (--dtype)."""
-    return TrainConfig(weight_decay=0.0, warmup_fraction=lr_warmup, grad_clip=grad_clip,
-                       log_every=10**9, checkpoint_every=10**9)
+def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> Any:
+    """params.yaml's train: defaults for train_loop (TrainConfig; without pydantic the fields it reads), no
+    checkpoints, sparse logging. Precision stays fp32 (no autocast): the bench casts the model itself (--dtype)."""
+    fields = dict(weight_decay=0.0, warmup_fraction=lr_warmup, grad_clip=grad_clip, log_every=10**9,
+                  checkpoint_every=10**9)
+    if HAVE_TRAIN:
+        return TrainConfig(**fields)
+    return types.SimpleNamespace(**fields, precision="fp32", seed=0, eval_every=0, patience=3, min_delta=0.0)
 
 
 def domain_rows(k: int, rows: int, T: int, V: int, device: torch.device) -> dict[str, Tensor]:
@@ -125,23 +128,26 @@ def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], 
     return train_loop(params, lambda start: iter(batches[start:]), step_fn, len(batches), lr, loop_cfg())
 
 
-def train_peft_job(base_copy: nn.Module, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
-    """One stage-1 job as moa_core.train.train_peft_lora runs it (model set-up + train_loop)."""
+def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
+    """One stage-1 job's model as moa_core.train.train_peft_lora builds it -> (peft model, trainable params,
+    step_fn(batch) -> (loss, {}))."""
     from peft import LoraConfig, get_peft_model
 
-    def job():
-        torch.manual_seed(0)
-        pm = get_peft_model(base_copy, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=DROPOUT,
-                                                  target_modules=list(TARGETS), task_type="CAUSAL_LM"))
-        pm.train()
-        params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    torch.manual_seed(seed)
+    pm = get_peft_model(base_copy, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=DROPOUT,
+                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    pm.train()
+    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
 
-        def step_fn(b):
-            return pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
+    def step_fn(b):
+        return pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
 
-        return params, step_fn
+    return pm, params, step_fn
 
-    return _timed_training(job, batches, lr, device)
+
+def train_peft_job(base_copy: nn.Module, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
+    """One stage-1 job as moa_core.train.train_peft_lora runs it (model set-up + train_loop)."""
+    return _timed_training(lambda: peft_job(base_copy)[1:], batches, lr, device)
 
 
 def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
@@ -161,29 +167,32 @@ def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, dev
             "final_loss": res.final_loss, "trainable_params": n_params}
 
 
-def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batches: list[dict[str, Tensor]],
-                   lr: float, device: torch.device) -> dict:
-    """One mixed-domain pass, set up as moa_core.train.train_mixture does for route='gold', experts only."""
+def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int,
+             seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
+    """One mixed-domain pass's model, set up as moa_core.train.train_mixture does for route='gold', experts only
+    -> (MixtureModel, trainable params, step_fn(batch with "expert") -> (loss, {}))."""
     from moa_core.model import MixtureModel
 
-    def job():
-        torch.manual_seed(0)
-        mm = MixtureModel(base_copy, moa_spec(base_for_spec, n, dropout=DROPOUT))
-        mm.routers.to(device)  # a no-op since MixtureModel builds its routers on the base's device
-        mm.train()
-        mm.model.eval()
-        for w in mm.wrapped.values():
-            w.train()
-        chosen = {id(p) for p in mm.set_trainable(experts=True)}
-        params = {nm: p for nm, p in mm.named_parameters() if id(p) in chosen}
+    torch.manual_seed(seed)
+    mm = MixtureModel(base_copy, moa_spec(base_for_spec, n, dropout=DROPOUT))
+    mm.routers.to(base_copy.device)  # a no-op since MixtureModel builds its routers on the base's device
+    mm.train()
+    mm.model.eval()
+    for w in mm.wrapped.values():
+        w.train()
+    chosen = {id(p) for p in mm.set_trainable(experts=True)}
+    params = {nm: p for nm, p in mm.named_parameters() if id(p) in chosen}
 
-        def step_fn(b):
-            out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"])
-            return out.loss, {}
+    def step_fn(b):
+        return mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"]).loss, {}
 
-        return params, step_fn
+    return mm, params, step_fn
 
-    return _timed_training(job, batches, lr, device)
+
+def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batches: list[dict[str, Tensor]],
+                   lr: float, device: torch.device) -> dict:
+    """One mixed-domain pass (model set-up + train_loop), see `moa_pass`."""
+    return _timed_training(lambda: moa_pass(base_copy, base_for_spec, n)[1:], batches, lr, device)
 
 
 def run_parallel_peft_jobs(args: argparse.Namespace, n: int) -> dict:

@@ -61,6 +61,10 @@ from torch import Tensor, nn  # noqa: E402
 
 VARIANTS = ["peft_seq", "moa", "moa_b", "peft_one", "peft_par"]
 DROPOUT = 0.05  # params.yaml lora.dropout
+# PEFT's adapters in the base's dtype (bf16 on the GPU, as MoA's experts), not PEFT's default of upcasting them to
+# float32 (`autocast_adapter_dtype=True`), which adds casts and fp32 products to every wrapped projection: the same
+# precision on both sides. --peft-fp32-adapters measures PEFT's default instead.
+PEFT_FP32_ADAPTERS = False
 
 
 def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> Any:
@@ -135,7 +139,8 @@ def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, 
 
     torch.manual_seed(seed)
     pm = get_peft_model(base_copy, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=DROPOUT,
-                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+                                              target_modules=list(TARGETS), task_type="CAUSAL_LM"),
+                        autocast_adapter_dtype=PEFT_FP32_ADAPTERS)
     pm.train()
     params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
 
@@ -206,6 +211,7 @@ def run_parallel_peft_jobs(args: argparse.Namespace, n: int) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-go", str(go), "--shape", args.shape,
                "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps), "--batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--threads", str(args.threads)]
+        cmd += ["--peft-fp32-adapters"] if args.peft_fp32_adapters else []
         t0 = time.time()
         procs = [subprocess.Popen(cmd + ["--worker-domain", str(k)], stdout=subprocess.PIPE, text=True)
                  for k in range(n)]
@@ -342,7 +348,8 @@ def run_shape(args: argparse.Namespace) -> dict:
     return {"shape": args.shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "steps_per_expert": S, "batch_per_expert": B, "seq_len": T, "lr": args.lr, "repeats": args.repeats,
             "base_params_no_embeddings": base_params, "peak_tflops": args.peak_tflops,
-            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": DROPOUT, "targets": TARGETS},
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": DROPOUT, "targets": TARGETS,
+                     "peft_adapters": "float32" if PEFT_FP32_ADAPTERS else "base dtype"},
             "machine": machine_info(device), "results": results}
 
 
@@ -350,8 +357,8 @@ def render(p: dict) -> str:
     """tokens/s median [min-max] per variant, wall, peak memory, model TFLOP/s; moa's lead over each baseline."""
     variants = [v for v in VARIANTS if v in p["results"][0]]
     head = (f"### Training: shape `{p['shape']}`, {p['device']} {p['dtype']}, {p['steps_per_expert']} steps x "
-            f"{p['batch_per_expert']} rows x {p['seq_len']} tokens per expert, r={p['lora']['r']}, "
-            f"median of {p['repeats']} interleaved rounds [min-max]\n")
+            f"{p['batch_per_expert']} rows x {p['seq_len']} tokens per expert, r={p['lora']['r']}, PEFT adapters in "
+            f"{p['lora'].get('peft_adapters', 'float32')}, median of {p['repeats']} interleaved rounds [min-max]\n")
     headers = ["N", "tokens"] + [f"{v} tok/s" for v in variants] + [f"{v} wall s" for v in variants]
     headers += [f"{v} peak MiB" for v in variants]
     rows = []
@@ -390,9 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--peak-tflops", default=989.0, type=float,
                     help="dense bf16 peak for the MFU column (H100/H200 SXM datasheet: 989)")
+    ap.add_argument("--peft-fp32-adapters", action="store_true",
+                    help="PEFT's default float32 adapters on a bf16 base (autocast_adapter_dtype=True); by default "
+                         "its adapters stay in the base's dtype, as MoA's experts do")
     ap.add_argument("--worker-domain", default=None, type=int, help=argparse.SUPPRESS)  # a peft_par process
     ap.add_argument("--worker-go", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global PEFT_FP32_ADAPTERS
+    PEFT_FP32_ADAPTERS = args.peft_fp32_adapters
     if args.worker_domain is not None:
         return worker(args)
     return run_shapes(args, "training", run_shape, render)

@@ -7,6 +7,8 @@ its own cache).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,33 @@ def _cache_reusable(model: nn.Module, input_ids: Tensor, gen_kwargs: dict[str, A
         and gen_kwargs.get("cache_implementation") in (None, "dynamic", "static")
         and _rows_per_prompt(model, gen_kwargs) == 1
     )
+
+
+def _first_logits_given(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
+    """Whether generate's first step can take its logits from the routing pass instead of running the last prompt
+    token again (see `_given_prefill`): HF's generate has its `_prefill` step (transformers 4.5x-5.x), and the
+    call asks for nothing that only a real forward returns (attentions, hidden states), nor an assistant or a
+    chunked prefill, which bypass or split that step."""
+    return (
+        callable(getattr(model, "_prefill", None))
+        and not any(_gen_setting(model, gen_kwargs, k, False) for k in ("output_attentions", "output_hidden_states"))
+        and not any(gen_kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens"))
+        and _gen_setting(model, gen_kwargs, "prefill_chunk_size", None) is None
+    )
+
+
+@contextlib.contextmanager
+def _given_prefill(model: nn.Module, first: Any) -> Iterator[None]:
+    """HF's generate runs the prompt (or the part of it its cache lacks) through the model once, eagerly, in
+    `_prefill`, then decodes with its compiled step. When the routing pass has already run the whole prompt, its
+    cache and its last position's logits are that step's result: for this call `_prefill` returns `first` (an
+    output with `logits` [B, 1, V] and `past_key_values`) instead of an eager forward of MoA's 24-odd layers,
+    which cost as much host time as the compiled routing pass itself."""
+    model._prefill = lambda *args, **kwargs: first  # an instance attribute shadows the method for this call only
+    try:
+        yield
+    finally:
+        del model._prefill
 
 
 def _gen_setting(model: nn.Module, gen_kwargs: dict[str, Any], key: str, default: Any) -> Any:
@@ -68,7 +97,7 @@ def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any
 
 class RoutedGeneration:
     """`MixtureModel.generate` and its prompt cache. Mixed into MixtureModel, whose `model` (the HF causal LM),
-    `spec`, `_routing(...)` context, `route` and `_routing_pass` it uses."""
+    `spec`, `_routing(...)` context, `route`, `_routing_pass` and `_preset_routes` it uses."""
 
     model: nn.Module
     spec: Any  # MixtureSpec
@@ -91,9 +120,10 @@ class RoutedGeneration:
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
         becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill.
         `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback)."""
+        first = None  # the first step's output, when the routing pass provides it (see _given_prefill)
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
-                expert, cache = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
+                expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
                 gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
                 gen_kwargs["past_key_values"] = cache
             else:
@@ -102,40 +132,58 @@ class RoutedGeneration:
         if expert is not None and (k := _rows_per_prompt(self.model, gen_kwargs)) > 1:
             forced = expert.repeat_interleave(k)  # generate repeats each prompt k times in place (beams)
         with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=forced):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            if first is None:
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            else:
+                # the decode step then finds every layer's route as an eager first step would have left it (else
+                # its compiled graph is traced once without and once with a route set)
+                self._preset_routes()
+                with _given_prefill(self.model, first):
+                    out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
 
     def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor,
-                                   gen_kwargs: dict[str, Any]) -> tuple[Tensor, Any]:
-        """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache).
+                                   gen_kwargs: dict[str, Any]) -> tuple[Tensor, Any, Any]:
+        """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache,
+        first step's output or None).
 
         A row whose layers all chose its final expert ran the prompt through exactly the weights generation
         uses, so its keys and values are already right (a trained MoA router agrees with itself across
         layers almost always). The other rows are run again with their final expert and their cache rows
-        replaced. The cache is cut to T - 1 positions: generate then runs only the last prompt token, which
-        yields the first token's logits through generate's own logits processing. With
+        (and last hidden states) replaced. Where generate lets us (`_first_logits_given`), the cache keeps all
+        T positions and the first token's logits come from the last position's hidden state through the LM
+        head: generate's first step is then no forward at all (`_given_prefill`). Otherwise the cache is cut
+        to T - 1 positions and generate runs the last prompt token itself. With
         `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
         decode step keeps its static addresses; and where HF compiles that decode step (a static cache on
         an accelerator, or a compile_config that asks for it), the routing pass is compiled too: it stands
         in for the prefill, and eagerly its per-projection LoRA kernels and per-layer router hooks are
         launch-bound."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
         T = input_ids.shape[1]
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
-        expert, logits, cache = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
+        expert, logits, out = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
+        cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # last: [B, 1, H]
         stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
         if stale.numel():
             with self._routing(forced=expert[stale]):
-                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled).past_key_values
-            for mine, theirs in zip(cache.layers, redo.layers):
+                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled)
+            for mine, theirs in zip(cache.layers, redo.past_key_values.layers):
                 mine.keys[stale] = theirs.keys
                 mine.values[stale] = theirs.values
-        cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
-        if gen_kwargs.get("cache_implementation") != "static":
-            return expert, cache
-        static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
-        for i, layer in enumerate(cache.layers):
-            static.update(layer.keys, layer.values, i)
-        return expert, static
+            last = last.clone()
+            last[stale] = redo.last_hidden_state[:, -1:]
+        given = _first_logits_given(self.model, gen_kwargs)
+        if not given:
+            cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
+        if gen_kwargs.get("cache_implementation") == "static":
+            static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
+            for i, layer in enumerate(cache.layers):
+                static.update(layer.keys, layer.values, i)
+            cache = static
+        first = CausalLMOutputWithPast(logits=self.model.lm_head(last), past_key_values=cache) if given else None
+        return expert, cache, first
 
     def _run_decoder(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool, compiled: bool) -> Any:
         """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as

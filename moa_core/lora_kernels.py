@@ -485,9 +485,11 @@ class LoraGroup:
         self.stash: tuple | None = None
 
     def _weights_key(self) -> tuple:
+        """What `refresh` compares: each weight's identity, in-place version and storage. A new dtype, device or
+        shape means new storage (`Module.to` and `p.data = ...` both swap it), so those need no entries of their
+        own; reading them doubled the cost of the check, which runs on every generate call for every group."""
         params = [p for m in self.members for p in (m.lora_A, m.lora_B, m.scaling, m.base.weight, m.base.bias)]
-        return tuple(None if p is None else (id(p), p._version, p.data_ptr(), p.device, p.dtype, tuple(p.shape))
-                     for p in params)
+        return tuple(None if p is None else (id(p), p._version, p.data_ptr()) for p in params)
 
     @torch.no_grad()
     def refresh(self) -> None:

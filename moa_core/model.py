@@ -200,8 +200,17 @@ class MixtureModel(RoutedGeneration, nn.Module):
             self._route_layer(layer, h)
         return hook
 
-    def _route_layer(self, layer: int, h: Tensor) -> None:
-        """h: [B, T, H] hidden states entering `layer`; sets the layer's route."""
+    def _preset_routes(self) -> None:
+        """Every layer's route as its hook would set it on a forward under the current context, without a forward:
+        only a context that needs no hidden states (a forced expert, or the adapters or experts off)."""
+        ctx = self._ctx
+        if not (ctx.forced is not None or ctx.adapters_off or ctx.experts_off) or ctx.pool_mask is not None:
+            raise RuntimeError("routes can be preset only for a forced expert or with the adapters or experts off")
+        for layer in range(len(self.slots)):
+            self._route_layer(layer, None)
+
+    def _route_layer(self, layer: int, h: Tensor | None) -> None:
+        """h: [B, T, H] hidden states entering `layer` (read only to pool a prompt); sets the layer's route."""
         ctx, slot = self._ctx, self.slots[layer]
         slot.adapters_off = ctx.adapters_off
         slot.fused = ctx.fused
@@ -297,7 +306,8 @@ class MixtureModel(RoutedGeneration, nn.Module):
 
     def _routing_pass(self, input_ids: Tensor, attention_mask: Tensor, keep_cache: bool,
                       compiled: bool = False) -> tuple[Tensor, Tensor, Any]:
-        """The forward behind `route()`; with keep_cache, also returns the pass's KV cache (else None).
+        """The forward behind `route()`; with keep_cache, also returns the decoder's output (its KV cache in
+        `past_key_values`, `last_hidden_state` [B, T, H]; else None).
 
         Positions are counted from each row's first real token, as `generate` counts them, so a
         left-padded prompt is routed as it was in training and its cache is the one generate would build.
@@ -312,7 +322,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
             expert = votes.argmax(-1)
         else:
             expert = logits[-1].argmax(-1)
-        return expert, logits, (out.past_key_values if keep_cache else None)
+        return expert, logits, (out if keep_cache else None)
 
     # ----------------------------------------------------------------------------------- parameters
     def mixture_parameters(self) -> dict[str, nn.Parameter]:

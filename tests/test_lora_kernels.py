@@ -315,11 +315,15 @@ def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
 
 def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch):
     """Routed generation with HF's compiled static-cache decode asks for a compiled routing pass, unless
-    `compile_routing_pass` is False; the tokens are eager generation's either way. (The routing pass itself runs
-    eagerly here: compiling it is inductor's C++ build on the CPU, about 30 s.)"""
+    `compile_routing_pass` is False; the tokens are eager generation's either way, and the decode step is traced
+    once for both calls (generate's first step comes from the routing pass, so the routes it would have left set
+    are preset). (The routing pass itself runs eagerly here: compiling it is inductor's C++ build on the CPU,
+    about 30 s.)"""
+    from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     torch._dynamo.reset()
+    counters.clear()
     mm = _mixture(tiny_cfg, tiny_base)
     asked = []
     real = mm._run_decoder  # the routing pass and its re-run of rows whose layers disagreed
@@ -337,4 +341,5 @@ def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch)
         out, routed = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
         assert asked and set(asked) == {compile_routing}, asked
         assert torch.equal(routed, chosen) and torch.equal(out, eager)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch._dynamo.reset()

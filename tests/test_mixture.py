@@ -345,6 +345,34 @@ def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_bas
         assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5)
 
 
+@pytest.mark.parametrize("asks_hidden_states", [False, True])
+def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg, tiny_base):
+    """The routing pass ran the whole prompt, so generate's first token comes from its last position: the model runs
+    once per later token only, with the tokens and scores of routing followed by a full prefill. A call that asks
+    for hidden states (which only a real forward returns) gets generate's own first step instead."""
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.2)
+    ids = torch.randint(3, 250, (4, 10))
+    mask = torch.ones_like(ids)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True, output_hidden_states=asks_hidden_states)
+    calls = []
+    hook = mm.model.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                              with_kwargs=True)
+    try:
+        reused, _ = mm.generate(ids, mask, **gen)
+    finally:
+        hook.remove()
+    fresh, _ = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
+    assert calls == ([1] * 4 if asks_hidden_states else [1] * 3), calls
+    assert torch.equal(reused.sequences, fresh.sequences)
+    for a, b in zip(reused.scores, fresh.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_beam_search_keeps_each_prompts_expert_on_its_beams(tiny_cfg, tiny_base):
     torch.manual_seed(0)
     mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")

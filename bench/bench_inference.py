@@ -27,8 +27,9 @@ and, to attribute the cost of (c):
   moa_split_c   moa_c with a decode step's routed LoRA as a shrink kernel and an expand kernel
                 (lora_kernels.DECODE_LAYOUT "split") instead of one kernel per projection group; compiled
                 separately.
-  moa_eager_route_c  moa_merged_c with the routing pass run eagerly (MixtureModel.compile_routing_pass = False):
-                its compile time and prompt pass against moa_merged_c's (which compiles the routing pass too)
+  moa_eager_route_c  moa_merged_c with the routing pass run eagerly (MixtureModel.compile_routing_pass = False,
+                the library's default since 2026-12-04): its compile time and prompt pass against moa_merged_c's,
+                which compiles the routing pass too (as the other *_c variants do)
   moa_merged_c  moa_c with a decode step's projection groups as a shrink kernel and one GEMM each that computes
                 the base projections and the LoRA together (DECODE_LAYOUT "merged"). moa_c always runs the
                 one-kernel layout ("fused"), moa_split_c and moa_merged_c theirs; the other *_c variants run
@@ -176,6 +177,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         names = [f"d{int(k)}" for k in rows]
         pm = build_peft(base, n, seed=n)
         mm = build_moa(base, pm, n, seed=n)
+        mm.compile_routing_pass = True  # the *_c variants compile generate's routing pass, except moa_eager_route_c
         routing = fit_routers(mm, ids, mask, rows, args.router_steps) if args.routers == "fit" else {}
         outs: dict[str, torch.Tensor] = {}
         chosen: list[torch.Tensor] = []
@@ -199,12 +201,12 @@ def run_shape(args: argparse.Namespace) -> dict:
                 if v in LAYOUT_OF:
                     before = lora_kernels.DECODE_LAYOUT  # a guard of the compiled step: each layout its own capture
                     lora_kernels.DECODE_LAYOUT = LAYOUT_OF[v]
-                    mm.compile_routing_pass = v != "moa_eager_route_c"
+                    routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v != "moa_eager_route_c"
                     try:
                         return mm.generate(ids, mask, **static, **gen)[0]
                     finally:
                         lora_kernels.DECODE_LAYOUT = before
-                        mm.compile_routing_pass = True
+                        mm.compile_routing_pass = routing_before
                 if v == "moa_norc_c":
                     return mm.generate(ids, mask, reuse_routing_cache=False, **static, **gen)[0]
                 if v == "moa_forced_c":

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     mm = build_moa(base, build_peft(base, n, seed=n), n, seed=n)
     fit_routers(mm, ids, mask, rows, 40)
     mm.lora_fusion.enabled = FUSED[args.fused]
+    mm.compile_routing_pass = True  # as bench_inference's moa_c
     cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
     cc._compile_all_devices = True
     calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),

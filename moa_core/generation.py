@@ -105,10 +105,11 @@ class RoutedGeneration:
     def _init_generation(self) -> None:
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
-        # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False: always
-        # eagerly. On a CPU run at Qwen2-0.5B's depth (bench shape `tiny24`) compiling it took more than half of MoA's
-        # first-call compile time; what it saves per prompt pass on a GPU is not measured yet (BENCHMARKS.md).
-        self.compile_routing_pass: bool = True
+        # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):
+        # eagerly. On an H200 (Qwen2-0.5B shape, batch 32, BENCHMARKS.md) compiling it cost 94 s of first-call
+        # compile against the base's 23 s (eager: 48 s) to save ~14 ms per call (prompt pass 38 against 52 ms): worth
+        # it only past a few thousand calls per process, e.g. a long-lived server.
+        self.compile_routing_pass: bool = False
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,

@@ -267,6 +267,21 @@ def shape_args(description: str | None, experts: str) -> argparse.ArgumentParser
     return ap
 
 
+def one_shape_args(doc: str, experts: int) -> argparse.ArgumentParser:
+    """Options of the scripts that run one shape at one expert count (the profiles, the quality check): --shape,
+    --device, --dtype, --threads, --experts, --json; the docstring's first paragraph is the description and the
+    rest the epilog."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    ap.add_argument("--threads", default=0, type=int, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--experts", default=experts, type=int, help="domains (experts)")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    return ap
+
+
 def run_shapes(args: Any, benchmark: str, run_shape: Callable[[Any], dict], render: Callable[[dict], str]) -> int:
     """The scripts' main loop: `--render FILE` reprints tables of an earlier --json; otherwise run every
     comma-separated --shape, print its table as it finishes, and write all runs to --json."""

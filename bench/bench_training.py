@@ -126,10 +126,12 @@ def moa_small_batches(data: list[dict[str, Tensor]], steps: int, B: int, device:
     return [_take(allrows, slice(i * B, (i + 1) * B)) for i in range(N * steps)]
 
 
-def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], step_fn, lr: float):
+def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], step_fn, lr: float,
+             grad_clip: float = 1.0):
     from moa_core.train import train_loop
 
-    return train_loop(params, lambda start: iter(batches[start:]), step_fn, len(batches), lr, loop_cfg())
+    return train_loop(params, lambda start: iter(batches[start:]), step_fn, len(batches), lr,
+                      loop_cfg(grad_clip=grad_clip))
 
 
 def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:

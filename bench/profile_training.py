@@ -12,13 +12,14 @@ Example:  python bench/profile_training.py --shape qwen0.5b --device cuda --expe
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHAPES, build_base, clone, machine_info, pick_device, pick_dtype, sync, write_json  # noqa: E402,I001
+from _common import (  # noqa: I001
+    SHAPES, build_base, clone, machine_info, one_shape_args, pick_device, pick_dtype, sync, write_json,  # noqa: E402
+)
 from bench_training import make_rows, moa_batches, moa_pass, peft_job  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,20 +27,16 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--experts", default=8, type=int)
+    ap = one_shape_args(__doc__, experts=8)
     ap.add_argument("--batch", default=8, type=int, help="rows per expert per step")
     ap.add_argument("--seq-len", default=128, type=int)
     ap.add_argument("--warmup", default=3, type=int)
     ap.add_argument("--steps", default=3, type=int, help="profiled steps per variant")
     ap.add_argument("--variants", default="moa,peft_one", type=lambda s: s.split(","))
     ap.add_argument("--top", default=12, type=int, help="rows of the kernel table (0: none)")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     unknown = set(args.variants) - {"moa", "peft_one"}
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}: choose from moa, peft_one")
@@ -78,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = sum(e.device_time for e in kernels) / 1e3 / args.steps
         aten = sum(1 for e in events if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU)
         print(f"{name}: wall {wall:.1f} ms/step, GPU busy {gpu:.1f} ms/step ({gpu / wall:.0%}), "
-              f"{len(kernels) / args.steps:.0f} kernels/step, {aten / args.steps:.0f} aten calls/step (nested calls counted)", flush=True)
+              f"{len(kernels) / args.steps:.0f} kernels/step, {aten / args.steps:.0f} aten calls/step (nested calls "
+              f"counted)", flush=True)
         records.append({"variant": name, "wall_ms_per_step": wall, "gpu_busy_ms_per_step": gpu,
                         "kernels_per_step": len(kernels) / args.steps, "aten_ops_per_step": aten / args.steps,
                         "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None})

@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
-    SHAPES, build_base, clone, machine_info, markdown_table, parse_int_list, pick_device, pick_dtype,  # noqa: E402
-    write_json,
+    SHAPES, build_base, clone, machine_info, markdown_table, one_shape_args, parse_int_list, pick_device,  # noqa: E402
+    pick_dtype, write_json,
 )
 from bench_training import moa_batches, moa_pass, peft_batches, peft_job, run_loop  # noqa: E402
 
@@ -93,12 +93,12 @@ def run_seed(seed: int, base: nn.Module, train: list[dict[str, Tensor]], val: li
         out["base"].append(val_loss(lambda b: base(**b).loss, val[k]))
     for k in range(N):
         pm, params, step_fn = peft_job(clone(base), seed=seed)
-        run_loop(params, peft_batches(train[k], S, B), step_fn, args.lr)
+        run_loop(params, peft_batches(train[k], S, B), step_fn, args.lr, args.grad_clip)
         pm.eval()
         out["peft"].append(val_loss(lambda b: pm(**b).loss, val[k]))
         del pm, params
     mm, params, step_fn = moa_pass(clone(base), base, N, seed=seed)
-    run_loop(params, moa_batches(train, S, B, device), step_fn, args.lr)
+    run_loop(params, moa_batches(train, S, B, device), step_fn, args.lr, args.grad_clip)
     mm.eval()
     for k in range(N):
         def forward(b, k=k):
@@ -125,23 +125,19 @@ def t_interval(xs: list[float], level: float = 0.95) -> tuple[float, float, floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", default=0, type=int, help="torch threads on the CPU; 0 = torch's default")
-    ap.add_argument("--experts", default=4, type=int, help="domains (experts)")
+    ap = one_shape_args(__doc__, experts=4)
     ap.add_argument("--steps", default=30, type=int, help="optimiser steps per expert")
     ap.add_argument("--batch", default=8, type=int, help="rows per step per expert")
     ap.add_argument("--seq-len", default=64, type=int)
     ap.add_argument("--val-rows", default=32, type=int, help="validation rows per domain")
     ap.add_argument("--lr", default=1e-3, type=float)
     ap.add_argument("--seeds", default="0,1,2", type=parse_int_list)
+    ap.add_argument("--grad-clip", default=1.0, type=float,
+                    help="gradient-norm clip of every job and of the pass (params.yaml train.grad_clip); the pass "
+                         "clips all experts together")
     ap.add_argument("--margin", default=0.1, type=float,
                     help="equal when the 95%% interval of the mean difference lies within +/- this fraction of "
                          "PEFT's gain (base loss - PEFT loss)")
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -317,15 +317,21 @@ def test_generate_routes_once_from_the_prompt(tiny_cfg, tiny_base, tiny_tok, ada
     assert torch.equal(seqs, forced)
 
 
+def _distinct_experts(cfg, base):
+    """An MoA mixture (seed 0) whose experts change the output (random B) and whose untrained routers disagree."""
+    torch.manual_seed(0)
+    mm = build_mixture(cfg, "moa", base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.2)
+    return mm
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_base):
     """generate() reuses the routing pass's KV cache: same tokens and scores as routing, then a full prefill,
     for rows whose layers all agreed with the final expert and for rows that had to be run again."""
-    torch.manual_seed(0)
-    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
-    with torch.no_grad():
-        for w in mm.wrapped.values():
-            w.lora_B.normal_(std=0.2)  # experts that change the output, and untrained routers that disagree
+    mm = _distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (8, 12))
     mask = torch.ones_like(ids)
     ids[:3, :4], mask[:3, :4] = 0, 0  # left padding on three rows
@@ -350,11 +356,7 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
     """The routing pass ran the whole prompt, so generate's first token comes from its last position: the model runs
     once per later token only, with the tokens and scores of routing followed by a full prefill. A call that asks
     for hidden states (which only a real forward returns) gets generate's own first step instead."""
-    torch.manual_seed(0)
-    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
-    with torch.no_grad():
-        for w in mm.wrapped.values():
-            w.lora_B.normal_(std=0.2)
+    mm = _distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (4, 10))
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
@@ -374,11 +376,7 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
 
 
 def test_beam_search_keeps_each_prompts_expert_on_its_beams(tiny_cfg, tiny_base):
-    torch.manual_seed(0)
-    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
-    with torch.no_grad():
-        for w in mm.wrapped.values():
-            w.lora_B.normal_(std=0.2)
+    mm = _distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (4, 10))
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)

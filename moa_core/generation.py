@@ -105,6 +105,7 @@ class RoutedGeneration:
     def _init_generation(self) -> None:
         self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
+        self._plain_head: bool | None = None  # see _head_is_plain; checked once
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):
         # eagerly. On an H200 (Qwen2-0.5B shape, batch 32, BENCHMARKS.md) compiling it cost 94 s of first-call
         # compile against the base's 23 s (eager: 48 s) to save ~14 ms per call (prompt pass 38 against 52 ms): worth
@@ -163,6 +164,7 @@ class RoutedGeneration:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         T = input_ids.shape[1]
+        given = _first_logits_given(self.model, gen_kwargs) and self._head_is_plain()
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         expert, logits, out = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # last: [B, 1, H]
@@ -175,7 +177,6 @@ class RoutedGeneration:
                 mine.values[stale] = theirs.values
             last = last.clone()
             last[stale] = redo.last_hidden_state[:, -1:]
-        given = _first_logits_given(self.model, gen_kwargs)
         if not given:
             cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
         if gen_kwargs.get("cache_implementation") == "static":
@@ -183,8 +184,26 @@ class RoutedGeneration:
             for i, layer in enumerate(cache.layers):
                 static.update(layer.keys, layer.values, i)
             cache = static
-        first = CausalLMOutputWithPast(logits=self.model.lm_head(last), past_key_values=cache) if given else None
+        first = None
+        if given:
+            first = CausalLMOutputWithPast(logits=self.model.get_output_embeddings()(last), past_key_values=cache)
         return expert, cache, first
+
+    @torch.no_grad()
+    def _head_is_plain(self) -> bool:
+        """Whether the causal LM's logits are its output embedding applied to the decoder's last hidden state and
+        nothing more, so that the routing pass can supply the first step's logits: not where the model's forward
+        also soft-caps or scales them (Gemma-2's final soft-capping, Cohere's logit_scale, Granite's
+        logits_scaling). Checked once per model, on two tokens with the adapters off."""
+        if self._plain_head is None:
+            ids = torch.tensor([[1, 2]], device=self.model.device)  # ids valid in any vocabulary
+            with self._routing(adapters_off=True):
+                full = self.model(input_ids=ids, use_cache=False).logits
+                hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            mine = self.model.get_output_embeddings()(hidden)
+            self._plain_head = full.shape == mine.shape and torch.allclose(full.float(), mine.float(), rtol=1e-4,
+                                                                           atol=1e-4)
+        return self._plain_head
 
     def _run_decoder(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool, compiled: bool) -> Any:
         """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as

@@ -361,6 +361,7 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
                return_dict_in_generate=True, output_hidden_states=asks_hidden_states)
+    assert mm._head_is_plain()  # checked once per model (a two-token forward), before the calls are counted
     calls = []
     hook = mm.model.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
                                               with_kwargs=True)
@@ -371,6 +372,26 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
     fresh, _ = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
     assert calls == ([1] * 4 if asks_hidden_states else [1] * 3), calls
     assert torch.equal(reused.sequences, fresh.sequences)
+    for a, b in zip(reused.scores, fresh.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_first_step_is_generates_own_when_the_model_scales_its_logits(tiny_cfg, tiny_base):
+    """A model whose forward does more to its logits than the output embedding (Gemma-2's soft-capping, Cohere's
+    logit_scale; here a hook that doubles them) gets generate's own first step: the same scores as a full prefill."""
+    mm = _distinct_experts(tiny_cfg, tiny_base)
+    scale = mm.model.register_forward_hook(lambda _m, _args, out: type(out)(logits=out.logits * 2,
+                                                                            past_key_values=out.past_key_values))
+    ids = torch.randint(3, 250, (4, 10))
+    mask = torch.ones_like(ids)
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    try:
+        reused, _ = mm.generate(ids, mask, **gen)
+        fresh, _ = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
+    finally:
+        scale.remove()
+    assert mm._plain_head is False
     for a, b in zip(reused.scores, fresh.scores):
         assert torch.allclose(a, b, atol=1e-5)
 

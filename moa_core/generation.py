@@ -194,16 +194,19 @@ class RoutedGeneration:
         """Whether the causal LM's logits are its output embedding applied to the decoder's last hidden state and
         nothing more, so that the routing pass can supply the first step's logits: not where the model's forward
         also soft-caps or scales them (Gemma-2's final soft-capping, Cohere's logit_scale, Granite's
-        logits_scaling). Checked once per model, on two tokens with the adapters off."""
-        if self._plain_head is None:
-            ids = torch.tensor([[1, 2]], device=self.model.device)  # ids valid in any vocabulary
-            with self._routing(adapters_off=True):
-                full = self.model(input_ids=ids, use_cache=False).logits
-                hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-            mine = self.model.get_output_embeddings()(hidden)
-            self._plain_head = full.shape == mine.shape and torch.allclose(full.float(), mine.float(), rtol=1e-4,
-                                                                           atol=1e-4)
-        return self._plain_head
+        logits_scaling). Checked once per model, on two tokens with the adapters off (in train mode, where dropout
+        could tell the two apart, the answer is not kept)."""
+        if self._plain_head is not None:
+            return self._plain_head
+        ids = torch.tensor([[1, 2]], device=self.model.device)  # ids valid in any vocabulary
+        with self._routing(adapters_off=True):
+            full = self.model(input_ids=ids, use_cache=False).logits
+            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        mine = self.model.get_output_embeddings()(hidden)
+        plain = full.shape == mine.shape and torch.allclose(full.float(), mine.float(), rtol=1e-4, atol=1e-4)
+        if not self.model.training:
+            self._plain_head = plain
+        return plain
 
     def _run_decoder(self, input_ids: Tensor, attention_mask: Tensor, use_cache: bool, compiled: bool) -> Any:
         """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as

@@ -10,6 +10,9 @@
 # 2026-12-04: with the 30 kernel cases ~65-70 s, the stack with 5 layouts ~40 s, the graph test ~45 s per case, the
 # inference step with base_c, moa_split_c, moa_merged_c ~165 s. Knobs: INF_VARIANTS, INF_BATCH, MICRO_BATCH,
 # MICRO_EXPERTS, MERGED_CONFIGS (extra launch configurations of the merged layout), GRAPH_PATHS (a -k expression).
+# 2026-12-04 evening: the inference step times the prompt pass too (INF_PREFILL_ROUNDS, 0 = off), ~150 s for base_c
+# and moa_merged_c at batch 32; T_TRAIN (off by default) runs bench_training at TRAIN_SEQ_LEN tokens per row
+# (~200 s with peft_par's 8 processes x 5 rounds). The device returns at most 8 files: keep the steps few per call.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -24,9 +27,15 @@ fi
 t0=$SECONDS
 if (( ${T_INF:-400} > 0 )); then
   timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --prompt-len 128 \
-    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_split_c,moa_merged_c} --batch ${INF_BATCH:-32} \
-    --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
+    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_merged_c} --batch ${INF_BATCH:-32} \
+    --prefill-rounds ${INF_PREFILL_ROUNDS:-5} --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
   echo "[inference done at +$((SECONDS - t0)) s]"
+fi
+if (( ${T_TRAIN:-0} > 0 )); then  # one MoA pass against one PEFT job at its rows and 8 PEFT processes (bf16 adapters)
+  timeout ${T_TRAIN} python3 bench/bench_training.py --shape qwen0.5b --device cuda --experts 8 --batch 8 --steps 8 \
+    --repeats 5 --seq-len ${TRAIN_SEQ_LEN:-128} --variants ${TRAIN_VARIANTS:-moa,peft_one,peft_par} \
+    --json "$OUT/training.json" 2>&1 | grep -v -i "warn" | tee "$OUT/training.log"
+  echo "[training done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_KERNEL:-150} > 0 )); then
   timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k "triton or merged_kernel" 2>&1 | tail -5 | tee "$OUT/tests.log"

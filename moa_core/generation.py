@@ -120,7 +120,8 @@ class RoutedGeneration:
 
         Sequence routing decides once from the prompt and keeps the expert for every generated token.
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
-        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill.
+        becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill, and
+        its last position's logits are generate's first step (see `_given_prefill`).
         `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback)."""
         first = None  # the first step's output, when the routing pass provides it (see _given_prefill)
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
@@ -134,14 +135,12 @@ class RoutedGeneration:
         if expert is not None and (k := _rows_per_prompt(self.model, gen_kwargs)) > 1:
             forced = expert.repeat_interleave(k)  # generate repeats each prompt k times in place (beams)
         with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=forced):
-            if first is None:
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-            else:
+            if first is not None:
                 # the decode step then finds every layer's route as an eager first step would have left it (else
                 # its compiled graph is traced once without and once with a route set)
                 self._preset_routes()
-                with _given_prefill(self.model, first):
-                    out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+            with contextlib.nullcontext() if first is None else _given_prefill(self.model, first):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
 
     def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor,

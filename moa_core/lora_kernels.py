@@ -452,6 +452,19 @@ def run_group(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor
 
 
 # ------------------------------------------------------------------------------------------------ groups
+def _keep_address(old: Optional[Tensor], new: Optional[Tensor]) -> Optional[Tensor]:
+    """A stacked weight after a refresh: `new`'s values copied into `old` when they fit (same shape, device and
+    dtype), so a captured CUDA graph keeps reading the same address; else `new` itself, marked as a static input on
+    CUDA (a new address: the compiled step re-captures)."""
+    if new is None:
+        return None
+    if old is not None and old.shape == new.shape and old.device == new.device and old.dtype == new.dtype:
+        return old.copy_(new)
+    if new.is_cuda:
+        torch._dynamo.mark_static_address(new)
+    return new
+
+
 class LoraGroup:
     """Wrapped projections of one layer that read the same input, with their experts stacked for the kernels.
 
@@ -512,18 +525,7 @@ class LoraGroup:
             B[:, ns, rs] = sb
         same_rank = len({m.r for m in ms}) == 1
         Bt = torch.cat([sb.transpose(1, 2) for sb in scaled], dim=2).contiguous() if same_rank else None  # [E, r, N]
-        if self.A is not None and self.A.shape == A.shape and self.A.device == A.device and self.A.dtype == A.dtype \
-                and self.B.shape == B.shape and (Bt is None) == (self.Bt is None):
-            self.A.copy_(A)
-            self.B.copy_(B)
-            if Bt is not None:
-                self.Bt.copy_(Bt)
-        else:
-            self.A, self.B, self.Bt = A, B, Bt
-            if A.is_cuda:
-                for t in (self.A, self.B, self.Bt):
-                    if t is not None:
-                        torch._dynamo.mark_static_address(t)
+        self.A, self.B, self.Bt = _keep_address(self.A, A), _keep_address(self.B, B), _keep_address(self.Bt, Bt)
         self._merge_base_weights()
         self.dtype = A.dtype
         self.stash = None
@@ -550,15 +552,9 @@ class LoraGroup:
                     m.base.weight = nn.Parameter(self.W[ns], requires_grad=w.requires_grad)
         bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else self.W.new_zeros(m.out_features)
                           for m in ms]) if any(m.base.bias is not None for m in ms) else None
-        if bias is not None and self.bias is not None and self.bias.shape == bias.shape \
-                and self.bias.device == bias.device and self.bias.dtype == bias.dtype:
-            self.bias.copy_(bias)  # in place, as A and B: a captured CUDA graph keeps reading the same address
-        else:
-            self.bias = bias
+        self.bias = _keep_address(self.bias, bias)
         if self.W.is_cuda:
-            for t in (self.W, self.bias):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(self.W)
 
     def _member_part(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, compute) -> Tensor:
         """member's columns of the group's result on input x, computed (`compute()`) by the first member called."""

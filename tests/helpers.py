@@ -32,3 +32,18 @@ def curate_in_process(params: Path, domain: str) -> None:
     from tasks.curate import run_curate
 
     run_curate(StageContext.load(params), domain)
+
+
+def distinct_experts(cfg, base, std: float = 0.2):
+    """An MoA mixture (seed 0) whose experts change the output (random B, std `std`) and whose untrained routers
+    disagree across layers."""
+    import torch
+
+    from moa_core.methods import build_mixture
+
+    torch.manual_seed(0)
+    mm = build_mixture(cfg, "moa", base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=std)
+    return mm

@@ -11,17 +11,8 @@ import os
 import pytest
 import torch
 
+from helpers import distinct_experts
 from moa_core import lora_kernels
-from moa_core.methods import build_mixture
-
-
-def _mixture(tiny_cfg, tiny_base, std: float = 0.2):
-    torch.manual_seed(0)
-    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
-    with torch.no_grad():
-        for w in mm.wrapped.values():
-            w.lora_B.normal_(std=std)  # experts that change the output
-    return mm
 
 
 @pytest.fixture
@@ -44,7 +35,7 @@ def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, 
     """Forward, forced and routed generation: the fused path in each decode layout (on the CPU their torch
     formulations: "merged" computes the base projections in its own op) gives the reference path's results."""
     monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (6, 9))
     mask = torch.ones_like(ids)
     ids[:2, :3], mask[:2, :3] = 0, 0
@@ -75,7 +66,7 @@ def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, 
 
 def test_projections_sharing_an_input_take_one_kernel_call(tiny_cfg, tiny_base, op_calls):
     """q/k/v share one shrink and one call, gate/up another; o and down one each: 4 calls per layer."""
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     mm.lora_fusion.enabled = True
     sizes = sorted(len(g.members) for g in mm.lora_fusion.groups)
     n_layers = len(mm.slots)
@@ -91,7 +82,7 @@ def test_merged_layout_runs_a_decode_step_without_the_base_linears(tiny_cfg, tin
     """In the merged layout a decode step's projections are 4 group calls per layer, base included: no member runs
     its own linear (on the CPU each group op runs one F.linear of the stacked W: 4 per layer where the split layout
     runs the 7 members' own); the members' base weights became views of their group's W (no copy, same values)."""
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     mm.lora_fusion.enabled = True
     before = {n: w.base.weight.detach().clone() for n, w in mm.wrapped.items()}
     linear_calls = []
@@ -116,7 +107,7 @@ def test_merged_layout_runs_a_decode_step_without_the_base_linears(tiny_cfg, tin
 
 
 def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_calls):
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     mm.lora_fusion.enabled = True
     ids = torch.randint(3, 250, (2, 5))
     mm(ids, torch.ones_like(ids), labels=ids, expert=torch.tensor([0, 1])).loss.backward()  # eval, grad on
@@ -124,6 +115,27 @@ def test_training_and_grad_mode_keep_the_reference_path(tiny_cfg, tiny_base, op_
     with torch.no_grad():
         mm(ids, torch.ones_like(ids), expert=torch.tensor([0, 1]))
     assert op_calls == []
+
+
+def test_refresh_keeps_the_stacked_weights_addresses_while_their_shapes_hold(tiny_cfg, tiny_base):
+    """A captured CUDA graph reads the stacked A, B and Bt at fixed addresses: an expert changed in place is copied
+    into them; a new expert (new shapes) gives new tensors."""
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    assert mm.lora_fusion.ready()
+    g = mm.lora_fusion.groups[0]
+    addresses = [t.data_ptr() for t in (g.A, g.B, g.Bt)]
+    with torch.no_grad():
+        g.members[0].lora_B[1].add_(1.0)
+    assert mm.lora_fusion.ready()
+    assert [t.data_ptr() for t in (g.A, g.B, g.Bt)] == addresses
+    scaled = g.members[0].lora_B[1] * g.members[0].scaling[1]
+    assert torch.equal(g.Bt[1, :, :g.members[0].out_features], scaled.t())
+    for w in mm.wrapped.values():
+        w.add_expert()
+    assert mm.lora_fusion.ready()
+    assert all(t.data_ptr() != a for t, a in zip((g.A, g.B, g.Bt), addresses))
+    assert g.A.shape[0] == g.B.shape[0] == g.Bt.shape[0] == g.members[0].num_experts
 
 
 @pytest.mark.parametrize("max_fused_weight", [2 ** 21, 0])  # every group on the Triton GEMM's formulation, or on cuBLAS's
@@ -148,7 +160,7 @@ def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, o
     mask = torch.ones_like(ids)
     with torch.no_grad():
         plain = base(input_ids=ids, attention_mask=mask).logits
-    mm = _mixture(tiny_cfg, base)
+    mm = distinct_experts(tiny_cfg, base)
     expert = torch.tensor([2, 0, 1, 2])
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
                return_dict_in_generate=True)
@@ -173,7 +185,7 @@ def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch,
     """The kernels read copies of the experts (stacked per group): loading or changing an expert in place,
     or adding one, must reach them before the next forward (tokens = 1: a decode step, in the merged layout)."""
     monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (3, tokens))
     mask = torch.ones_like(ids)
     expert = torch.tensor([0, 1, 2])
@@ -223,7 +235,7 @@ def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_ba
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (6, 8))
     mask = torch.ones_like(ids)
     cc = CompileConfig(mode="default", fullgraph=True, backend=backend)
@@ -324,7 +336,7 @@ def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch)
 
     torch._dynamo.reset()
     counters.clear()
-    mm = _mixture(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     asked = []
     real = mm._run_decoder  # the routing pass and its re-run of rows whose layers disagreed
     monkeypatch.setattr(mm, "_run_decoder", lambda ids, mask, use_cache, compiled: asked.append(compiled)

@@ -11,6 +11,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 
 from conftest import toy_records
+from helpers import distinct_experts
 from moa_core.batching import collate, encode
 from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
 from moa_core.methods import build_mixture
@@ -317,21 +318,11 @@ def test_generate_routes_once_from_the_prompt(tiny_cfg, tiny_base, tiny_tok, ada
     assert torch.equal(seqs, forced)
 
 
-def _distinct_experts(cfg, base):
-    """An MoA mixture (seed 0) whose experts change the output (random B) and whose untrained routers disagree."""
-    torch.manual_seed(0)
-    mm = build_mixture(cfg, "moa", base, "tiny")
-    with torch.no_grad():
-        for w in mm.wrapped.values():
-            w.lora_B.normal_(std=0.2)
-    return mm
-
-
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_base):
     """generate() reuses the routing pass's KV cache: same tokens and scores as routing, then a full prefill,
     for rows whose layers all agreed with the final expert and for rows that had to be run again."""
-    mm = _distinct_experts(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (8, 12))
     mask = torch.ones_like(ids)
     ids[:3, :4], mask[:3, :4] = 0, 0  # left padding on three rows
@@ -356,7 +347,7 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
     """The routing pass ran the whole prompt, so generate's first token comes from its last position: the model runs
     once per later token only, with the tokens and scores of routing followed by a full prefill. A call that asks
     for hidden states (which only a real forward returns) gets generate's own first step instead."""
-    mm = _distinct_experts(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (4, 10))
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
@@ -379,7 +370,7 @@ def test_routing_pass_gives_generate_its_first_step(asks_hidden_states, tiny_cfg
 def test_first_step_is_generates_own_when_the_model_scales_its_logits(tiny_cfg, tiny_base):
     """A model whose forward does more to its logits than the output embedding (Gemma-2's soft-capping, Cohere's
     logit_scale; here a hook that doubles them) gets generate's own first step: the same scores as a full prefill."""
-    mm = _distinct_experts(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     scale = mm.model.register_forward_hook(lambda _m, _args, out: type(out)(logits=out.logits * 2,
                                                                             past_key_values=out.past_key_values))
     ids = torch.randint(3, 250, (4, 10))
@@ -397,7 +388,7 @@ def test_first_step_is_generates_own_when_the_model_scales_its_logits(tiny_cfg, 
 
 
 def test_beam_search_keeps_each_prompts_expert_on_its_beams(tiny_cfg, tiny_base):
-    mm = _distinct_experts(tiny_cfg, tiny_base)
+    mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (4, 10))
     mask = torch.ones_like(ids)
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=3, num_return_sequences=2)

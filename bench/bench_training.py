@@ -182,7 +182,6 @@ def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int,
 
     torch.manual_seed(seed)
     mm = MixtureModel(base_copy, moa_spec(base_for_spec, n, dropout=DROPOUT))
-    mm.routers.to(base_copy.device)  # a no-op since MixtureModel builds its routers on the base's device
     mm.train()
     mm.model.eval()
     for w in mm.wrapped.values():

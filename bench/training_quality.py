@@ -86,11 +86,9 @@ def val_loss(forward, rows: dict[str, Tensor], chunk: int = 16) -> float:
 
 def run_seed(seed: int, base: nn.Module, train: list[dict[str, Tensor]], val: list[dict[str, Tensor]],
              args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
-    """Per-domain validation losses of the base, the N PEFT experts and the MoA pass's experts for one seed."""
+    """Per-domain validation losses of the N PEFT experts and the MoA pass's experts for one seed."""
     N, S, B = len(train), args.steps, args.batch
-    out: dict[str, list[float]] = {"base": [], "peft": [], "moa": []}
-    for k in range(N):
-        out["base"].append(val_loss(lambda b: base(**b).loss, val[k]))
+    out: dict[str, list[float]] = {"peft": [], "moa": []}
     for k in range(N):
         pm, params, step_fn = peft_job(clone(base), seed=seed)
         run_loop(params, peft_batches(train[k], S, B), step_fn, args.lr, args.grad_clip)
@@ -148,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base(args.shape, device, dtype, seed=0)
     train = [_to(markov_rows(k, N, args.steps * args.batch, args.seq_len, V, 0), device) for k in range(N)]
     val = [_to(markov_rows(k, N, args.val_rows, args.seq_len, V, 1), device) for k in range(N)]
+    base_losses = [val_loss(lambda b: base(**b).loss, val[k]) for k in range(N)]  # the same for every seed
     per_seed, t0 = {}, time.perf_counter()
     for seed in args.seeds:
-        per_seed[seed] = run_seed(seed, base, train, val, args, device)
+        per_seed[seed] = {"base": base_losses, **run_seed(seed, base, train, val, args, device)}
         print(f"  seed {seed}: peft {statistics.fmean(per_seed[seed]['peft']):.4f}, "
               f"moa {statistics.fmean(per_seed[seed]['moa']):.4f}, base {statistics.fmean(per_seed[seed]['base']):.4f} "
               f"(+{time.perf_counter() - t0:.0f} s)", flush=True)

@@ -127,11 +127,28 @@ def moa_small_batches(data: list[dict[str, Tensor]], steps: int, B: int, device:
 
 
 def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], step_fn, lr: float,
-             grad_clip: float = 1.0):
+             grad_clip: float = 1.0, clip=None):
+    """train_loop over `batches`; `clip(batch)` replaces its joint gradient clip (see `moa_clip`)."""
     from moa_core.train import train_loop
 
     return train_loop(params, lambda start: iter(batches[start:]), step_fn, len(batches), lr,
-                      loop_cfg(grad_clip=grad_clip))
+                      loop_cfg(grad_clip=grad_clip), clip=clip)
+
+
+def moa_clip(mm: nn.Module, params: dict[str, nn.Parameter], grad_clip: float = 1.0):
+    """The one pass's gradient clip as train_mixture does it by default (train.clip_per_expert): each expert's
+    norm on its own, in proportion to its share of the batch's loss tokens -> clip(batch)."""
+    from moa_core.train import clip_grads_per_expert, expert_token_shares
+
+    stacked = {id(p) for p in mm.per_expert_parameters()}
+    mine = [p for p in params.values() if id(p) in stacked]
+    rest = [p for p in params.values() if id(p) not in stacked]
+    n_experts = mm.per_expert_parameters()[0].shape[0]
+
+    def clip(b: dict[str, Tensor]) -> None:
+        clip_grads_per_expert(mine, rest, grad_clip, expert_token_shares(b["expert"], b["labels"], n_experts))
+
+    return clip
 
 
 def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
@@ -162,10 +179,10 @@ def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, dev
     `wall_s` covers both, `loop_s` the loop alone."""
 
     def job():
-        params, step_fn = setup()
+        params, step_fn, *clip = setup()
         sync(device)
         t0 = time.perf_counter()
-        res = run_loop(params, batches, step_fn, lr)
+        res = run_loop(params, batches, step_fn, lr, clip=clip[0] if clip else None)
         sync(device)
         return res, time.perf_counter() - t0, sum(p.numel() for p in params.values())
 
@@ -198,7 +215,11 @@ def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int,
 def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batches: list[dict[str, Tensor]],
                    lr: float, device: torch.device) -> dict:
     """One mixed-domain pass (model set-up + train_loop), see `moa_pass`."""
-    return _timed_training(lambda: moa_pass(base_copy, base_for_spec, n)[1:], batches, lr, device)
+    def setup():
+        mm, params, step_fn = moa_pass(base_copy, base_for_spec, n)
+        return params, step_fn, moa_clip(mm, params)
+
+    return _timed_training(setup, batches, lr, device)
 
 
 def run_parallel_peft_jobs(args: argparse.Namespace, n: int) -> dict:

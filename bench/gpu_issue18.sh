@@ -25,11 +25,21 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; date -u;
   python3 -c "import torch,transformers,peft,triton;print(torch.__version__,transformers.__version__,peft.__version__,triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 t0=$SECONDS
-if (( ${T_INF:-400} > 0 )); then
-  timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda --experts 8 --prompt-len 128 \
-    --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 --variants ${INF_VARIANTS:-base_c,moa_merged_c} --batch ${INF_BATCH:-32} \
-    --prefill-rounds ${INF_PREFILL_ROUNDS:-5} --json "$OUT/inference_graphs.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_graphs.log"
-  echo "[inference done at +$((SECONDS - t0)) s]"
+if (( ${T_PROFILE:-0} > 0 )); then  # where a decode step's time goes: one profiled call per variant (host and GPU tables)
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout ${T_PROFILE} python3 bench/profile_generate.py --shape qwen0.5b --device cuda \
+    --experts 8 --batch ${PROFILE_BATCH:-32} --prompt-len 128 --new-tokens 64 --routing-pass ${PROFILE_ROUTING:-eager} \
+    --top 25 --gpu-top 30 --json "$OUT/profile.json" 2>&1 | grep -v -i "warn" > "$OUT/profile.log"
+  echo "[profile done at +$((SECONDS - t0)) s]"
+fi
+if (( ${T_INF:-400} > 0 )); then  # INF_BATCH may list several batches (one process, JSON and log each; T_INF each)
+  batches=${INF_BATCH:-32}
+  for b in ${batches//,/ }; do
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda \
+      --experts 8 --prompt-len 128 --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 \
+      --variants ${INF_VARIANTS:-base_c,moa_eager_route_c} --batch $b --prefill-rounds ${INF_PREFILL_ROUNDS:-5} \
+      --json "$OUT/inference_b$b.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_b$b.log"
+    echo "[inference batch $b done at +$((SECONDS - t0)) s]"
+  done
 fi
 if (( ${T_TRAIN:-0} > 0 )); then  # one MoA pass against one PEFT job at its rows and 8 PEFT processes (bf16 adapters)
   timeout ${T_TRAIN} python3 bench/bench_training.py --shape qwen0.5b --device cuda --experts 8 --batch 8 --steps 8 \

@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                          "to count a CUDA step's guards there)")
     ap.add_argument("--variants", default="base_c,moa_c", type=lambda t: t.split(","))
     ap.add_argument("--top", default=20, type=int, help="rows of the profiler's operator table (0: none)")
+    ap.add_argument("--gpu-top", default=0, type=int,
+                    help="rows of a second table, by GPU time, for each whole call (0: none): which kernels a decode "
+                         "step spends its time in")
+    ap.add_argument("--routing-pass", default="compiled", choices=["compiled", "eager"],
+                    help="MoA's routing pass: compiled (bench_inference's moa_c) or eager (the library's default, "
+                         "moa_eager_route_c)")
     args = ap.parse_args(argv)
     if args.render:
         ap.error("--render is not supported here: the figures are printed, and written with --json")
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     mm = build_moa(base, build_peft(base, n, seed=n), n, seed=n)
     fit_routers(mm, ids, mask, rows, 40)
     mm.lora_fusion.enabled = FUSED[args.fused]
-    mm.compile_routing_pass = True  # as bench_inference's moa_c
+    mm.compile_routing_pass = args.routing_pass == "compiled"
     cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
     cc._compile_all_devices = True
     calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "kernels": len(kernels), "guard_checks": len(lookups), "guard_check_ms": guards})
                 if args.top:
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+                if args.gpu_top and tokens == G:
+                    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.gpu_top))
     write_json(args.json, {"benchmark": "profile_generate", "shape": args.shape, "layout": args.layout, "batch": B,
                            "prompt_len": P, "new_tokens": G, "machine": machine_info(device), "results": records})
     return 0

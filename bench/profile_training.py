@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: I001
     SHAPES, build_base, clone, machine_info, one_shape_args, pick_device, pick_dtype, sync, write_json,  # noqa: E402
 )
-from bench_training import make_rows, moa_batches, moa_pass, peft_job  # noqa: E402
+from bench_training import make_rows, moa_batches, moa_clip, moa_pass, peft_job  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -50,15 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         if name == "moa":
             model, params, step_fn = moa_pass(clone(base), base, N)
+            clip = moa_clip(model, params)
         else:
             model, params, step_fn = peft_job(clone(base))
+            clip = lambda b, ps=list(params.values()): torch.nn.utils.clip_grad_norm_(ps, 1.0)  # noqa: E731
         opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
 
         def step(b: dict) -> None:
             loss, _ = step_fn(b if name == "moa" else {k: v for k, v in b.items() if k != "expert"})
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            clip(b)
             opt.step()
 
         for b in batches[: args.warmup]:

@@ -8,9 +8,10 @@ bench_training.py times the one pass (`moa`) against PEFT jobs; this script chec
 
 then every domain's validation loss (mean token NLL over held-out rows, prompt quarter masked) through PEFT expert
 k and through MoA with expert k forced, and the base model's as the starting point. Same rank, alpha, dropout,
-targets, optimiser and schedule (moa_core.train.train_loop). What differs by design: the one pass clips the
-gradient norm of all experts together (each job clips its own) and averages the loss over N x --batch rows (Adam
-removes that scale, not its effect on clipping), and the initial A and the dropout masks come from other draws.
+targets, optimiser and schedule (moa_core.train.train_loop). What differs by design: the one pass averages the
+loss over N x --batch rows (Adam removes that scale), clips each expert's gradient at its share of that loss times
+the clip (what its own job's clip comes to; --clip joint clips all experts together, as before 2026-12-04), and
+the initial A and the dropout masks come from other draws.
 
 The domains are synthetic but learnable: domain k is a Markov chain over its own slice of the vocabulary (each
 token has 4 likely successors), so an expert must learn domain-specific statistics and a wrong or weak expert
@@ -39,7 +40,7 @@ from _common import (  # noqa: I001
     SHAPES, build_base, clone, machine_info, markdown_table, one_shape_args, parse_int_list, pick_device,  # noqa: E402
     pick_dtype, write_json,
 )
-from bench_training import moa_batches, moa_pass, peft_batches, peft_job, run_loop  # noqa: E402
+from bench_training import moa_batches, moa_clip, moa_pass, peft_batches, peft_job, run_loop  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -96,7 +97,8 @@ def run_seed(seed: int, base: nn.Module, train: list[dict[str, Tensor]], val: li
         out["peft"].append(val_loss(lambda b: pm(**b).loss, val[k]))
         del pm, params
     mm, params, step_fn = moa_pass(clone(base), base, N, seed=seed)
-    run_loop(params, moa_batches(train, S, B, device), step_fn, args.lr, args.grad_clip)
+    clip = moa_clip(mm, params, args.grad_clip) if args.clip == "per_expert" else None
+    run_loop(params, moa_batches(train, S, B, device), step_fn, args.lr, args.grad_clip, clip=clip)
     mm.eval()
     for k in range(N):
         def forward(b, k=k):
@@ -131,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", default=1e-3, type=float)
     ap.add_argument("--seeds", default="0,1,2", type=parse_int_list)
     ap.add_argument("--grad-clip", default=1.0, type=float,
-                    help="gradient-norm clip of every job and of the pass (params.yaml train.grad_clip); the pass "
-                         "clips all experts together")
+                    help="gradient-norm clip of every job and of the pass (params.yaml train.grad_clip)")
+    ap.add_argument("--clip", default="per_expert", choices=["per_expert", "joint"],
+                    help="how the pass clips: each expert on its own as its job would (per_expert, train_mixture's "
+                         "default: train.clip_per_expert) or all experts' gradients together (joint, before)")
     ap.add_argument("--margin", default=0.1, type=float,
                     help="equal when the 95%% interval of the mean difference lies within +/- this fraction of "
                          "PEFT's gain (base loss - PEFT loss)")

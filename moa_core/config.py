@@ -130,6 +130,11 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
+    clip_per_expert: bool = Field(
+        True, description="where every row goes through a given expert (MoA stage 2, onboarding, MoDULA's fixed "
+                          "stages), clip each expert's gradient norm on its own, as its own training job would, "
+                          "instead of all experts' together; the routers and the universal expert are clipped as "
+                          "one group")
     seed: int = 0
     expert_steps: int = Field(40, ge=1, description="stage 1: steps per domain LoRA")
     mixed_steps: int = Field(80, ge=1, description="LoRA-mixed baseline steps (all domains)")

@@ -95,6 +95,16 @@ def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any
     return int(new)
 
 
+def _static_cache_len(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
+    """Positions of the static cache a call needs, as HF's generate sizes its own: prompt + new tokens - 1 (the
+    last new token is never fed back), at least `max_cache_len` when the generation config sets one. The same
+    length as the base model's cache also means the same attention shapes: on an H200 a cache one position
+    longer (193 against 192) made inductor's key/value expansion for cuDNN attention 3.5x slower per call."""
+    needed = prompt_len + _max_new_tokens(model, prompt_len, gen_kwargs) - 1
+    ceiling = gen_kwargs.get("max_cache_len", getattr(model.generation_config, "max_cache_len", None))
+    return max(needed, ceiling or 0)
+
+
 class RoutedGeneration:
     """`MixtureModel.generate` and its prompt cache. Mixed into MixtureModel, whose `model` (the HF causal LM),
     `spec`, `_routing(...)` context, `route`, `_routing_pass` and `_preset_routes` it uses."""
@@ -179,7 +189,7 @@ class RoutedGeneration:
         if not given:
             cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
         if gen_kwargs.get("cache_implementation") == "static":
-            static = self._static_cache(input_ids.shape[0], T + _max_new_tokens(self.model, T, gen_kwargs))
+            static = self._static_cache(input_ids.shape[0], _static_cache_len(self.model, T, gen_kwargs))
             for i, layer in enumerate(cache.layers):
                 static.update(layer.keys, layer.values, i)
             cache = static
@@ -218,14 +228,18 @@ class RoutedGeneration:
                        position_ids=prompt_positions(attention_mask), use_cache=use_cache)
 
     def _static_cache(self, batch: int, max_len: int) -> Any:
-        """One StaticCache per (batch, length), reset between calls, as HF's generate keeps its own: a new one
-        per call would give the compiled decode step new tensor addresses (a CUDA-graph re-capture)."""
+        """One StaticCache, reset between calls, as HF's generate keeps its own: a new one per call would give the
+        compiled decode step new tensor addresses (a CUDA-graph re-capture), and one of another length new shapes
+        (a recompile). Reused while the batch is the same and it holds `max_len` positions; a new one is never
+        shorter than the last (HF's rule too, so that prompts of varying length settle on one compiled step)."""
         from transformers import StaticCache
 
-        key = (batch, max_len)
-        if self._static is not None and self._static[0] == key:
-            self._static[1].reset()
-            return self._static[1]
+        if self._static is not None:
+            (last_batch, last_len), cache = self._static
+            if last_batch == batch and last_len >= max_len:
+                cache.reset()
+                return cache
+            max_len = max(max_len, last_len)
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-        self._static = (key, cache)
+        self._static = ((batch, max_len), cache)
         return cache

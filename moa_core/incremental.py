@@ -45,7 +45,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train_expert": ("base_model", "lora", *_TRAINING, "train.expert_steps", "train.experts_from"),
     "train_mixed": ("base_model", "lora", *_TRAINING, "train.mixed_steps", "train.mixed_sampling"),
     "train_router": ("method", "base_model", "lora", *_TRAINING, "train.expert_steps", "train.joint_steps",
-                     "train.joint_lr", "router", "mosld", "modula", "evaluate.baselines", "evaluate.compare_methods"),
+                     "train.joint_lr", "train.clip_per_expert", "router", "mosld", "modula", "evaluate.baselines", "evaluate.compare_methods"),
     "evaluate": ("method", "evaluate", "train.max_length", "train.precision"),
     "intervals": ("method", "evaluate.bootstrap"),
     "register": ("registry", "evaluate.max_new_tokens", "train.max_length", "base_model.device"),

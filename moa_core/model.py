@@ -348,6 +348,14 @@ class MixtureModel(RoutedGeneration, nn.Module):
         keep = set(self.mixture_parameters()) | {n for n in sd if n.endswith(".scaling")}
         return {k: v.detach().contiguous() for k, v in sd.items() if k in keep}
 
+    def per_expert_parameters(self) -> list[nn.Parameter]:
+        """The stacked tensors whose first dimension indexes the experts: every wrapped projection's A [E, r, d_in]
+        and B [E, d_out, r]. A shared A (MoSLD: [1, r, d_in]) is not one of them."""
+        out: list[nn.Parameter] = []
+        for w in self.wrapped.values():
+            out += [w.lora_B] if w.shared_a else [w.lora_A, w.lora_B]
+        return out
+
     def expert_tensors(self, k: int) -> dict[str, Tensor]:
         """Expert k's own slices (A, B of every wrapped projection), for hashing and comparison."""
         out: dict[str, Tensor] = {}

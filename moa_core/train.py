@@ -107,9 +107,11 @@ def train_loop(
     lr_for: Callable[[str], float] | None = None,
     dp: DataParallel | None = None,
     validate: Callable[[], float] | None = None,
+    clip: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> TrainResult:
     """Optimise `params` for `steps` steps (`lr_for(name)` may give some parameters their own rate). `batches(start_step)` yields the batches from that step on;
-    `step_fn(batch)` returns (loss, extra metrics). Resumes from `ckpt_dir/checkpoint.pt` if present and
+    `step_fn(batch)` returns (loss, extra metrics). `clip(batch)` clips the gradients after each backward pass,
+    given the step's whole batch (all ranks' rows); by default their joint norm is clipped to `cfg.grad_clip`. Resumes from `ckpt_dir/checkpoint.pt` if present and
     written for the same `fingerprint` (a hash of the settings and data); a stale one is ignored.
 
     With `dp` (several torchrun processes), each rank steps on its rows of every global batch through a
@@ -180,7 +182,7 @@ def train_loop(
     for step in range(start, steps):
         if stop:
             break
-        batch = next(it)
+        batch = whole = next(it)
         result.tokens += int(batch["attention_mask"].sum())  # the global batch's tokens, counted once
         if dp is not None:
             # Each rank's LM loss = its label tokens' loss sum / (the global batch's label tokens / world size):
@@ -198,7 +200,10 @@ def train_loop(
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        if clip is not None:
+            clip(whole)
+        else:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         opt.step()
         sched.step()
         done = step + 1
@@ -234,6 +239,39 @@ def train_loop(
                 p.copy_(best[name])
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def expert_token_shares(expert: Tensor, labels: Tensor, num_experts: int) -> Tensor:
+    """[E] each expert's share of a batch's label tokens, from the rows' experts [B] and labels [B, T] (-100 =
+    no loss; the first position never has one). The LM loss is a token mean over the batch, so expert e's
+    gradient is its share times the gradient of the mean loss over its own rows."""
+    tokens = (labels[:, 1:] != -100).sum(1).to(torch.float32)
+    per_expert = torch.zeros(num_experts, dtype=torch.float32, device=labels.device).index_add_(0, expert, tokens)
+    return per_expert / per_expert.sum().clamp(min=1.0)
+
+
+def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], max_norm: float, shares: Tensor) -> None:
+    """Clip each expert's gradient as its own training job would clip it.
+
+    stacked: parameters whose first dimension indexes the experts (A [E, r, d_in], B [E, d_out, r]); expert e's
+    gradient is slice e of each. shares: [E] each expert's share of the batch's loss (`expert_token_shares`). Expert
+    e's gradient is share_e x the gradient of its own rows' mean loss, the gradient its job would clip to
+    `max_norm`, so e's norm is clipped to share_e x max_norm: after it e's gradient is share_e x its job's clipped
+    one, and Adam, being invariant to a constant scale, steps as the job would. `shared` (routers, a universal
+    expert, a shared A) are clipped together to `max_norm`, as before."""
+    grads = [p.grad for p in stacked if p.grad is not None]
+    if grads:
+        E = grads[0].shape[0]
+        sq = torch.zeros(E, dtype=torch.float32, device=grads[0].device)
+        for g in grads:
+            sq += g.detach().float().pow(2).flatten(1).sum(1)
+        limit = shares.to(sq.device)[:E] * max_norm
+        scale = (limit / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # [E]; the 1e-6 as clip_grad_norm_'s
+        for g in grads:
+            g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+    rest = [p for p in shared if p.grad is not None]
+    if rest:
+        torch.nn.utils.clip_grad_norm_(rest, max_norm)
 
 
 def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_length: int) -> list[list[dict[str, list[int]]]]:
@@ -419,6 +457,17 @@ def train_mixture(
 
     # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
     # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
+    clip = None
+    if cfg.train.clip_per_expert and train_experts and route not in (TrainRoute.LEARNED, TrainRoute.EXPERTS_OFF):
+        stacked_ids = {id(p) for p in mm.per_expert_parameters()}
+        stacked = [p for p in params.values() if id(p) in stacked_ids]
+        shared = [p for p in params.values() if id(p) not in stacked_ids]
+        n_experts = max(w.lora_B.shape[0] for w in mm.wrapped.values())
+
+        def clip(b: dict[str, Tensor]) -> None:
+            shares = expert_token_shares(forced_expert(b), b["labels"], n_experts)  # type: ignore[arg-type]
+            clip_grads_per_expert(stacked, shared, cfg.train.grad_clip, shares)
+
     frozen = sorted(set(frozen_experts))
     hooks = _zero_expert_grads(mm, frozen) if frozen and train_experts else []
     tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) or frozen else cfg.train
@@ -427,7 +476,7 @@ def train_mixture(
             params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
             step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
             lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr, dp=dp,
-            validate=validate if val else None,
+            validate=validate if val else None, clip=clip,
         )
     finally:
         for h in hooks:

@@ -17,7 +17,8 @@ from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
 from moa_core.methods import build_mixture
 from moa_core.model import MixtureError, load_mixture, save_mixture
 from moa_core.routing import load_balance_loss, pool, top_k_gates
-from moa_core.train import NonFiniteLossError, train_loop, train_mixture
+from moa_core.train import (NonFiniteLossError, clip_grads_per_expert, expert_token_shares, train_loop,
+                            train_mixture)
 
 
 def _random_peft_adapter(base, out: Path, seed: int, r: int = 4, alpha: float = 8.0,
@@ -166,6 +167,51 @@ def test_moa_stage2_gradients_only_on_routers_and_gold_experts(tiny_cfg, tiny_ba
     assert w.lora_B.grad[1].abs().sum() == 0
     assert w.lora_B.grad[0].abs().sum() > 0 and w.lora_B.grad[2].abs().sum() > 0
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in mm.routers)
+
+
+def test_per_expert_clipping_clips_each_expert_as_its_own_job():
+    """Expert e's gradient in a mixed batch is share_e x its own rows' gradient; after the clip it must be share_e x
+    what clipping that gradient alone (its job) gives: expert 0 is over the limit, expert 1 under, expert 2 idle."""
+    torch.manual_seed(0)
+    own = [torch.randn(4, 3, 5) * s for s in (10.0, 0.01, 0.0)]  # each expert's own-rows gradient, [r, d_out, ...]
+    shares = torch.tensor([0.7, 0.3, 0.0])
+    A = torch.nn.Parameter(torch.zeros(3, 4, 3, 5))
+    A.grad = torch.stack([sh * g for sh, g in zip(shares, own, strict=True)])
+    router = torch.nn.Parameter(torch.zeros(3, 8))
+    router.grad = torch.full((3, 8), 5.0)
+    clip_grads_per_expert([A], [router], 1.0, shares)
+    for e in range(2):
+        job = own[e].clone()
+        job = job * min(1.0, 1.0 / (float(job.norm()) + 1e-6))
+        torch.testing.assert_close(A.grad[e], shares[e] * job)
+    assert A.grad[2].abs().sum() == 0
+    assert float(router.grad.norm()) == pytest.approx(1.0, rel=1e-4)  # the shared group: clipped as one
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, 4], [-100, 5, 6, 7]])  # 2, 2, 3 loss tokens
+    torch.testing.assert_close(expert_token_shares(torch.tensor([0, 2, 0]), labels, 3), torch.tensor([5 / 7, 0.0, 2 / 7]))
+
+
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_an_expert_trains_the_same_whatever_the_others_gradients(tiny_cfg, tiny_model_dir, tiny_tok, per_expert):
+    """Gold-routed training (MoA stage 2): with per-expert clipping expert 0's updates do not depend on expert 1's
+    gradient (its own job would not see it); clipping all experts together ties them. The clip is set low so that it
+    acts at every step; expert 1's weights differ between the two runs, so does its gradient."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(
+        update={"grad_clip": 1e-3, "clip_per_expert": per_expert, "weight_decay": 0.0})})
+    lora_0 = []
+    for scale in (0.0, 3.0):
+        torch.manual_seed(0)
+        mm = build_mixture(cfg, "moa", AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), "tiny")
+        g = torch.Generator().manual_seed(1)  # not the global generator: both runs draw the same dropout masks
+        with torch.no_grad():
+            for w in mm.wrapped.values():
+                w.lora_B[1] = scale * torch.randn(w.lora_B[1].shape, generator=g)
+        train_mixture(mm, tiny_tok, toy_records(3, 6), cfg, steps=3, lr=1e-2, train_experts=True, train_routers=True,
+                      eta=0.0)
+        lora_0.append(mm.expert_tensors(0))
+    same = all(torch.allclose(lora_0[0][n], lora_0[1][n], atol=1e-6, rtol=0) for n in lora_0[0])
+    assert same == per_expert
 
 
 def test_modula_router_stage_trains_only_routers(tiny_cfg, tiny_base, tiny_tok):
@@ -334,12 +380,36 @@ def test_routing_pass_cache_serves_as_the_prompt_cache(cache, tiny_cfg, tiny_bas
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     reused, e1 = mm.generate(ids, mask, **gen, **extra)
     again, _ = mm.generate(ids, mask, **gen, **extra)  # the static cache is reset and refilled
-    fresh, e2 = mm.generate(ids, mask, reuse_routing_cache=False, **gen)
+    fresh, e2 = mm.generate(ids, mask, reuse_routing_cache=False, **gen, **extra)
     assert torch.equal(e1, expert) and torch.equal(e2, expert)
+    if cache == "static":  # HF's generate built fresh's cache: ours has its length (the decode step's shapes)
+        assert reused.past_key_values.layers[0].max_cache_len == fresh.past_key_values.layers[0].max_cache_len == 12 + 5 - 1
     assert torch.equal(reused.sequences, fresh.sequences) and torch.equal(again.sequences, fresh.sequences)
     for a, b in zip(reused.scores, fresh.scores):
         finite = torch.isfinite(b)
         assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5)
+
+
+def test_static_cache_is_kept_across_calls_and_grows_only(tiny_cfg, tiny_base):
+    """One static cache serves calls of the same batch while it is long enough (the compiled decode step keeps its
+    addresses and shapes); a longer call replaces it with a longer one, and a shorter call after that keeps it."""
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    gen = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    def call(prompt: int, new: int):
+        ids = torch.randint(3, 250, (2, prompt))
+        kw = dict(max_new_tokens=new, min_new_tokens=new, **gen)
+        seqs, _ = mm.generate(ids, torch.ones_like(ids), **kw)
+        fresh, _ = mm.generate(ids, torch.ones_like(ids), reuse_routing_cache=False, **kw)
+        assert torch.equal(seqs, fresh)  # a cache longer than the call needs changes nothing
+        return mm._static[1]
+
+    first = call(10, 4)
+    assert first.layers[0].max_cache_len == 13
+    assert call(8, 3) is first  # shorter: the same cache
+    longer = call(12, 6)
+    assert longer is not first and longer.layers[0].max_cache_len == 17
+    assert call(10, 4) is longer and longer.layers[0].max_cache_len == 17  # never shrinks
 
 
 @pytest.mark.parametrize("asks_hidden_states", [False, True])

@@ -34,6 +34,11 @@ and, to attribute the cost of (c):
                 the base projections and the LoRA together (DECODE_LAYOUT "merged"). moa_c always runs the
                 one-kernel layout ("fused"), moa_split_c and moa_merged_c theirs; the other *_c variants run
                 the library's default (lora_kernels.DECODE_LAYOUT)
+  *_c_sg        (base_c_sg, moa_eager_route_c_sg, moa_merged_c_sg) the same call under
+                torch.compiler.set_stance(skip_guard_eval_unsafe=True): dynamo runs the compiled step without
+                checking its guards first (only those that tell its compiled versions apart). Warmed up after
+                the variant they wrap (whose compiled step they reuse); what the guard checks cost per call, on
+                both sides alike. `same_as_plain` records whether each output equals the plain variant's
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -76,7 +81,9 @@ from torch import nn  # noqa: E402
 from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
-            "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c"]
+            "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
+            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg"]
+SKIP_GUARDS = "_sg"  # suffix: the wrapped variant with dynamo's guard checks skipped
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -152,7 +159,9 @@ def fit_routers(mm, ids: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, s
 RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft", "moa"), ("peft_split", "moa"),
           ("moa_ref", "moa"), ("moa_c", "base_c"), ("moa_split_c", "base_c"), ("moa_split_c", "moa_c"), ("moa_merged_c", "base_c"), ("moa_merged_c", "moa_split_c"), ("moa_eager_route_c", "base_c"),
           ("moa_eager_route_c", "moa_merged_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
-          ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c")]
+          ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c"), ("moa_merged_c_sg", "base_c_sg"),
+          ("moa_eager_route_c_sg", "base_c_sg"), ("base_c_sg", "base_c"), ("moa_merged_c_sg", "moa_merged_c"),
+          ("moa_eager_route_c_sg", "moa_eager_route_c")]
 
 
 # variants that pin a decode layout
@@ -194,6 +203,9 @@ def run_shape(args: argparse.Namespace) -> dict:
         static = dict(cache_implementation="static", compile_config=cc)
 
         def call(v: str):
+            if v.endswith(SKIP_GUARDS):
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return call(v.removesuffix(SKIP_GUARDS))
             mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
                 if v == "base_c":
@@ -250,10 +262,12 @@ def run_shape(args: argparse.Namespace) -> dict:
                 warm.setdefault(v, t)
                 print(f"  N={n}: warm-up {v} {t:.1f} s", file=sys.stderr, flush=True)  # a compile time, if cut short
         times: dict[str, list[float]] = {v: [] for v in variants}
+        last: dict[str, torch.Tensor] = {}  # each variant's output in the last round
         for i in range(args.repeats):
             for v in (variants if i % 2 == 0 else variants[::-1]):  # ABC CBA ABC ...
                 t, out = timed(lambda: call(v), device)
                 times[v].append(t)
+                last[v] = out
                 assert out.shape == (B, P + G), f"{v}: generated {tuple(out.shape)}, expected {(B, P + G)}"
         prefill: dict[str, list[float]] = {v: [] for v in variants}
         if args.prefill_rounds:  # the same calls generating one token: the prompt pass (and routing) alone
@@ -270,6 +284,10 @@ def run_shape(args: argparse.Namespace) -> dict:
                                                           for v in variants}} if args.prefill_rounds else {}),
                "paired_ratios": {f"{a}/{b}": spread([x / y for x, y in zip(times[a], times[b])])
                                  for a, b in RATIOS if a in times and b in times}}
+        same = {v: bool(torch.equal(last[v], outs[v.removesuffix(SKIP_GUARDS)])) for v in variants
+                if v.endswith(SKIP_GUARDS) and v.removesuffix(SKIP_GUARDS) in outs and v in last}
+        if same:  # the last round's call against the plain warm-up's: a step run where its guards would fail shows
+            rec["same_as_plain"] = same
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
         if "peft" in variants and "moa" in variants:  # same LoRAs, same rows->experts: prompt logits agree?

@@ -138,17 +138,9 @@ def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], 
 def moa_clip(mm: nn.Module, params: dict[str, nn.Parameter], grad_clip: float = 1.0):
     """The one pass's gradient clip as train_mixture does it by default (train.clip_per_expert): each expert's
     norm on its own, in proportion to its share of the batch's loss tokens -> clip(batch)."""
-    from moa_core.train import clip_grads_per_expert, expert_token_shares
+    from moa_core.train import per_expert_clip
 
-    stacked = {id(p) for p in mm.per_expert_parameters()}
-    mine = [p for p in params.values() if id(p) in stacked]
-    rest = [p for p in params.values() if id(p) not in stacked]
-    n_experts = mm.per_expert_parameters()[0].shape[0]
-
-    def clip(b: dict[str, Tensor]) -> None:
-        clip_grads_per_expert(mine, rest, grad_clip, expert_token_shares(b["expert"], b["labels"], n_experts))
-
-    return clip
+    return per_expert_clip(mm, params.values(), grad_clip, lambda b: b["expert"])
 
 
 def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:

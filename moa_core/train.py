@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -274,6 +274,24 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
         torch.nn.utils.clip_grad_norm_(rest, max_norm)
 
 
+def per_expert_clip(mm: MixtureModel, params: Iterable[nn.Parameter], max_norm: float,
+                    expert_of: Callable[[dict[str, Tensor]], Tensor]) -> Callable[[dict[str, Tensor]], None]:
+    """`train_loop`'s `clip` for a mixture whose rows each go through one given expert (`expert_of(batch)` -> [B]):
+    the trained experts' gradients clipped one by one (`clip_grads_per_expert`), the other trained parameters
+    (routers, a universal expert, a shared A) together."""
+    params = list(params)
+    mine = {id(p) for p in mm.per_expert_parameters()}
+    stacked = [p for p in params if id(p) in mine]
+    shared = [p for p in params if id(p) not in mine]
+    n_experts = max(w.lora_B.shape[0] for w in mm.wrapped.values())
+
+    def clip(batch: dict[str, Tensor]) -> None:
+        shares = expert_token_shares(expert_of(batch), batch["labels"], n_experts)
+        clip_grads_per_expert(stacked, shared, max_norm, shares)
+
+    return clip
+
+
 def encode_domains(tokenizer: Any, records_by_domain: list[list[Any]], max_length: int) -> list[list[dict[str, list[int]]]]:
     return [[encode(tokenizer, r, max_length) for r in recs] for recs in records_by_domain]
 
@@ -459,15 +477,7 @@ def train_mixture(
     # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
     clip = None
     if cfg.train.clip_per_expert and train_experts and route not in (TrainRoute.LEARNED, TrainRoute.EXPERTS_OFF):
-        stacked_ids = {id(p) for p in mm.per_expert_parameters()}
-        stacked = [p for p in params.values() if id(p) in stacked_ids]
-        shared = [p for p in params.values() if id(p) not in stacked_ids]
-        n_experts = max(w.lora_B.shape[0] for w in mm.wrapped.values())
-
-        def clip(b: dict[str, Tensor]) -> None:
-            shares = expert_token_shares(forced_expert(b), b["labels"], n_experts)  # type: ignore[arg-type]
-            clip_grads_per_expert(stacked, shared, cfg.train.grad_clip, shares)
-
+        clip = per_expert_clip(mm, params.values(), cfg.train.grad_clip, forced_expert)  # type: ignore[arg-type]
     frozen = sorted(set(frozen_experts))
     hooks = _zero_expert_grads(mm, frozen) if frozen and train_experts else []
     tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) or frozen else cfg.train

@@ -84,6 +84,11 @@ VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0"
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
             "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg"]
 SKIP_GUARDS = "_sg"  # suffix: the wrapped variant with dynamo's guard checks skipped
+
+
+def compiled(variant: str) -> bool:
+    """Whether the variant runs HF's compiled decode step (the *_c variants and their *_c_sg twins)."""
+    return variant.removesuffix(SKIP_GUARDS).endswith("_c")
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -192,7 +197,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         chosen: list[torch.Tensor] = []
 
         cc = None
-        if any(v.endswith("_c") for v in args.variants):
+        if any(compiled(v) for v in args.variants):
             from torch import _dynamo
             from transformers import CompileConfig
 
@@ -257,7 +262,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         variants = [v for v in VARIANTS if v in args.variants]
         warm: dict[str, float] = {}
         for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches, compilation)
-            for _ in range(max(1, args.warmup) if v.endswith("_c") else args.warmup):
+            for _ in range(max(1, args.warmup) if compiled(v) else args.warmup):
                 t, outs[v] = timed(lambda: call(v), device)
                 warm.setdefault(v, t)
                 print(f"  N={n}: warm-up {v} {t:.1f} s", file=sys.stderr, flush=True)  # a compile time, if cut short
@@ -363,7 +368,7 @@ def render(payload: dict) -> str:
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
               "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
-    warm = [v for v in variants if v.endswith("_c")]
+    warm = [v for v in variants if v.endswith("_c")]  # the *_sg twins reuse their plain variant's compilation
     if warm:  # the first call of a compiled variant compiles: its time, minus the median call, is the compile cost
         checks += [f"{v} compile s" for v in warm]
         for row, r in zip(rows, payload["results"]):
@@ -395,7 +400,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the moa variants' routed-LoRA path: auto (fused kernels on CUDA with triton), on (also on the "
                          "CPU, through the torch formulation), off (reference path; what moa_ref always uses)")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
-    return run_shapes(ap.parse_args(argv), "inference", run_shape, render)
+    args = ap.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+    alone = [v for v in args.variants if v.endswith(SKIP_GUARDS) and v.removesuffix(SKIP_GUARDS) not in args.variants]
+    if alone:  # the twin must find its step compiled, with its guards, by the plain variant's warm-up
+        ap.error(f"{', '.join(alone)} need their plain variant in --variants too (add "
+                 f"{', '.join(v.removesuffix(SKIP_GUARDS) for v in alone)})")
+    return run_shapes(args, "inference", run_shape, render)
 
 
 if __name__ == "__main__":

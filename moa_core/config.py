@@ -132,9 +132,9 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     clip_per_expert: bool = Field(
         True, description="where every row goes through a given expert (MoA stage 2, onboarding, MoDULA's fixed "
-                          "stages), clip each expert's gradient norm on its own, as its own training job would, "
-                          "instead of all experts' together; the routers and the universal expert are clipped as "
-                          "one group")
+                          "stages), each expert steps on its own rows' mean-loss gradient, clipped on its own as its "
+                          "training job would clip it, instead of on its share of the batch's gradient with all "
+                          "experts clipped together; the routers and the universal expert are clipped as one group")
     seed: int = 0
     expert_steps: int = Field(40, ge=1, description="stage 1: steps per domain LoRA")
     mixed_steps: int = Field(80, ge=1, description="LoRA-mixed baseline steps (all domains)")

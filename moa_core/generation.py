@@ -88,22 +88,31 @@ def _hf_compiles_decode(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
 
 
 def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
+    """The new tokens HF's generate allows this call: max_new_tokens, else max_length - prompt, else its default of
+    20 new tokens within the model's positions."""
     gc = model.generation_config
     new = gen_kwargs.get("max_new_tokens", gc.max_new_tokens)
-    if new is None:
-        new = gen_kwargs.get("max_length", gc.max_length) - prompt_len
-    return int(new)
+    if new is not None:
+        return int(new)
+    max_length = gen_kwargs.get("max_length", gc.max_length)
+    if max_length is None:
+        max_length = prompt_len + 20
+        if (positions := getattr(model.config, "max_position_embeddings", None)) is not None:
+            max_length = min(max_length, positions)
+    return int(max_length) - prompt_len
 
 
 def _static_cache_len(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
     """Positions of the static cache a call needs, as HF's generate sizes its own: prompt + new tokens - 1 (the
-    last new token is never fed back), at least `max_cache_len` when the generation config sets one. The same
+    last new token is never fed back), at least `max_cache_len` when the generation config sets one, and at least
+    the length of the model's last static cache (`_previous_max_cache_length`, which HF's generate also keeps and
+    reads, so that the calls MoA leaves to HF's own cache, e.g. with `expert=` given, see the same length). The same
     length as the base model's cache also means the same attention shapes: on an H200 (BENCHMARKS.md), with one
     position more than the base's (192 against 191), inductor's key/value kernel before cuDNN attention took
     15.5 instead of 4.4 us per call, a quarter of MoA's decode-step GPU time at batch 32."""
     needed = prompt_len + _max_new_tokens(model, prompt_len, gen_kwargs) - 1
     ceiling = gen_kwargs.get("max_cache_len", getattr(model.generation_config, "max_cache_len", None))
-    return max(needed, ceiling or 0)
+    return max(needed, ceiling or 0, getattr(model, "_previous_max_cache_length", 0))
 
 
 class RoutedGeneration:
@@ -114,7 +123,7 @@ class RoutedGeneration:
     spec: Any  # MixtureSpec
 
     def _init_generation(self) -> None:
-        self._static: tuple[tuple[int, int], Any] | None = None  # (batch, length) -> StaticCache, see _static_cache
+        self._static: tuple[tuple, Any] | None = None  # ((batch, dtype, device), length, StaticCache): _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
         self._plain_head: bool | None = None  # see _head_is_plain; checked once
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):
@@ -138,7 +147,8 @@ class RoutedGeneration:
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
                 expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs)
-                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != "cache_implementation"}
+                # the cache is given: HF would warn that these settings of its own cache go unused
+                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k not in ("cache_implementation", "max_cache_len")}
                 gen_kwargs["past_key_values"] = cache
             else:
                 expert, _ = self.route(input_ids, attention_mask)
@@ -190,7 +200,9 @@ class RoutedGeneration:
         if not given:
             cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
         if gen_kwargs.get("cache_implementation") == "static":
-            static = self._static_cache(input_ids.shape[0], _static_cache_len(self.model, T, gen_kwargs))
+            keys = cache.layers[0].keys
+            static = self._static_cache((input_ids.shape[0], keys.dtype, keys.device),
+                                        _static_cache_len(self.model, T, gen_kwargs))
             for i, layer in enumerate(cache.layers):
                 static.update(layer.keys, layer.values, i)
             cache = static
@@ -228,19 +240,21 @@ class RoutedGeneration:
         return decoder(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=prompt_positions(attention_mask), use_cache=use_cache)
 
-    def _static_cache(self, batch: int, max_len: int) -> Any:
-        """One StaticCache, reset between calls, as HF's generate keeps its own: a new one per call would give the
-        compiled decode step new tensor addresses (a CUDA-graph re-capture), and one of another length new shapes
-        (a recompile). Reused while the batch is the same and it holds `max_len` positions; a new one is never
-        shorter than the last (HF's rule too, so that prompts of varying length settle on one compiled step)."""
+    def _static_cache(self, kind: tuple, max_len: int) -> Any:
+        """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions: the last one,
+        reset, while it is of that kind and long enough, else a new one (never shorter than the last). A new cache
+        per call would give the compiled decode step new tensor addresses (a CUDA-graph re-capture), and one of
+        another length new shapes (a recompile); HF's generate, which builds a cache per call, keeps the length
+        for the same reason (`_previous_max_cache_length`, set here too)."""
         from transformers import StaticCache
 
         if self._static is not None:
-            (last_batch, last_len), cache = self._static
-            if last_batch == batch and last_len >= max_len:
+            last_kind, last_len, cache = self._static
+            if last_kind == kind and last_len >= max_len:
                 cache.reset()
                 return cache
             max_len = max(max_len, last_len)
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-        self._static = ((batch, max_len), cache)
+        self._static = (kind, max_len, cache)
+        self.model._previous_max_cache_length = max_len
         return cache

@@ -251,22 +251,28 @@ def expert_token_shares(expert: Tensor, labels: Tensor, num_experts: int) -> Ten
 
 
 def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], max_norm: float, shares: Tensor) -> None:
-    """Clip each expert's gradient as its own training job would clip it.
+    """Give each expert the clipped gradient its own training job would have.
 
     stacked: parameters whose first dimension indexes the experts (A [E, r, d_in], B [E, d_out, r]); expert e's
-    gradient is slice e of each. shares: [E] each expert's share of the batch's loss (`expert_token_shares`). Expert
-    e's gradient is share_e x the gradient of its own rows' mean loss, the gradient its job would clip to
-    `max_norm`, so e's norm is clipped to share_e x max_norm: after it e's gradient is share_e x its job's clipped
-    one, and Adam, being invariant to a constant scale, steps as the job would. `shared` (routers, a universal
-    expert, a shared A) are clipped together to `max_norm`, as before."""
+    gradient is slice e of each. shares: [E] each expert's share of the batch's loss tokens
+    (`expert_token_shares`). The LM loss is a token mean over the batch, so expert e's gradient is share_e x the
+    gradient of its own rows' mean loss, the one its job would compute: it is divided by share_e and then its norm
+    (over all of e's slices) clipped to `max_norm`, as the job clips. With the routers' loss on (router.eta > 0),
+    which also reaches the experts of earlier layers through the hidden states, that part is scaled alike.
+    An expert without rows (share 0) has no gradient from them and is left as it is. `shared` (routers, a
+    universal expert, a shared A) are clipped together to `max_norm`."""
     grads = [p.grad for p in stacked if p.grad is not None]
     if grads:
-        E = grads[0].shape[0]
+        E = shares.shape[0]
+        if any(g.shape[0] != E for g in grads):
+            raise ValueError(f"every stacked parameter must hold {E} experts along its first dimension, got "
+                             f"{sorted({g.shape[0] for g in grads})}")
+        shares = shares.to(grads[0].device, torch.float32)
         sq = torch.zeros(E, dtype=torch.float32, device=grads[0].device)
         for g in grads:
-            sq += g.detach().float().pow(2).flatten(1).sum(1)
-        limit = shares.to(sq.device)[:E] * max_norm
-        scale = (limit / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # [E]; the 1e-6 as clip_grad_norm_'s
+            sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
+        own = sq.sqrt() / shares.clamp(min=1e-12)  # [E] the norm of each expert's own-rows gradient
+        scale = torch.where(shares > 0, (max_norm / (own + 1e-6)).clamp(max=1.0) / shares.clamp(min=1e-12), 1.0)
         for g in grads:
             g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
     rest = [p for p in shared if p.grad is not None]
@@ -277,8 +283,8 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
 def per_expert_clip(mm: MixtureModel, params: Iterable[nn.Parameter], max_norm: float,
                     expert_of: Callable[[dict[str, Tensor]], Tensor]) -> Callable[[dict[str, Tensor]], None]:
     """`train_loop`'s `clip` for a mixture whose rows each go through one given expert (`expert_of(batch)` -> [B]):
-    the trained experts' gradients clipped one by one (`clip_grads_per_expert`), the other trained parameters
-    (routers, a universal expert, a shared A) together."""
+    each trained expert's gradient as its own job would have it, clipped (`clip_grads_per_expert`), the other
+    trained parameters (routers, a universal expert, a shared A) clipped together."""
     params = list(params)
     mine = {id(p) for p in mm.per_expert_parameters()}
     stacked = [p for p in params if id(p) in mine]

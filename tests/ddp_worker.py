@@ -30,8 +30,10 @@ def main(model_dir: Path, out_root: Path) -> None:
     dp = init_from_env()
     torch.set_num_threads(1)
     cfg = parse_config(tiny_raw_params(model_dir), profile="quick")
-    # no LoRA dropout: its masks depend on which process draws them, which would hide what is compared
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4, "log_every": 1}),
+    # no LoRA dropout: its masks depend on which process draws them, which would hide what is compared. A clip low
+    # enough to act at every step: each rank must clip as one process would (MoA's per expert, from the whole batch)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4, "log_every": 1,
+                                                                        "grad_clip": 1e-3}),
                                  "lora": cfg.lora.model_copy(update={"dropout": 0.0})})
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = toy_records(n_domains=2, n=8)

@@ -170,22 +170,30 @@ def test_moa_stage2_gradients_only_on_routers_and_gold_experts(tiny_cfg, tiny_ba
 
 
 def test_per_expert_clipping_clips_each_expert_as_its_own_job():
-    """Expert e's gradient in a mixed batch is share_e x its own rows' gradient; after the clip it must be share_e x
-    what clipping that gradient alone (its job) gives: expert 0 is over the limit, expert 1 under, expert 2 idle."""
+    """Expert e's gradient in a mixed batch is share_e x its own rows' gradient, spread over its A and B slices; after
+    the clip it must be what clipping that own-rows gradient alone (its job) gives, its norm taken over A and B
+    together: expert 0 is over the limit, expert 1 under, expert 2 idle."""
     torch.manual_seed(0)
-    own = [torch.randn(4, 3, 5) * s for s in (10.0, 0.01, 0.0)]  # each expert's own-rows gradient, [r, d_out, ...]
+    own_A = [torch.randn(4, 3) * s for s in (10.0, 0.01, 0.0)]  # each expert's own-rows gradient of A [r, d_in]
+    own_B = [torch.randn(5, 4) * s for s in (0.5, 0.01, 0.0)]  # and of B [d_out, r]
     shares = torch.tensor([0.7, 0.3, 0.0])
-    A = torch.nn.Parameter(torch.zeros(3, 4, 3, 5))
-    A.grad = torch.stack([sh * g for sh, g in zip(shares, own, strict=True)])
+    A, B = torch.nn.Parameter(torch.zeros(3, 4, 3)), torch.nn.Parameter(torch.zeros(3, 5, 4))
+    A.grad = torch.stack([sh * g for sh, g in zip(shares, own_A, strict=True)])
+    B.grad = torch.stack([sh * g for sh, g in zip(shares, own_B, strict=True)])
     router = torch.nn.Parameter(torch.zeros(3, 8))
     router.grad = torch.full((3, 8), 5.0)
-    clip_grads_per_expert([A], [router], 1.0, shares)
+    clip_grads_per_expert([A, B], [router], 1.0, shares)
     for e in range(2):
-        job = own[e].clone()
-        job = job * min(1.0, 1.0 / (float(job.norm()) + 1e-6))
-        torch.testing.assert_close(A.grad[e], shares[e] * job)
-    assert A.grad[2].abs().sum() == 0
+        norm = float(torch.cat([own_A[e].flatten(), own_B[e].flatten()]).norm())
+        k = min(1.0, 1.0 / (norm + 1e-6))
+        torch.testing.assert_close(A.grad[e], own_A[e] * k)
+        torch.testing.assert_close(B.grad[e], own_B[e] * k)
+    assert A.grad[2].abs().sum() == 0 and B.grad[2].abs().sum() == 0
     assert float(router.grad.norm()) == pytest.approx(1.0, rel=1e-4)  # the shared group: clipped as one
+    with pytest.raises(ValueError, match="3 experts"):  # a layer with another expert count (MoSLD): not this clip
+        C = torch.nn.Parameter(torch.zeros(2, 4))
+        C.grad = torch.ones(2, 4)
+        clip_grads_per_expert([A, C], [], 1.0, shares)
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, 4], [-100, 5, 6, 7]])  # 2, 2, 3 loss tokens
     torch.testing.assert_close(expert_token_shares(torch.tensor([0, 2, 0]), labels, 3), torch.tensor([5 / 7, 0.0, 2 / 7]))
 
@@ -194,7 +202,8 @@ def test_per_expert_clipping_clips_each_expert_as_its_own_job():
 def test_an_expert_trains_the_same_whatever_the_others_gradients(tiny_cfg, tiny_model_dir, tiny_tok, per_expert):
     """Gold-routed training (MoA stage 2): with per-expert clipping expert 0's updates do not depend on expert 1's
     gradient (its own job would not see it); clipping all experts together ties them. The clip is set low so that it
-    acts at every step; expert 1's weights differ between the two runs, so does its gradient."""
+    acts at every step; expert 1's weights differ between the two runs, so does its gradient. The routers' loss is
+    off (eta 0): on, it reaches every expert through the hidden states and ties them whatever the clip."""
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(
@@ -402,7 +411,7 @@ def test_static_cache_is_kept_across_calls_and_grows_only(tiny_cfg, tiny_base):
         seqs, _ = mm.generate(ids, torch.ones_like(ids), **kw)
         fresh, _ = mm.generate(ids, torch.ones_like(ids), reuse_routing_cache=False, **kw)
         assert torch.equal(seqs, fresh)  # a cache longer than the call needs changes nothing
-        return mm._static[1]
+        return mm._static[2]
 
     first = call(10, 4)
     assert first.layers[0].max_cache_len == 13
@@ -410,6 +419,14 @@ def test_static_cache_is_kept_across_calls_and_grows_only(tiny_cfg, tiny_base):
     longer = call(12, 6)
     assert longer is not first and longer.layers[0].max_cache_len == 17
     assert call(10, 4) is longer and longer.layers[0].max_cache_len == 17  # never shrinks
+    # a call left to HF's own cache (the expert given) gets the same length: the decode step keeps its shapes
+    ids = torch.randint(3, 250, (2, 10))
+    out = mm.generate(ids, torch.ones_like(ids), expert=torch.tensor([0, 1]), max_new_tokens=4, min_new_tokens=4,
+                      return_dict_in_generate=True, **gen)[0]
+    assert out.past_key_values.layers[0].max_cache_len == 17
+    mm.model.to(torch.bfloat16)  # another dtype: a new cache (the old one's tensors would not take the new keys)
+    again = call(10, 4)
+    assert again is not longer and again.layers[0].keys.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("asks_hidden_states", [False, True])

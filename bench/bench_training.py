@@ -137,7 +137,7 @@ def run_loop(params: dict[str, nn.Parameter], batches: list[dict[str, Tensor]], 
 
 def moa_clip(mm: nn.Module, params: dict[str, nn.Parameter], grad_clip: float = 1.0):
     """The one pass's gradient clip as train_mixture does it by default (train.clip_per_expert): each expert's
-    norm on its own, in proportion to its share of the batch's loss tokens -> clip(batch)."""
+    own-rows gradient (divided by its share of the batch's loss tokens) clipped on its own -> clip(batch)."""
     from moa_core.train import per_expert_clip
 
     return per_expert_clip(mm, params.values(), grad_clip, lambda b: b["expert"])

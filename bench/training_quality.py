@@ -9,9 +9,9 @@ bench_training.py times the one pass (`moa`) against PEFT jobs; this script chec
 then every domain's validation loss (mean token NLL over held-out rows, prompt quarter masked) through PEFT expert
 k and through MoA with expert k forced, and the base model's as the starting point. Same rank, alpha, dropout,
 targets, optimiser and schedule (moa_core.train.train_loop). What differs by design: the one pass averages the
-loss over N x --batch rows (Adam removes that scale), clips each expert's gradient at its share of that loss times
-the clip (what its own job's clip comes to; --clip joint clips all experts together, as before 2026-12-04), and
-the initial A and the dropout masks come from other draws.
+loss over N x --batch rows, and each expert's gradient is divided by its share of that loss and clipped on its own
+(its job's clipped gradient; --clip joint clips all experts' share-scaled gradients together, as before
+2026-12-04), and the initial A and the dropout masks come from other draws.
 
 The domains are synthetic but learnable: domain k is a Markov chain over its own slice of the vocabulary (each
 token has 4 likely successors), so an expert must learn domain-specific statistics and a wrong or weak expert
@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-clip", default=1.0, type=float,
                     help="gradient-norm clip of every job and of the pass (params.yaml train.grad_clip)")
     ap.add_argument("--clip", default="per_expert", choices=["per_expert", "joint"],
-                    help="how the pass clips: each expert on its own as its job would (per_expert, train_mixture's "
-                         "default: train.clip_per_expert) or all experts' gradients together (joint, before)")
+                    help="how the pass clips: each expert's own-rows gradient on its own, as its job would (per_expert, "
+                         "train_mixture's default: train.clip_per_expert) or all experts' gradients together "
+                         "(joint, before)")
     ap.add_argument("--margin", default=0.1, type=float,
                     help="equal when the 95%% interval of the mean difference lies within +/- this fraction of "
                          "PEFT's gain (base loss - PEFT loss)")

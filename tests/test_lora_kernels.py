@@ -325,6 +325,28 @@ def test_decode_layout_flag_is_a_compile_guard(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_prompts_of_other_lengths_reuse_the_compiled_decode_step(tiny_cfg, tiny_base):
+    """The static cache keeps its length across calls of one batch size (never shorter than the last), so prompts of
+    other lengths run the decode step traced for the first call: traced once, with eager generation's tokens."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    cc = CompileConfig(mode="default", fullgraph=True, backend="eager")  # dynamo alone: what is traced is tested
+    cc._compile_all_devices = True
+    gen = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    for prompt in (10, 7, 10):
+        ids = torch.randint(3, 250, (4, prompt))
+        mask = torch.ones_like(ids)
+        eager, _ = mm.generate(ids, mask, **gen)
+        out, _ = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
+        assert torch.equal(out, eager), prompt
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch):
     """Routed generation with HF's compiled static-cache decode asks for a compiled routing pass, unless
     `compile_routing_pass` is False; the tokens are eager generation's either way, and the decode step is traced

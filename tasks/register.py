@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,11 +131,20 @@ def log_mixture_version(ctx: StageContext, mixture_dir: Path, tags: dict[str, st
     artifacts = {"mixture": str(mixture_dir)}
     if ctx.cfg.registry.include_base:  # else the version points at base_path on this machine
         artifacts["base"] = str(base_path)
-    with warnings.catch_warnings():
-        # MLflow asks for an input example, in a warning with raw ANSI colour codes in every log; validating an
-        # example would load the base model once more per registration, and the signature is the schema.
-        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
-        info = _log_pyfunc(ctx, artifacts, base_path, model_id)
+    # MLflow also warns, at every registration, that a python_model object is pickled and that unpickling may run
+    # code. Ours is MoAPyfunc, a stateless class of this package that the pickle names by reference
+    # (tasks.pyfunc.MoAPyfunc): loading a version imports that module and runs nothing else.
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    pickled_notice = lambda record: "serialized using CloudPickle" not in record.getMessage()  # noqa: E731
+    pyfunc_logger.addFilter(pickled_notice)
+    try:
+        with warnings.catch_warnings():
+            # MLflow asks for an input example, in a warning with raw ANSI colour codes in every log; validating an
+            # example would load the base model once more per registration, and the signature is the schema.
+            warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+            info = _log_pyfunc(ctx, artifacts, base_path, model_id)
+    finally:
+        pyfunc_logger.removeFilter(pickled_notice)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for k, v in tags.items():

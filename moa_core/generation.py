@@ -241,11 +241,12 @@ class RoutedGeneration:
                        position_ids=prompt_positions(attention_mask), use_cache=use_cache)
 
     def _static_cache(self, kind: tuple, max_len: int) -> Any:
-        """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions: the last one,
-        reset, while it is of that kind and long enough, else a new one (never shorter than the last). A new cache
-        per call would give the compiled decode step new tensor addresses (a CUDA-graph re-capture), and one of
-        another length new shapes (a recompile); HF's generate, which builds a cache per call, keeps the length
-        for the same reason (`_previous_max_cache_length`, set here too)."""
+        """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions
+        (`_static_cache_len`, never shorter than the last cache): the last one, reset, while it is of that kind and
+        long enough, else a new one. A new cache per call would give the compiled decode step new tensor addresses
+        (a CUDA-graph re-capture), and one of another length new shapes (a recompile); HF's generate, which builds
+        a cache per call, keeps the length for the same reason (`_previous_max_cache_length`, set here too, which
+        is what keeps the next `max_len` from shrinking)."""
         from transformers import StaticCache
 
         if self._static is not None:
@@ -253,7 +254,6 @@ class RoutedGeneration:
             if last_kind == kind and last_len >= max_len:
                 cache.reset()
                 return cache
-            max_len = max(max_len, last_len)
         cache = StaticCache(config=self.model.config, max_cache_len=max_len)
         self._static = (kind, max_len, cache)
         self.model._previous_max_cache_length = max_len

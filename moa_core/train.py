@@ -479,11 +479,11 @@ def train_mixture(
         with _eval_mode(mm), autocast(cfg.train, device):
             return validation_loss(nll, val, cfg.train.batch_size, tokenizer.pad_token_id, device)  # type: ignore[arg-type]
 
-    # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
-    # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
     clip = None
     if cfg.train.clip_per_expert and train_experts and route not in (TrainRoute.LEARNED, TrainRoute.EXPERTS_OFF):
         clip = per_expert_clip(mm, params.values(), cfg.train.grad_clip, forced_expert)  # type: ignore[arg-type]
+    # Training one expert alone must leave the others bit-identical: their gradients are exactly zero,
+    # so a fresh AdamW never moves them, but weight decay would; it is off for such runs.
     frozen = sorted(set(frozen_experts))
     hooks = _zero_expert_grads(mm, frozen) if frozen and train_experts else []
     tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) or frozen else cfg.train

@@ -39,6 +39,12 @@ and, to attribute the cost of (c):
                 checking its guards first (only those that tell its compiled versions apart). Warmed up after
                 the variant they wrap (whose compiled step they reuse); what the guard checks cost per call, on
                 both sides alike. `same_as_plain` records whether each output equals the plain variant's
+  base_g, moa_g  greedy generation through moa_core.graph_decode: the prompt (MoA: its routing pass, eager) run
+                eagerly into a kept static cache, then every decode step replayed from one CUDA graph captured at the
+                warm-up (GraphDecoder for the base, `mm.generate_greedy` for MoA): no generate loop, dynamo guard
+                check or host sync per token. The step's kernels are the eager ones (MoA: its fused Triton path)
+  base_gc, moa_gc  the same with the step's model call compiled first (GraphDecoder(compile=True): inductor's
+                kernels, captured by the same graph); compiled and captured at the warm-up
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -82,13 +88,21 @@ from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
-            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg"]
+            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc"]
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc")  # moa_core.graph_decode's decoder
+GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
+                 if g.split("_")[0] == hf.split("_")[0]]  # each against HF's generate of the same model
 SKIP_GUARDS = "_sg"  # suffix: the wrapped variant with dynamo's guard checks skipped
 
 
 def compiled(variant: str) -> bool:
     """Whether the variant runs HF's compiled decode step (the *_c variants and their *_c_sg twins)."""
     return variant.removesuffix(SKIP_GUARDS).endswith("_c")
+
+
+def warmed(variant: str) -> bool:
+    """Whether the variant's first call compiles or captures (at least one warm-up call, reported as `warmup_s`)."""
+    return compiled(variant) or variant in GRAPHED
 DEFAULT_VARIANTS = ["base", "peft", "moa", "moa_norc", "moa_off", "moa_forced"]
 
 
@@ -166,7 +180,9 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_eager_route_c", "moa_merged_c"), ("moa_ref_c", "base_c"), ("moa_forced_c", "base_c"),
           ("moa_ref_c", "moa_c"), ("peft", "moa_c"), ("peft_split", "moa_c"), ("moa_merged_c_sg", "base_c_sg"),
           ("moa_eager_route_c_sg", "base_c_sg"), ("base_c_sg", "base_c"), ("moa_merged_c_sg", "moa_merged_c"),
-          ("moa_eager_route_c_sg", "moa_eager_route_c")]
+          ("moa_eager_route_c_sg", "moa_eager_route_c"), ("moa_g", "base_g"), ("moa_gc", "base_gc"),
+          ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
+          ("moa_gc", "moa_eager_route_c")]
 
 
 # variants that pin a decode layout
@@ -206,6 +222,14 @@ def run_shape(args: argparse.Namespace) -> dict:
             cc = CompileConfig(mode=mode, fullgraph=True)
             cc._compile_all_devices = True  # HF compiles on CUDA by itself; this lets the CPU runs compile too
         static = dict(cache_implementation="static", compile_config=cc)
+        decoders = {}  # graph_decode.GraphDecoder per *_g variant, made at its warm-up (each its own captures)
+
+        def graph_decoder(v: str, model: nn.Module):
+            from moa_core.graph_decode import GraphDecoder
+
+            if v not in decoders:
+                decoders[v] = GraphDecoder(model, compile=v.endswith("_gc"))
+            return decoders[v]
 
         def call(v: str):
             if v.endswith(SKIP_GUARDS):
@@ -213,6 +237,15 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return call(v.removesuffix(SKIP_GUARDS))
             mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
+                if v in ("base_g", "base_gc"):
+                    return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], pad_token_id=0)
+                if v in ("moa_g", "moa_gc"):
+                    mm.graph_decoder = graph_decoder(v, mm.model)
+                    routing_before, mm.compile_routing_pass = mm.compile_routing_pass, False  # eager, as base_g's prompt
+                    try:
+                        return mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)[0]
+                    finally:
+                        mm.compile_routing_pass = routing_before
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
                 if v in LAYOUT_OF:
@@ -262,7 +295,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         variants = [v for v in VARIANTS if v in args.variants]
         warm: dict[str, float] = {}
         for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches, compilation)
-            for _ in range(max(1, args.warmup) if compiled(v) else args.warmup):
+            for _ in range(max(1, args.warmup) if warmed(v) else args.warmup):
                 t, outs[v] = timed(lambda: call(v), device)
                 warm.setdefault(v, t)
                 print(f"  N={n}: warm-up {v} {t:.1f} s", file=sys.stderr, flush=True)  # a compile time, if cut short
@@ -293,6 +326,9 @@ def run_shape(args: argparse.Namespace) -> dict:
                 if v.endswith(SKIP_GUARDS) and v.removesuffix(SKIP_GUARDS) in outs and v in last}
         if same:  # the last round's call against the plain warm-up's: a step run where its guards would fail shows
             rec["same_as_plain"] = same
+        for g, hf in GRAPHED_TWINS:  # the decoder's tokens against HF's generate of the same model (greedy)
+            if g in outs and hf in outs:
+                rec[f"match_{g}_vs_{hf}"] = float((outs[g][:, P:] == outs[hf][:, P:]).float().mean())
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
         if "peft" in variants and "moa" in variants:  # same LoRAs, same rows->experts: prompt logits agree?
@@ -367,9 +403,10 @@ def render(payload: dict) -> str:
                                rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
               "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+    checks += [f"match_{g}_vs_{hf}" for g, hf in GRAPHED_TWINS if f"match_{g}_vs_{hf}" in payload["results"][0]]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
-    warm = [v for v in variants if v.endswith("_c")]  # the *_sg twins reuse their plain variant's compilation
-    if warm:  # the first call of a compiled variant compiles: its time, minus the median call, is the compile cost
+    warm = [v for v in variants if v.endswith("_c") or v in GRAPHED]  # the *_sg twins reuse their plain variant's
+    if warm:  # the first call of a compiled (or captured) variant compiles: its time minus the median call's
         checks += [f"{v} compile s" for v in warm]
         for row, r in zip(rows, payload["results"]):
             row += [r["warmup_s"][v] - r["median_s"][v] for v in warm]

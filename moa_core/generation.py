@@ -14,13 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import lora_kernels
+from .graph_decode import keep_static_cache, prompt_positions
 from .routing import Routing
-
-
-def prompt_positions(attention_mask: Tensor) -> Tensor:
-    """[B, T] mask of a (left-)padded prompt -> position ids counted from each row's first real token,
-    the way HF's generate derives them (padding positions get 0; attention never reads them)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _cache_reusable(model: nn.Module, input_ids: Tensor, gen_kwargs: dict[str, Any]) -> bool:
@@ -126,6 +122,9 @@ class RoutedGeneration:
         self._static: tuple[tuple, Any] | None = None  # ((batch, dtype, device), length, StaticCache): _static_cache
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
         self._plain_head: bool | None = None  # see _head_is_plain; checked once
+        # generate_greedy's graph_decode.GraphDecoder: made on its first call with the defaults (eager kernels
+        # captured on CUDA); set your own first for others, e.g. GraphDecoder(mm.model, compile=True)
+        self.graph_decoder: Any = None
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):
         # eagerly. On an H200 (Qwen2-0.5B shape, batch 32, BENCHMARKS.md) compiling it cost 94 s of first-call
         # compile against the base's 23 s (eager: 48 s) to save ~14 ms per call (prompt pass 38 against 52 ms): worth
@@ -164,8 +163,63 @@ class RoutedGeneration:
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
         return out, expert
 
-    def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor,
-                                   gen_kwargs: dict[str, Any]) -> tuple[Tensor, Any, Any]:
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                        eos_token_id: int | None = None, pad_token_id: int | None = None,
+                        expert: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Greedy generation with every decode step replayed from one CUDA graph (moa_core.graph_decode; eagerly
+        on the CPU): left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None), the
+        tokens `generate(..., do_sample=False)` returns, without logits processors.
+
+        Sequence routing: the routing pass routes the prompts and fills the static cache (`expert` given: a
+        prefill with those experts instead); the experts are copied into a buffer the captured step reads, so
+        any mix of experts replays the same graph. Token routing: the routers run inside the step."""
+        from .graph_decode import GraphDecoder, prefill
+
+        if self.graph_decoder is None:
+            self.graph_decoder = GraphDecoder(self.model)
+        T = input_ids.shape[1]
+        gen_kwargs = {"cache_implementation": "static", "max_new_tokens": max_new_tokens}
+        sequence = self.spec.routing == Routing.SEQUENCE
+        first = None
+        if sequence and expert is None:
+            expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True)
+            if first is not None:
+                first = first.logits[:, -1]
+        else:
+            cache = self._static_cache((input_ids.shape[0], self.model.dtype, input_ids.device),
+                                       _static_cache_len(self.model, T, gen_kwargs))
+        if first is None:  # the whole prompt, or (a head that is not plain) its last token after the routing pass
+            start = T - 1 if cache.get_seq_length() else 0
+            with self._routing(forced=expert):
+                first = prefill(self.model, input_ids, attention_mask, cache, start)
+        statics = {"expert": expert} if sequence else {}
+        self.lora_fusion.ready()  # refresh the stacked expert weights first: their addresses are part of the key
+        key = (self.training, lora_kernels.DECODE_LAYOUT, self._weight_addresses())
+        new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id, key=key,
+                                  statics=statics, context=self._decode_routing)
+        return torch.cat([input_ids, new], dim=1), expert
+
+    @contextlib.contextmanager
+    def _decode_routing(self, statics: dict[str, Tensor]) -> Iterator[None]:
+        """The routing of `generate_greedy`'s decode steps: each row's expert from the decoder's buffer (every
+        layer's route set once, before the steps), or the routers inside the step (token routing)."""
+        with self._routing(forced=statics.get("expert")):
+            if "expert" in statics:
+                self._preset_routes()
+            yield
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        """Where every weight a decode step may read lives: the model's parameters and buffers and the fused
+        path's stacked weights. A captured step reads those addresses; a weight moved elsewhere means a new
+        capture (an in-place change needs none)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        for g in self.lora_fusion.groups:
+            tensors += [t for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
+        return tuple(t.data_ptr() for t in tensors)
+
+    def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor, gen_kwargs: dict[str, Any],
+                                   given: bool | None = None) -> tuple[Tensor, Any, Any]:
         """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache,
         first step's output or None).
 
@@ -174,7 +228,8 @@ class RoutedGeneration:
         layers almost always). The other rows are run again with their final expert and their cache rows
         (and last hidden states) replaced. Where generate lets us (`_first_logits_given`), the cache keeps all
         T positions and the first token's logits come from the last position's hidden state through the LM
-        head: generate's first step is then no forward at all (`_given_prefill`). Otherwise the cache is cut
+        head: generate's first step is then no forward at all (`_given_prefill`; `given` overrides whether generate
+        lets us: the graph decoder needs none of generate's internals, only a plain head). Otherwise the cache is cut
         to T - 1 positions and generate runs the last prompt token itself. With
         `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
         decode step keeps its static addresses; and where HF compiles that decode step (a static cache on
@@ -184,7 +239,9 @@ class RoutedGeneration:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         T = input_ids.shape[1]
-        given = _first_logits_given(self.model, gen_kwargs) and self._head_is_plain()
+        if given is None:
+            given = _first_logits_given(self.model, gen_kwargs)
+        given = given and self._head_is_plain()
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         expert, logits, out = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # last: [B, 1, H]
@@ -242,19 +299,6 @@ class RoutedGeneration:
 
     def _static_cache(self, kind: tuple, max_len: int) -> Any:
         """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions
-        (`_static_cache_len`, never shorter than the last cache): the last one, reset, while it is of that kind and
-        long enough, else a new one. A new cache per call would give the compiled decode step new tensor addresses
-        (a CUDA-graph re-capture), and one of another length new shapes (a recompile); HF's generate, which builds
-        a cache per call, keeps the length for the same reason (`_previous_max_cache_length`, set here too, which
-        is what keeps the next `max_len` from shrinking)."""
-        from transformers import StaticCache
-
-        if self._static is not None:
-            last_kind, last_len, cache = self._static
-            if last_kind == kind and last_len >= max_len:
-                cache.reset()
-                return cache
-        cache = StaticCache(config=self.model.config, max_cache_len=max_len)
-        self._static = (kind, max_len, cache)
-        self.model._previous_max_cache_length = max_len
+        (`_static_cache_len`, never shorter than the last cache): see graph_decode.keep_static_cache."""
+        self._static, cache = keep_static_cache(self.model, self._static, kind, max_len)
         return cache

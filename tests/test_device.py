@@ -91,7 +91,7 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
 
 def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
                                               compile_mode: str = "reduce-overhead", layout: str = "fused",
-                                              merged_cublas: bool = False) -> None:
+                                              merged_cublas: bool = False, decoder: bool = False) -> None:
     """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
     call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
     then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
@@ -100,7 +100,8 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     layout: the graphed calls' decode layout (`lora_kernels.DECODE_LAYOUT`); the eager ones always run the one-kernel
     layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens.
     merged_cublas: the merged layout's groups all take its cuBLAS path (on the tiny model they all take the Triton
-    GEMM by default: their weights are small)."""
+    GEMM by default: their weights are small). decoder: the graphed calls are `generate_greedy` (moa_core.graph_decode:
+    the whole step captured once, replayed for every later call) instead of HF's compiled generate."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -148,12 +149,12 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     if merged_cublas:  # every group of the merged layout on its other path: cuBLAS over the stacked weight + split kernels
         lora_kernels.MERGED_CONFIG["max_fused_weight"] = 0
     try:
-        _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout)
+        _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
     finally:
         lora_kernels.MERGED_CONFIG.update(merged_config)
 
 
-def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout) -> None:
+def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder) -> None:
     from moa_core import lora_kernels
 
     for name, domains in batches.items():
@@ -161,17 +162,23 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout) -> None:
         before = lora_kernels.DECODE_LAYOUT
         try:
             lora_kernels.DECODE_LAYOUT = layout
-            graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
+            if decoder:
+                graphed, chosen = mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)
+                assert mm.graph_decoder._captures(ids.device), "generate_greedy did not capture its step"
+            else:
+                graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
             assert torch.unique(chosen).numel() == abs(name)
             lora_kernels.DECODE_LAYOUT = "fused"
             eager, _ = mm.generate(ids, mask, expert=chosen, **gen)
         finally:
             lora_kernels.DECODE_LAYOUT = before
-        same = graphed.sequences == eager.sequences
+        same = (graphed if decoder else graphed.sequences) == eager.sequences
         if not bool(same.all()):
-            pytest.fail(f"fused={fused}, layout={layout}, {abs(name)} distinct experts: graph replay differs from eager at "
-                        f"{(~same).nonzero().tolist()[:5]}")
+            pytest.fail(f"fused={fused}, layout={layout}, decoder={decoder}, {abs(name)} distinct experts: graph replay "
+                        f"differs from eager at {(~same).nonzero().tolist()[:5]}")
+        if decoder:
+            continue  # generate_greedy returns tokens only
         for a, b in zip(graphed.scores, eager.scores):
             finite = torch.isfinite(b)
             assert torch.allclose(a[finite], b[finite], atol=1e-3), float((a[finite] - b[finite]).abs().max())
@@ -186,11 +193,14 @@ def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference"])
+@pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference",
+                                  "decoder-kernels-merged", "decoder-reference"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
+    decoder = path.startswith("decoder-")
+    path = path.removeprefix("decoder-")
     check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=False if path == "reference" else None,
                                               layout="fused" if path in ("kernels", "reference") else path.split("-")[1],
-                                              merged_cublas=path.endswith("cublas"))
+                                              merged_cublas=path.endswith("cublas"), decoder=decoder)
 
 
 if __name__ == "__main__":
@@ -203,4 +213,5 @@ if __name__ == "__main__":
         if DEVICE.type == "cuda":
             check_routed_generation_under_cuda_graphs(tiny, fused=None)
             check_routed_generation_under_cuda_graphs(tiny, fused=False)
+            check_routed_generation_under_cuda_graphs(tiny, fused=None, layout="merged", decoder=True)
     print(f"device test passed on {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'})")

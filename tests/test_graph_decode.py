@@ -1,0 +1,148 @@
+"""moa_core.graph_decode on the CPU, where its step runs eagerly (the reference path of the CUDA-graph replay, which
+tests/test_device.py checks on a GPU): the same tokens as HF's greedy generate, for a plain model and for a
+MixtureModel, and the buffers kept across calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import distinct_experts
+
+from moa_core.graph_decode import GraphDecoder
+
+
+def left_padded(B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [B, T] whose rows have T, T - 1, ... real tokens (left padding: id 0, mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 250, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(B):
+        mask[i, : i % 3] = 0
+        ids[i, : i % 3] = 0
+    return ids, mask
+
+
+def test_plain_model_gives_hf_greedy_tokens(tiny_base):
+    ids, mask = left_padded(4, 9, seed=1)
+    ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7,
+                             do_sample=False, pad_token_id=0)
+    dec = GraphDecoder(tiny_base)
+    assert torch.equal(dec.generate(ids, mask, 7, pad_token_id=0), ref)
+    ids2, mask2 = left_padded(4, 6, seed=2)  # a shorter call reuses the cache and the buffers
+    ref2 = tiny_base.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(dec.generate(ids2, mask2, 5, pad_token_id=0), ref2)
+    assert len(dec._buffers) == 1
+
+
+def test_rows_that_emit_eos_are_padded_and_the_call_stops_where_hf_does(tiny_base):
+    """eos chosen as a token the model emits early in one row: that row gets padding after it, and the result is cut
+    where HF's generate stops (every row finished) or at max_new_tokens."""
+    ids, mask = left_padded(3, 8, seed=3)
+    free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                              do_sample=False, pad_token_id=0)
+    eos = int(free[0, 8 + 1])  # row 0's second new token
+    for check_every in (1, 8):
+        dec = GraphDecoder(tiny_base, check_every=check_every)
+        for new in (3, 12):
+            ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=1)
+            out = dec.generate(ids, mask, new, eos_token_id=eos, pad_token_id=1)
+            assert torch.equal(out, ref), (check_every, new)
+    assert (out[0, 8 + 2:] == 1).all()  # row 0 finished at its second token
+
+
+@pytest.mark.parametrize("check_every, steps", [(1, 2), (8, 7)])
+def test_every_row_finished_stops_the_steps(tiny_base, monkeypatch, check_every, steps):
+    """A row whose third token is eos: the decoder stops stepping at its first check after that token (each check is
+    a host sync, so the checks are `check_every` steps apart), not at max_new_tokens, and the result is cut there."""
+    torch.manual_seed(0)
+    with torch.no_grad():  # the tiny model repeats one token: larger random weights make its tokens vary
+        for p in tiny_base.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+    for seed in range(4, 40):  # a prompt whose third new token is new
+        ids, mask = left_padded(1, 6, seed=seed)
+        free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
+                                  do_sample=False, pad_token_id=0)
+        eos = int(free[0, 6 + 2])
+        if eos not in free[0, 6:8].tolist():
+            break
+    else:
+        pytest.fail("no prompt among 36 whose third new token differs from the first two")
+    dec = GraphDecoder(tiny_base, check_every=check_every)
+    calls = []
+    step = dec._step
+    monkeypatch.setattr(dec, "_step", lambda buf, cache: (calls.append(1), step(buf, cache)))
+    out = dec.generate(ids, mask, 50, eos_token_id=eos)
+    assert torch.equal(out, free) and len(calls) == steps
+    calls.clear()
+    assert dec.generate(ids, mask, 50).shape[1] == 6 + 50 and len(calls) == 49  # no eos: every step runs
+
+
+def test_bad_arguments_are_refused_before_any_step(tiny_base):
+    ids, mask = left_padded(2, 5, seed=5)
+    with pytest.raises(ValueError, match="check_every"):
+        GraphDecoder(tiny_base, check_every=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GraphDecoder(tiny_base).generate(ids, mask, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            GraphDecoder(tiny_base, capture=True).generate(ids, mask, 3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base, fused):
+    """MoA's routed generation through the decoder: the experts HF-generate routing picks and its tokens, with a
+    mixed batch, then another mix of experts in the same buffers, and with the experts given."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.lora_fusion.enabled = fused  # True: the fused path's torch formulation (the CPU has no Triton kernels)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    for seed in (6, 7):
+        ids, mask = left_padded(5, 8, seed=seed)
+        ref, ref_expert = mm.generate(ids, mask, **gen)
+        out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0)
+        assert torch.equal(expert, ref_expert) and torch.equal(out, ref), seed
+    assert len(mm.graph_decoder._buffers) == 1  # the second mix of experts reused the first call's buffers
+    given = torch.tensor([1, 0, 1, 1, 0])
+    ref, _ = mm.generate(ids, mask, expert=given, **gen)
+    out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0, expert=given)
+    assert expert is given and torch.equal(out, ref)
+
+
+def test_mixture_weights_moved_elsewhere_get_new_buffers(tiny_cfg, tiny_base):
+    """A captured step reads its weights' addresses: new weights in place keep the buffers (and a capture), weights
+    replaced by new tensors get new buffers in place of the old ones, and both give the tokens of HF's generate."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    ids, mask = left_padded(3, 7, seed=8)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    mm.generate_greedy(ids, mask, 4, pad_token_id=0)
+
+    def buffers():
+        (entry,) = mm.graph_decoder._buffers.values()
+        return entry[2]
+
+    first = buffers()
+    w = next(iter(mm.wrapped.values()))
+    with torch.no_grad():
+        w.lora_B.mul_(-1.0)  # in place
+    assert torch.equal(mm.generate_greedy(ids, mask, 4, pad_token_id=0)[0], mm.generate(ids, mask, **gen)[0])
+    assert buffers() is first
+    w.lora_B = torch.nn.Parameter(w.lora_B.detach() * 2.0, requires_grad=False)  # a new tensor
+    assert torch.equal(mm.generate_greedy(ids, mask, 4, pad_token_id=0)[0], mm.generate(ids, mask, **gen)[0])
+    assert buffers() is not first
+
+
+def test_token_routed_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base):
+    """MoSLD (token top-2 routing): the routers run inside each step."""
+    from moa_core.methods import build_mixture
+
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, "mosld", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.3)
+    ids, mask = left_padded(3, 8, seed=9)
+    ref, _ = mm.generate(ids, mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    out, expert = mm.generate_greedy(ids, mask, 5, pad_token_id=0)
+    assert expert is None and torch.equal(out, ref)

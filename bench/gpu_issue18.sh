@@ -13,6 +13,9 @@
 # 2026-12-04 evening: the inference step times the prompt pass too (INF_PREFILL_ROUNDS, 0 = off), ~150 s for base_c
 # and moa_merged_c at batch 32; T_TRAIN (off by default) runs bench_training at TRAIN_SEQ_LEN tokens per row
 # (~200 s with peft_par's 8 processes x 5 rounds). The device returns at most 8 files: keep the steps few per call.
+# 2026-12-04 late: the whole-step graph decoder (moa_core/graph_decode.py), not yet run on a GPU: its replay test is
+# GRAPH_PATHS=decoder, its variants INF_VARIANTS=base_c,moa_eager_route_c,base_g,moa_g,base_gc,moa_gc (BENCHMARKS.md).
+# The graph test runs last; put it first in a tight call by giving T_INF less time.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}

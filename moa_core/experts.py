@@ -187,8 +187,11 @@ class ExpertMixtureLinear(nn.Module):
         """Each row's expert, ready for bmm: A_g [B, d_a, r] ([d_a, r] when A is shared), B_g [B, r, d_out]
         with the expert's scaling folded in. Reused from `route.cache` while autograd is off and the
         weights are unchanged (their version counters), so decode steps skip the gathers. Not cached
-        under torch.compile, which traces the gathers into its graph instead."""
-        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        under torch.compile, which traces the gathers into its graph instead, nor while a CUDA graph is being
+        captured (graph_decode): the graph must gather from the expert buffer it replays with, not read a gather
+        made for the experts of the warm-up."""
+        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                         or (route.index.is_cuda and torch.cuda.is_current_stream_capturing()))
         if cacheable:
             key = (self.lora_A._version, self.lora_B._version, self.scaling._version)
             hit = route.cache.get(id(self))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import keep_static_cache, prompt_positions
+from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_positions, weight_addresses
 from .routing import Routing
 
 
@@ -169,13 +169,13 @@ class RoutedGeneration:
                         expert: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Greedy generation with every decode step replayed from one CUDA graph (moa_core.graph_decode; eagerly
         on the CPU): left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None), the
-        tokens `generate(..., do_sample=False)` returns, without logits processors.
+        tokens `generate(..., do_sample=False)` returns when no logits processor is configured (eos and pad default
+        to the generation config's, as there).
 
         Sequence routing: the routing pass routes the prompts and fills the static cache (`expert` given: a
         prefill with those experts instead); the experts are copied into a buffer the captured step reads, so
-        any mix of experts replays the same graph. Token routing: the routers run inside the step."""
-        from .graph_decode import GraphDecoder, prefill
-
+        any mix of experts replays the same graph. Token routing: the routers run inside the step (with `expert`
+        given, that expert in every layer instead, as `generate(expert=...)`)."""
         if self.graph_decoder is None:
             self.graph_decoder = GraphDecoder(self.model)
         T = input_ids.shape[1]
@@ -193,30 +193,24 @@ class RoutedGeneration:
             start = T - 1 if cache.get_seq_length() else 0
             with self._routing(forced=expert):
                 first = prefill(self.model, input_ids, attention_mask, cache, start)
-        statics = {"expert": expert} if sequence else {}
-        self.lora_fusion.ready()  # refresh the stacked expert weights first: their addresses are part of the key
-        key = (self.training, lora_kernels.DECODE_LAYOUT, self._weight_addresses())
-        new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id, key=key,
-                                  statics=statics, context=self._decode_routing)
+        statics = {} if expert is None else {"expert": expert}
+        fused = self.lora_fusion.ready()  # refreshes the stacked expert weights first: their addresses are keyed
+        stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
+        key = (self.training, fused, lora_kernels.DECODE_LAYOUT, lora_kernels.MERGED_CONFIG["max_fused_weight"],
+               weight_addresses(self, stacked))
+        new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
+                                        key=key, statics=statics, context=self._decode_routing)
         return torch.cat([input_ids, new], dim=1), expert
 
     @contextlib.contextmanager
     def _decode_routing(self, statics: dict[str, Tensor]) -> Iterator[None]:
-        """The routing of `generate_greedy`'s decode steps: each row's expert from the decoder's buffer (every
-        layer's route set once, before the steps), or the routers inside the step (token routing)."""
+        """The routing of `generate_greedy`'s decode steps: each row's expert from the decoder's buffer (sequence
+        routing: every layer's route set once, before the steps), or the routers inside the step (token routing
+        with no expert given)."""
         with self._routing(forced=statics.get("expert")):
-            if "expert" in statics:
+            if "expert" in statics and self.spec.routing == Routing.SEQUENCE:
                 self._preset_routes()
             yield
-
-    def _weight_addresses(self) -> tuple[int, ...]:
-        """Where every weight a decode step may read lives: the model's parameters and buffers and the fused
-        path's stacked weights. A captured step reads those addresses; a weight moved elsewhere means a new
-        capture (an in-place change needs none)."""
-        tensors = [*self.parameters(), *self.buffers()]
-        for g in self.lora_fusion.groups:
-            tensors += [t for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
-        return tuple(t.data_ptr() for t in tensors)
 
     def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor, gen_kwargs: dict[str, Any],
                                    given: bool | None = None) -> tuple[Tensor, Any, Any]:

@@ -10,12 +10,14 @@ One step, for a batch of B rows over a static KV cache of L slots (`GraphDecoder
     mask[:, c] = 1                                   # the fed token's slot, c = cache_position
     logits = model(tokens [B, 1], mask [B, L], position [B, 1], cache_position [1], cache).logits[:, -1]
     next = where(done, pad, argmax(logits))          # [B]; a finished row emits padding, as HF's generate
-    done |= next == eos; generated[:, step] = next; tokens = next; position += 1; cache_position += 1; step += 1
+    done |= next in eos; generated[:, step] = next; tokens = next; position += 1; cache_position += 1; step += 1
 
-Every tensor it reads or writes is a buffer allocated once per (cache, batch, key) and refilled before each call,
-so the graph captured on the first call replays on the next ones. What is not a buffer is read at its captured
-address: the model's weights (and a MixtureModel's stacked expert weights) may change in place, not be replaced;
-`key` must name whatever else the step depends on (the caller's routing state). On the CPU (or with
+(The cache writes the token's key and value at slot c: transformers 5.2x's StaticLayer counts that slot itself,
+which `decode` checks starts equal.) Every tensor the step reads or writes is a buffer allocated once per (cache,
+batch, key) and refilled before each call, so the graph captured on the first call replays on the next ones. What
+is not a buffer is read at its captured address: the weights may change in place; `key` names their addresses
+(`weight_addresses`), so weights moved elsewhere mean a new capture, and whatever else the step depends on (the
+caller's routing settings). On the CPU (or with
 capture=False) the same step runs eagerly each token: the reference path the tests compare with HF's generate.
 The host checks whether every row has finished only every `check_every` steps; the result is cut where HF's
 generate would have stopped.
@@ -70,43 +72,92 @@ def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: 
     return out.logits[:, -1]
 
 
+def weight_addresses(module: nn.Module, extra: list[Tensor] | tuple[Tensor, ...] = ()) -> tuple:
+    """Where (and in what shape) every parameter and buffer of `module`, and each tensor of `extra`, lives: part of a
+    captured step's key. A captured step reads those addresses; a weight moved elsewhere (`p.data = ...`,
+    `load_state_dict(assign=True)`, a new expert) needs a new capture; one changed in place needs none."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in (*module.parameters(), *module.buffers(), *extra))
+
+
+def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+    """The eos ids a greedy call stops rows at, as HF's generate picks them: the call's, else the model's generation
+    config's (an int or a list, e.g. Qwen2-Instruct's two); [] when neither sets one."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def pad_id(model: nn.Module, pad_token_id: int | None, eos: list[int]) -> int:
+    """What a finished row emits, as HF's generate picks it: the call's, else the generation config's, else the first
+    eos id, else 0."""
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return int(pad_token_id)
+
+
 @dataclass
 class _Buffers:
-    """The step's inputs and outputs at fixed addresses (B rows, L cache slots)."""
+    """The step's inputs and outputs at fixed addresses (B rows, L cache slots, E eos ids)."""
 
     tokens: Tensor  # [B, 1] the token fed at this step
     position: Tensor  # [B, 1] its position id (counted from the row's first real token)
     cache_position: Tensor  # [1] its slot in the cache
     mask: Tensor  # [B, L] the slots each row attends to
-    done: Tensor  # [B] bool: the row has emitted eos
+    done: Tensor  # [B] bool: the row has emitted an eos id
     generated: Tensor  # [B, L + 1] the new tokens
     step: Tensor  # [1] where the next new token goes in `generated`
-    eos: Tensor  # [1] (-1: none)
+    eos: Tensor  # [E] the eos ids (-1: none)
     pad: Tensor  # [1]
     statics: dict[str, Tensor] = field(default_factory=dict)  # the caller's own inputs (a MixtureModel's experts)
     graph: Any = None  # torch.cuda.CUDAGraph once captured
 
     @classmethod
-    def allocate(cls, B: int, L: int, device: torch.device, statics: dict[str, Tensor]) -> _Buffers:
+    def allocate(cls, B: int, L: int, E: int, device: torch.device, statics: dict[str, Tensor]) -> _Buffers:
         def longs(*shape: int) -> Tensor:
             return torch.zeros(*shape, dtype=torch.long, device=device)
 
         return cls(tokens=longs(B, 1), position=longs(B, 1), cache_position=longs(1), mask=longs(B, L),
                    done=torch.zeros(B, dtype=torch.bool, device=device), generated=longs(B, L + 1), step=longs(1),
-                   eos=longs(1), pad=longs(1), statics={k: torch.empty_like(v) for k, v in statics.items()})
+                   eos=longs(E), pad=longs(1), statics={k: torch.empty_like(v) for k, v in statics.items()})
+
+    def finished(self, tokens: Tensor) -> Tensor:
+        """tokens [B] -> [B] bool: which are an eos id (a compare per id: no host work, capturable)."""
+        return (tokens[:, None] == self.eos[None, :]).any(-1)
+
+
+class _Saved:
+    """The call's state before a warm-up: every buffer, and the cache's own tensor counters (transformers 5.2x's
+    StaticLayer writes at its `cumulative_length`, not at the `cache_position` it is given)."""
+
+    def __init__(self, buf: _Buffers, cache: Any) -> None:
+        self.buffers = {name: t.clone() for name, t in vars(buf).items() if isinstance(t, Tensor)}
+        self.buf = buf
+        self.counters = [(t, t.clone()) for layer in cache.layers for name, t in vars(layer).items()
+                         if isinstance(t, Tensor) and name not in ("keys", "values")]
+
+    def restore(self) -> None:
+        for name, t in self.buffers.items():
+            getattr(self.buf, name).copy_(t)
+        for t, before in self.counters:
+            t.copy_(before)
 
 
 Context = Callable[[dict[str, Tensor]], contextlib.AbstractContextManager[Any]]
 
 
 class GraphDecoder:
-    """Greedy decode steps of one causal LM, captured as a CUDA graph per (cache, batch, key) on CUDA.
+    """Greedy decode steps of one causal LM, captured as one CUDA graph on CUDA, for the last (cache, key) it ran.
 
     capture: None (default) = on CUDA; False = every step eagerly (the reference path); True = required (an
     error off CUDA). check_every: steps between the host's checks that every row has finished (each one a sync).
     compile: the step's model call goes through torch.compile (inductor's default mode: fused kernels, no CUDA
     graphs of its own; compiled at the first call), and the graph captures the compiled kernels; without it, the
-    eager ones."""
+    eager ones. Capture needs a cache without sliding-window layers and sdpa or eager attention (the others read
+    tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
                  compile: bool = False) -> None:
@@ -116,57 +167,67 @@ class GraphDecoder:
         self.capture = capture
         self.check_every = check_every
         self._forward = torch.compile(model, dynamic=False) if compile else model
-        self._buffers: dict[int, tuple[tuple, Any, _Buffers]] = {}  # id(cache) -> (key, cache, its buffers)
+        # the one kept (key, cache, buffers and graph): a call of another key or cache replaces it, so a graph whose
+        # weights moved, or whose cache the caller dropped, is freed with its memory pool
+        self._kept: tuple[tuple, Any, _Buffers] | None = None
         self._last_cache: tuple | None = None  # see keep_static_cache (the plain-model path, `generate`)
 
     def clear(self) -> None:
-        """Drop every captured graph and its buffers (e.g. after replacing the model's weights)."""
-        self._buffers.clear()
+        """Drop the captured graph and its buffers."""
+        self._kept = None
 
     # ------------------------------------------------------------------------------------------------ API
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> Tensor:
-        """A plain causal LM's greedy generation: left-padded prompts [B, T] -> sequences [B, T + new], as HF's
-        `generate(do_sample=False, max_new_tokens=...)` returns them (no logits processors). The prompt runs
-        eagerly into a kept static cache (`prefill`), the rest through `decode`."""
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
+        """A plain causal LM's greedy generation: left-padded prompts [B, T] -> sequences [B, T + new], the tokens
+        of HF's `generate(do_sample=False, max_new_tokens=...)` with no logits processors (eos and pad default to
+        the generation config's, as there). The prompt runs eagerly into a kept static cache (`prefill`), sized
+        as HF sizes its own, the rest through `decode`."""
         _check_new_tokens(max_new_tokens)
+        self._check_capturable(input_ids.device)
         B, T = input_ids.shape
         kind = (B, self.model.dtype, input_ids.device)
-        self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, T + max_new_tokens - 1)
+        length = max(T + max_new_tokens - 1, getattr(self.model, "_previous_max_cache_length", 0))
+        self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, length)
         first = prefill(self.model, input_ids, attention_mask, cache)
-        new = self.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id)
+        new = self.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
+                          key=weight_addresses(self.model))
         return torch.cat([input_ids, new], dim=1)
 
     @torch.no_grad()
     def decode(self, cache: Any, attention_mask: Tensor, first_logits: Tensor, max_new_tokens: int,
-               eos_token_id: int | None = None, pad_token_id: int | None = None, key: tuple = (),
+               eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None, key: tuple = (),
                statics: dict[str, Tensor] | None = None, context: Context | None = None) -> Tensor:
-        """New tokens [B, n <= max_new_tokens] after prompts whose T positions (mask [B, T]) `cache` holds and
-        whose last position gave `first_logits` [B, V].
+        """New tokens [B, n <= max_new_tokens] (a new tensor) after prompts whose T positions (mask [B, T]) `cache`
+        holds and whose last position gave `first_logits` [B, V].
 
         statics: the caller's step inputs (e.g. {"expert": [B]}), copied into buffers of their own; `context(
         buffers)` is entered around the steps (and the capture) and must make the model read those buffers, not
-        the tensors given. key: what else the captured step depends on (a new key captures anew)."""
+        the tensors given. key: what else the captured step depends on (its weights' addresses, the caller's
+        routing settings); a new key captures anew."""
         B, T = attention_mask.shape
         L = cache.layers[0].max_cache_len
         _check_new_tokens(max_new_tokens)
+        captures = self._check_capturable(attention_mask.device, cache)
         if T + max_new_tokens - 1 > L:
             raise ValueError(f"a static cache of {L} positions cannot hold a prompt of {T} and {max_new_tokens} "
                              f"new tokens (needs {T + max_new_tokens - 1})")
+        if (held := int(cache.get_seq_length())) != T:  # one sync per call: the steps write at the cache's count
+            raise ValueError(f"the cache holds {held} positions but the prompts have {T}: prefill all of them first")
+        eos = eos_ids(self.model, eos_token_id)
         statics = statics or {}
-        buf = self._buffers_for(cache, B, L, attention_mask.device, key, statics)
-        if pad_token_id is None:
-            pad_token_id = eos_token_id if eos_token_id is not None else 0
+        buf = self._buffers_for(cache, B, L, max(1, len(eos)), attention_mask.device, key, statics)
         first = first_logits.float().argmax(-1)  # [B]
         buf.tokens[:, 0] = first
         buf.position.copy_(attention_mask.long().sum(-1, keepdim=True))  # the first new token's position
         buf.cache_position.fill_(T)
         buf.mask.zero_()
         buf.mask[:, :T] = attention_mask
-        buf.eos.fill_(-1 if eos_token_id is None else eos_token_id)
-        buf.pad.fill_(pad_token_id)
-        torch.eq(first, buf.eos, out=buf.done)
+        buf.eos.fill_(-1)
+        buf.eos[: len(eos)] = torch.tensor(eos, dtype=torch.long)
+        buf.pad.fill_(pad_id(self.model, pad_token_id, eos))
+        buf.done.copy_(buf.finished(first))
         buf.generated[:, 0] = first
         buf.step.fill_(1)
         for name, value in statics.items():
@@ -175,69 +236,93 @@ class GraphDecoder:
             for k in range(1, max_new_tokens):
                 if k % self.check_every == 0 and bool(buf.done.all()):
                     break
-                if buf.graph is None and self._captures(attention_mask.device):
-                    self._capture(buf, cache, L)
+                if buf.graph is None and captures:
+                    self._capture(buf, cache)
                 if buf.graph is not None:
                     buf.graph.replay()
                 else:
                     self._step(buf, cache)
-        return _cut(buf.generated[:, :max_new_tokens], eos_token_id)
+        return _cut(buf.generated[:, :max_new_tokens], eos).clone()
 
     # -------------------------------------------------------------------------------------------- internals
-    def _captures(self, device: torch.device) -> bool:
+    def _check_capturable(self, device: torch.device, cache: Any = None) -> bool:
+        """Whether this call captures; an error, before any work, where it must and cannot."""
         if self.capture is None:
-            return device.type == "cuda"
-        if self.capture and device.type != "cuda":
+            captures = device.type == "cuda"
+        elif self.capture and device.type != "cuda":
             raise RuntimeError("GraphDecoder(capture=True) needs a CUDA device; capture=None captures where it can")
-        return self.capture
+        else:
+            captures = self.capture
+        if captures:
+            attention = getattr(getattr(self.model, "config", None), "_attn_implementation", "sdpa")
+            if attention not in ("sdpa", "eager"):
+                raise ValueError(f"a captured decode step needs sdpa or eager attention, not {attention!r}: load the "
+                                 "model with attn_implementation='sdpa', or use GraphDecoder(capture=False)")
+            if cache is not None and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+                raise ValueError("a captured decode step cannot use sliding-window cache layers (they count on the "
+                                 "host); use GraphDecoder(capture=False)")
+        return captures
 
-    def _buffers_for(self, cache: Any, B: int, L: int, device: torch.device, key: tuple,
+    def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:
-        """The buffers (and graph) of `cache` while the rest of the key holds, else new ones in their place: one
-        entry per cache, so a graph whose weights moved away is freed, not kept beside the new one."""
-        full = (B, L, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())))
-        kept = self._buffers.get(id(cache))
-        if kept is None or kept[0] != full or kept[1] is not cache:
-            kept = self._buffers[id(cache)] = (full, cache, _Buffers.allocate(B, L, device, statics))
-        return kept[2]
+        """The kept buffers (and graph) while the call's key and cache are theirs, else new ones in their place."""
+        full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())))
+        if self._kept is None or self._kept[0] != full or self._kept[1] is not cache:
+            self._kept = None  # the old graph's memory goes before the new one's is taken
+            self._kept = (full, cache, _Buffers.allocate(B, L, E, device, statics))
+        return self._kept[2]
 
     def _step(self, buf: _Buffers, cache: Any) -> None:
         """One token for every row (see the module docstring); only in-place writes to `buf` and `cache`."""
         buf.mask.index_fill_(1, buf.cache_position, 1)
         logits = self._forward(input_ids=buf.tokens, attention_mask=buf.mask, position_ids=buf.position,
-                            cache_position=buf.cache_position, past_key_values=cache, use_cache=True).logits[:, -1]
+                               cache_position=buf.cache_position, past_key_values=cache, use_cache=True).logits[:, -1]
         nxt = torch.where(buf.done, buf.pad, logits.argmax(-1))  # [B]
-        buf.done |= nxt == buf.eos
+        buf.done |= buf.finished(nxt)
         buf.generated.index_copy_(1, buf.step, nxt[:, None])
         buf.tokens.copy_(nxt[:, None])
         buf.position += 1
         buf.cache_position += 1
         buf.step += 1
 
-    def _capture(self, buf: _Buffers, cache: Any, L: int) -> None:
-        """Warm the step up on a side stream (first launches, cuBLAS workspaces), then capture it. The warm-up runs
-        the step, the capture only records it: the call's state (the buffers, and the cache's own counters, e.g.
-        transformers 5.2x's `cumulative_length`, which it writes at) is saved before and put back after. The
-        warm-up's keys and values land in slots that the call's own steps write before they read them."""
-        saved = {name: t.clone() for name, t in vars(buf).items() if isinstance(t, Tensor)}
-        counters = [(t, t.clone()) for layer in cache.layers for name, t in vars(layer).items()
-                    if isinstance(t, Tensor) and name not in ("keys", "values")]
+    def _capture(self, buf: _Buffers, cache: Any) -> None:
+        """Warm the step up (first launches, cuBLAS workspaces, a compile), then capture it. The warm-up runs the
+        step, the capture only records it: each warm-up step starts from the call's saved state (`_Saved`), so it
+        is the call's own first step, writing the slot that step writes before it reads it, and the state is put
+        back afterwards, whatever happens."""
+        saved = _Saved(buf, cache)
+        try:
+            with self._side_stream():
+                for _ in range(2):
+                    saved.restore()
+                    self._step(buf, cache)
+            saved.restore()
+            buf.graph = self._record(lambda: self._step(buf, cache))
+        finally:
+            saved.restore()
+
+    @staticmethod
+    def _side_stream() -> contextlib.AbstractContextManager[Any]:
+        """Where the warm-up runs: a side stream, as torch.cuda.graph's documentation asks."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                buf.cache_position.fill_(L - 1)
-                buf.step.fill_(L)
-                self._step(buf, cache)
-        torch.cuda.current_stream().wait_stream(side)
+        return _joined(side)
+
+    @staticmethod
+    def _record(step: Callable[[], None]) -> Any:
+        """`step` captured (recorded, not run) as a CUDA graph."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(buf, cache)
-        for name, t in saved.items():
-            getattr(buf, name).copy_(t)
-        for t, before in counters:
-            t.copy_(before)
-        buf.graph = graph
+            step()
+        return graph
+
+
+@contextlib.contextmanager
+def _joined(side: Any) -> Iterator[None]:
+    """Run on stream `side`, then make the current stream wait for it."""
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
 
 
 def _check_new_tokens(n: int) -> None:
@@ -250,12 +335,12 @@ def _no_context(_statics: dict[str, Tensor]) -> Iterator[None]:
     yield
 
 
-def _cut(new: Tensor, eos_token_id: int | None) -> Tensor:
+def _cut(new: Tensor, eos: list[int]) -> Tensor:
     """New tokens [B, N] -> the first n columns, n where HF's generate stops: after the column in which the last
-    unfinished row emitted eos (N when a row never did)."""
-    if eos_token_id is None:
+    unfinished row emitted an eos id (N when a row never did)."""
+    if not eos:
         return new
-    hit = new == eos_token_id
+    hit = torch.isin(new, torch.tensor(eos, device=new.device))
     if not bool(hit.any(-1).all()):
         return new
     n = int(hit.int().argmax(-1).max()) + 1  # argmax: each row's first eos

@@ -157,6 +157,7 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
 def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder) -> None:
     from moa_core import lora_kernels
 
+    graphs = set()  # the decoder's graph per call: one, captured at the first and replayed by the others
     for name, domains in batches.items():
         ids, mask = prompts(domains)
         before = lora_kernels.DECODE_LAYOUT
@@ -164,7 +165,10 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             lora_kernels.DECODE_LAYOUT = layout
             if decoder:
                 graphed, chosen = mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)
-                assert mm.graph_decoder._captures(ids.device), "generate_greedy did not capture its step"
+                graph = mm.graph_decoder._kept[2].graph
+                assert graph is not None, "generate_greedy did not capture its step"
+                graphs.add(id(graph))
+                assert len(graphs) == 1, "a later call captured anew instead of replaying the first graph"
             else:
                 graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
@@ -184,12 +188,49 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             assert torch.allclose(a[finite], b[finite], atol=1e-3), float((a[finite] - b[finite]).abs().max())
 
 
+def check_graph_decoder_replays_padded_prompts_and_eos(model_dir: Path) -> None:
+    """moa_core.graph_decode on a plain model under real capture: left-padded prompts, a shorter prompt in the same
+    cache (the same graph replayed), and an eos id that ends one row early give HF's greedy tokens. fp32, weights
+    drawn wide so that the tiny model's tokens vary."""
+    from transformers import AutoModelForCausalLM
+
+    from moa_core.graph_decode import GraphDecoder
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+    dec = GraphDecoder(base)
+    graphs = set()
+    eos = None
+    for T in (10, 8, 8):
+        g = torch.Generator().manual_seed(T)
+        ids = torch.randint(3, 250, (4, T), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = mask[3, :1] = 0
+        ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+        gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        ref = base.generate(input_ids=ids, attention_mask=mask, **({"min_new_tokens": 6} if eos is None else {}), **gen)
+        out = dec.generate(ids, mask, 6, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out, ref), (T, eos, out, ref)
+        graphs.add(id(dec._kept[2].graph))
+        eos = int(ref[0, T + 2])  # the next call: row 0's third token of this prompt length ends rows
+    assert len(graphs) == 1 and None not in graphs
+
+
 def test_mixture_trains_and_evaluates_on_the_device(tiny_model_dir: Path) -> None:
     check_mixture_trains_and_evaluates_on_the_device(tiny_model_dir)
 
 
 def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
     check_routing_cache_reuse_on_the_device(tiny_model_dir)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir: Path) -> None:
+    check_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -214,4 +255,5 @@ if __name__ == "__main__":
             check_routed_generation_under_cuda_graphs(tiny, fused=None)
             check_routed_generation_under_cuda_graphs(tiny, fused=False)
             check_routed_generation_under_cuda_graphs(tiny, fused=None, layout="merged", decoder=True)
+            check_graph_decoder_replays_padded_prompts_and_eos(tiny)
     print(f"device test passed on {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'cpu'})")

@@ -32,7 +32,7 @@ def test_plain_model_gives_hf_greedy_tokens(tiny_base):
     ref2 = tiny_base.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(dec.generate(ids2, mask2, 5, pad_token_id=0), ref2)
-    assert len(dec._buffers) == 1
+    assert dec._kept[1] is dec._last_cache[2]  # one entry: the kept cache's
 
 
 def test_rows_that_emit_eos_are_padded_and_the_call_stops_where_hf_does(tiny_base):
@@ -80,6 +80,90 @@ def test_every_row_finished_stops_the_steps(tiny_base, monkeypatch, check_every,
     assert dec.generate(ids, mask, 50).shape[1] == 6 + 50 and len(calls) == 49  # no eos: every step runs
 
 
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: `replay` runs the recorded step (a real capture records the
+    step without running it, which `_record` keeps: the step is not run at record time)."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """GraphDecoder's capture path on the CPU: the warm-up and the state it saves and restores run as written; the
+    side stream is none and the recorded graph is a FakeGraph."""
+    import contextlib
+
+    monkeypatch.setattr(GraphDecoder, "_check_capturable", lambda self, device, cache=None: True)
+    monkeypatch.setattr(GraphDecoder, "_side_stream", staticmethod(contextlib.nullcontext))
+    monkeypatch.setattr(GraphDecoder, "_record", staticmethod(FakeGraph))
+
+
+@pytest.mark.parametrize("new", [2, 3, 9])
+def test_the_capture_path_gives_hf_tokens_and_replays_one_graph(tiny_base, fake_capture, new):
+    """Through the capture path (warm-up steps from the saved state, then replays): HF's tokens, also when the cache
+    has exactly the slots the call needs (2 new tokens: the warm-up must write no slot past the call's own), and a
+    second call with other prompts replays the same graph."""
+    dec = GraphDecoder(tiny_base)
+    for seed in (10, 11):
+        ids, mask = left_padded(3, 7, seed=seed)
+        ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)
+        assert torch.equal(dec.generate(ids, mask, new, pad_token_id=0), ref), seed
+        graph = dec._kept[2].graph
+        assert isinstance(graph, FakeGraph) and graph.replays == (new - 1) * (1 + (seed == 11))
+
+
+def test_the_capture_path_of_a_mixture_replays_one_graph_for_every_mix_of_experts(tiny_cfg, tiny_base, fake_capture):
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    graphs = set()
+    for seed, given in ((12, None), (13, None), (13, torch.tensor([1, 1, 0, 1])), (14, torch.tensor([0, 0, 0, 0]))):
+        ids, mask = left_padded(4, 8, seed=seed)
+        ref, _ = mm.generate(ids, mask, expert=given, **gen)
+        out, _ = mm.generate_greedy(ids, mask, 5, pad_token_id=0, expert=given)
+        assert torch.equal(out, ref), (seed, given)
+        graphs.add(id(mm.graph_decoder._kept[2].graph))
+    assert len(graphs) == 1
+
+
+def test_eos_and_pad_default_to_the_generation_config_and_several_eos_ids_stop_rows(tiny_base):
+    ids, mask = left_padded(3, 8, seed=15)
+    torch.manual_seed(0)
+    with torch.no_grad():  # varied tokens (the tiny model repeats one token)
+        for p in tiny_base.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+    free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, pad_token_id=0)
+    two = [int(free[0, 8 + 1]), int(free[1, 8 + 2])]  # row 0's second token, row 1's third
+    tiny_base.generation_config.eos_token_id = two
+    tiny_base.generation_config.pad_token_id = 2
+    ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(GraphDecoder(tiny_base).generate(ids, mask, 6), ref)
+
+
+def test_decode_returns_its_own_tensor(tiny_base):
+    dec = GraphDecoder(tiny_base)
+    ids, mask = left_padded(2, 6, seed=16)
+    first = dec.generate(ids, mask, 4, pad_token_id=0)
+    kept = first.clone()
+    dec.generate(*left_padded(2, 6, seed=17), 4, pad_token_id=0)
+    assert torch.equal(first, kept)
+
+
+def test_capture_refuses_attention_and_caches_that_read_values_on_the_host(tiny_base, monkeypatch):
+    dec = GraphDecoder(tiny_base)
+    assert dec._check_capturable(torch.device("cuda")) and not dec._check_capturable(torch.device("cpu"))
+    monkeypatch.setattr(tiny_base.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        dec._check_capturable(torch.device("cuda"))
+
+
 def test_bad_arguments_are_refused_before_any_step(tiny_base):
     ids, mask = left_padded(2, 5, seed=5)
     with pytest.raises(ValueError, match="check_every"):
@@ -103,7 +187,9 @@ def test_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base, fused):
         ref, ref_expert = mm.generate(ids, mask, **gen)
         out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0)
         assert torch.equal(expert, ref_expert) and torch.equal(out, ref), seed
-    assert len(mm.graph_decoder._buffers) == 1  # the second mix of experts reused the first call's buffers
+        if seed == 6:
+            kept = mm.graph_decoder._kept
+    assert mm.graph_decoder._kept is kept  # the second mix of experts reused the first call's buffers
     given = torch.tensor([1, 0, 1, 1, 0])
     ref, _ = mm.generate(ids, mask, expert=given, **gen)
     out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0, expert=given)
@@ -119,8 +205,7 @@ def test_mixture_weights_moved_elsewhere_get_new_buffers(tiny_cfg, tiny_base):
     mm.generate_greedy(ids, mask, 4, pad_token_id=0)
 
     def buffers():
-        (entry,) = mm.graph_decoder._buffers.values()
-        return entry[2]
+        return mm.graph_decoder._kept[2]
 
     first = buffers()
     w = next(iter(mm.wrapped.values()))
@@ -143,6 +228,11 @@ def test_token_routed_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base):
         for w in mm.wrapped.values():
             w.lora_B.normal_(std=0.3)
     ids, mask = left_padded(3, 8, seed=9)
-    ref, _ = mm.generate(ids, mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref, _ = mm.generate(ids, mask, **gen)
     out, expert = mm.generate_greedy(ids, mask, 5, pad_token_id=0)
     assert expert is None and torch.equal(out, ref)
+    given = torch.tensor([1, 0, 1])  # an expert given: that expert in every layer, in the prompt and the steps
+    ref, _ = mm.generate(ids, mask, expert=given, **gen)
+    assert not torch.equal(ref, out)
+    assert torch.equal(mm.generate_greedy(ids, mask, 5, pad_token_id=0, expert=given)[0], ref)

@@ -292,7 +292,7 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return mm.generate(ids, mask, expert=rows, **gen)[0]
             raise ValueError(v)
 
-        variants = [v for v in VARIANTS if v in args.variants]
+        variants = list(args.variants) if args.given_order else [v for v in VARIANTS if v in args.variants]
         warm: dict[str, float] = {}
         for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches, compilation)
             for _ in range(max(1, args.warmup) if warmed(v) else args.warmup):
@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
                     help="the moa variants' routed-LoRA path: auto (fused kernels on CUDA with triton), on (also on the "
                          "CPU, through the torch formulation), off (reference path; what moa_ref always uses)")
+    ap.add_argument("--given-order", action="store_true",
+                    help="warm up (compile) and time the variants in --variants' order, not the table's: run the two "
+                         "orders in separate processes to see whether compiling first or second changes a compile time")
     ap.add_argument("--compile-mode", default="auto", help="for *_c: auto (reduce-overhead on GPU, default on CPU)")
     args = ap.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]

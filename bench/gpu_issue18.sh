@@ -15,7 +15,8 @@
 # (~200 s with peft_par's 8 processes x 5 rounds). The device returns at most 8 files: keep the steps few per call.
 # 2026-12-04 late: the whole-step graph decoder (moa_core/graph_decode.py), not yet run on a GPU: its replay test is
 # GRAPH_PATHS=decoder, its variants INF_VARIANTS=base_c,moa_eager_route_c,base_g,moa_g,base_gc,moa_gc (BENCHMARKS.md).
-# The graph test runs last; put it first in a tight call by giving T_INF less time. T_COMPILE (off by default, ~150 s
+# PEFT's best mode (peft_split: 8 sequential eager generate calls per round, ~28 s each at 64 new tokens) fits a call
+# with INF_VARIANTS=peft_split,moa INF_NEW_TOKENS=16 INF_PREFILL_ROUNDS=0. The graph test runs last; put it first in a tight call by giving T_INF less time. T_COMPILE (off by default, ~150 s
 # each of 2 processes) times the first calls with TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR fresh, in both orders.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
@@ -39,7 +40,7 @@ if (( ${T_INF:-400} > 0 )); then  # INF_BATCH may list several batches (one proc
   batches=${INF_BATCH:-32}
   for b in ${batches//,/ }; do
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda \
-      --experts 8 --prompt-len 128 --new-tokens 64 --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 \
+      --experts 8 --prompt-len 128 --new-tokens ${INF_NEW_TOKENS:-64} --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 \
       --variants ${INF_VARIANTS:-base_c,moa_eager_route_c} --batch $b --prefill-rounds ${INF_PREFILL_ROUNDS:-5} \
       --json "$OUT/inference_b$b.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_b$b.log"
     echo "[inference batch $b done at +$((SECONDS - t0)) s]"

@@ -165,7 +165,7 @@ class RoutedGeneration:
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                        eos_token_id: int | None = None, pad_token_id: int | None = None,
+                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                         expert: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Greedy generation with every decode step replayed from one CUDA graph (moa_core.graph_decode; eagerly
         on the CPU): left-padded prompts [B, T] -> (sequences [B, T + new], expert used per row or None), the
@@ -178,6 +178,7 @@ class RoutedGeneration:
         given, that expert in every layer instead, as `generate(expert=...)`)."""
         if self.graph_decoder is None:
             self.graph_decoder = GraphDecoder(self.model)
+        self.graph_decoder.captures(input_ids.device)  # a setting that cannot capture fails before the routing pass
         T = input_ids.shape[1]
         gen_kwargs = {"cache_implementation": "static", "max_new_tokens": max_new_tokens}
         sequence = self.spec.routing == Routing.SEQUENCE

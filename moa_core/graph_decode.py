@@ -185,7 +185,7 @@ class GraphDecoder:
         the generation config's, as there). The prompt runs eagerly into a kept static cache (`prefill`), sized
         as HF sizes its own, the rest through `decode`."""
         _check_new_tokens(max_new_tokens)
-        self._check_capturable(input_ids.device)
+        self.captures(input_ids.device)
         B, T = input_ids.shape
         kind = (B, self.model.dtype, input_ids.device)
         length = max(T + max_new_tokens - 1, getattr(self.model, "_previous_max_cache_length", 0))
@@ -209,7 +209,7 @@ class GraphDecoder:
         B, T = attention_mask.shape
         L = cache.layers[0].max_cache_len
         _check_new_tokens(max_new_tokens)
-        captures = self._check_capturable(attention_mask.device, cache)
+        capturing = self.captures(attention_mask.device, cache)
         if T + max_new_tokens - 1 > L:
             raise ValueError(f"a static cache of {L} positions cannot hold a prompt of {T} and {max_new_tokens} "
                              f"new tokens (needs {T + max_new_tokens - 1})")
@@ -236,7 +236,7 @@ class GraphDecoder:
             for k in range(1, max_new_tokens):
                 if k % self.check_every == 0 and bool(buf.done.all()):
                     break
-                if buf.graph is None and captures:
+                if buf.graph is None and capturing:
                     self._capture(buf, cache)
                 if buf.graph is not None:
                     buf.graph.replay()
@@ -245,15 +245,16 @@ class GraphDecoder:
         return _cut(buf.generated[:, :max_new_tokens], eos).clone()
 
     # -------------------------------------------------------------------------------------------- internals
-    def _check_capturable(self, device: torch.device, cache: Any = None) -> bool:
-        """Whether this call captures; an error, before any work, where it must and cannot."""
+    def captures(self, device: torch.device, cache: Any = None) -> bool:
+        """Whether a call on `device` (over `cache`, when known) captures its step; an error where it must and cannot
+        (call it before any work: `generate` and `MixtureModel.generate_greedy` do)."""
         if self.capture is None:
-            captures = device.type == "cuda"
+            capturing = device.type == "cuda"
         elif self.capture and device.type != "cuda":
             raise RuntimeError("GraphDecoder(capture=True) needs a CUDA device; capture=None captures where it can")
         else:
-            captures = self.capture
-        if captures:
+            capturing = self.capture
+        if capturing:
             attention = getattr(getattr(self.model, "config", None), "_attn_implementation", "sdpa")
             if attention not in ("sdpa", "eager"):
                 raise ValueError(f"a captured decode step needs sdpa or eager attention, not {attention!r}: load the "
@@ -261,7 +262,7 @@ class GraphDecoder:
             if cache is not None and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
                 raise ValueError("a captured decode step cannot use sliding-window cache layers (they count on the "
                                  "host); use GraphDecoder(capture=False)")
-        return captures
+        return capturing
 
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:

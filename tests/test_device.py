@@ -179,8 +179,8 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             lora_kernels.DECODE_LAYOUT = before
         same = (graphed if decoder else graphed.sequences) == eager.sequences
         if not bool(same.all()):
-            pytest.fail(f"fused={fused}, layout={layout}, decoder={decoder}, {abs(name)} distinct experts: graph replay "
-                        f"differs from eager at {(~same).nonzero().tolist()[:5]}")
+            pytest.fail(f"fused={fused}, layout={layout}, decoder={decoder}, {abs(name)} distinct experts: graph "
+                        f"replay differs from eager at {(~same).nonzero().tolist()[:5]}")
         if decoder:
             continue  # generate_greedy returns tokens only
         for a, b in zip(graphed.scores, eager.scores):

@@ -98,7 +98,7 @@ def fake_capture(monkeypatch):
     side stream is none and the recorded graph is a FakeGraph."""
     import contextlib
 
-    monkeypatch.setattr(GraphDecoder, "_check_capturable", lambda self, device, cache=None: True)
+    monkeypatch.setattr(GraphDecoder, "captures", lambda self, device, cache=None: True)
     monkeypatch.setattr(GraphDecoder, "_side_stream", staticmethod(contextlib.nullcontext))
     monkeypatch.setattr(GraphDecoder, "_record", staticmethod(FakeGraph))
 
@@ -158,10 +158,10 @@ def test_decode_returns_its_own_tensor(tiny_base):
 
 def test_capture_refuses_attention_and_caches_that_read_values_on_the_host(tiny_base, monkeypatch):
     dec = GraphDecoder(tiny_base)
-    assert dec._check_capturable(torch.device("cuda")) and not dec._check_capturable(torch.device("cpu"))
+    assert dec.captures(torch.device("cuda")) and not dec.captures(torch.device("cpu"))
     monkeypatch.setattr(tiny_base.config, "_attn_implementation", "flash_attention_2")
     with pytest.raises(ValueError, match="sdpa or eager"):
-        dec._check_capturable(torch.device("cuda"))
+        dec.captures(torch.device("cuda"))
 
 
 def test_bad_arguments_are_refused_before_any_step(tiny_base):

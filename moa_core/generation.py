@@ -197,7 +197,7 @@ class RoutedGeneration:
         statics = {} if expert is None else {"expert": expert}
         fused = self.lora_fusion.ready()  # refreshes the stacked expert weights first: their addresses are keyed
         stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
-        key = (self.training, fused, lora_kernels.DECODE_LAYOUT, lora_kernels.MERGED_CONFIG["max_fused_weight"],
+        key = (self.training, fused, lora_kernels.DECODE_LAYOUT, tuple(sorted(lora_kernels.MERGED_CONFIG.items())),
                weight_addresses(self, stacked))
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                                         key=key, statics=statics, context=self._decode_routing)

@@ -86,6 +86,8 @@ def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
         return []
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.tolist()
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
@@ -122,7 +124,8 @@ class _Buffers:
 
         return cls(tokens=longs(B, 1), position=longs(B, 1), cache_position=longs(1), mask=longs(B, L),
                    done=torch.zeros(B, dtype=torch.bool, device=device), generated=longs(B, L + 1), step=longs(1),
-                   eos=longs(E), pad=longs(1), statics={k: torch.empty_like(v) for k, v in statics.items()})
+                   eos=longs(E), pad=longs(1),
+                   statics={k: torch.empty_like(v, device=device) for k, v in statics.items()})
 
     def finished(self, tokens: Tensor) -> Tensor:
         """tokens [B] -> [B] bool: which are an eos id (a compare per id: no host work, capturable)."""
@@ -147,6 +150,7 @@ class _Saved:
 
 
 Context = Callable[[dict[str, Tensor]], contextlib.AbstractContextManager[Any]]
+EOS_SLOTS = 4
 
 
 class GraphDecoder:
@@ -207,7 +211,7 @@ class GraphDecoder:
         the tensors given. key: what else the captured step depends on (its weights' addresses, the caller's
         routing settings); a new key captures anew."""
         B, T = attention_mask.shape
-        L = cache.layers[0].max_cache_len
+        L = max(layer.max_cache_len for layer in cache.layers)  # a hybrid cache's sliding layers hold fewer
         _check_new_tokens(max_new_tokens)
         capturing = self.captures(attention_mask.device, cache)
         if T + max_new_tokens - 1 > L:
@@ -217,7 +221,8 @@ class GraphDecoder:
             raise ValueError(f"the cache holds {held} positions but the prompts have {T}: prefill all of them first")
         eos = eos_ids(self.model, eos_token_id)
         statics = statics or {}
-        buf = self._buffers_for(cache, B, L, max(1, len(eos)), attention_mask.device, key, statics)
+        # eos ids in a buffer of at least EOS_SLOTS (padded with -1): calls with one id or a config's two share a graph
+        buf = self._buffers_for(cache, B, L, max(EOS_SLOTS, len(eos)), attention_mask.device, key, statics)
         first = first_logits.float().argmax(-1)  # [B]
         buf.tokens[:, 0] = first
         buf.position.copy_(attention_mask.long().sum(-1, keepdim=True))  # the first new token's position
@@ -232,7 +237,9 @@ class GraphDecoder:
         buf.step.fill_(1)
         for name, value in statics.items():
             buf.statics[name].copy_(value)
-        with (context or _no_context)(buf.statics):
+        cuda = capturing and attention_mask.device.type == "cuda"
+        on_device = torch.cuda.device(attention_mask.device) if cuda else contextlib.nullcontext()
+        with on_device, (context or _no_context)(buf.statics):  # capture on the tensors' device, not the current one
             for k in range(1, max_new_tokens):
                 if k % self.check_every == 0 and bool(buf.done.all()):
                     break
@@ -311,19 +318,23 @@ class GraphDecoder:
 
     @staticmethod
     def _record(step: Callable[[], None]) -> Any:
-        """`step` captured (recorded, not run) as a CUDA graph."""
+        """`step` captured (recorded, not run) as a CUDA graph, on a capture stream of the current device
+        (torch.cuda.graph's default capture stream belongs to whichever device was current at its first use)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
             step()
         return graph
 
 
 @contextlib.contextmanager
 def _joined(side: Any) -> Iterator[None]:
-    """Run on stream `side`, then make the current stream wait for it."""
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream().wait_stream(side)
+    """Run on stream `side`, then make the current stream wait for it (also when the work raised: what follows,
+    e.g. restoring the saved state, must not race with it)."""
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        torch.cuda.current_stream().wait_stream(side)
 
 
 def _check_new_tokens(n: int) -> None:

@@ -35,32 +35,48 @@ def test_plain_model_gives_hf_greedy_tokens(tiny_base):
     assert dec._kept[1] is dec._last_cache[2]  # one entry: the kept cache's
 
 
+def varied(model) -> None:
+    """Wide random weights: the tiny model otherwise repeats one token, and eos tests need rows that differ."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+
+
+def prompts_ending_at(model, T: int, columns: list[int]):
+    """Left-padded prompts [len(columns), T] and eos ids such that row i first emits one at new-token column
+    columns[i] in a greedy run (the first of 200 prompt draws that allows it) -> (ids, mask, eos)."""
+    for seed in range(200):
+        ids, mask = left_padded(len(columns), T, seed=seed)
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(columns) + 1,
+                              min_new_tokens=max(columns) + 1, do_sample=False, pad_token_id=0)[:, T:]
+        eos = [int(free[i, c]) for i, c in enumerate(columns)]
+        if not any(int(t) in eos for i, c in enumerate(columns) for t in free[i, :c]):  # no row ends early
+            return ids, mask, eos
+    pytest.fail(f"no prompts among 200 whose rows first meet the eos ids at columns {columns}")
+
+
 def test_rows_that_emit_eos_are_padded_and_the_call_stops_where_hf_does(tiny_base):
-    """eos chosen as a token the model emits early in one row: that row gets padding after it, and the result is cut
-    where HF's generate stops (every row finished) or at max_new_tokens."""
-    ids, mask = left_padded(3, 8, seed=3)
-    free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
-                              do_sample=False, pad_token_id=0)
-    eos = int(free[0, 8 + 1])  # row 0's second new token
+    """Rows ending at columns 1, 2 and 3: each gets padding after its eos, and the result is cut after column 3 as
+    HF's generate cuts it (several eos ids; the check every step or every 8)."""
+    varied(tiny_base)
+    ids, mask, eos = prompts_ending_at(tiny_base, 8, [1, 2, 3])
     for check_every in (1, 8):
         dec = GraphDecoder(tiny_base, check_every=check_every)
-        for new in (3, 12):
+        for new in (2, 12):
             ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                      eos_token_id=eos, pad_token_id=1)
             out = dec.generate(ids, mask, new, eos_token_id=eos, pad_token_id=1)
             assert torch.equal(out, ref), (check_every, new)
-    assert (out[0, 8 + 2:] == 1).all()  # row 0 finished at its second token
+    assert out.shape[1] == 8 + 4 and (out[0, 8 + 2:] == 1).all()  # cut after column 3; row 0 padded after column 1
 
 
 @pytest.mark.parametrize("check_every, steps", [(1, 2), (8, 7)])
 def test_every_row_finished_stops_the_steps(tiny_base, monkeypatch, check_every, steps):
     """A row whose third token is eos: the decoder stops stepping at its first check after that token (each check is
     a host sync, so the checks are `check_every` steps apart), not at max_new_tokens, and the result is cut there."""
-    torch.manual_seed(0)
-    with torch.no_grad():  # the tiny model repeats one token: larger random weights make its tokens vary
-        for p in tiny_base.parameters():
-            if p.dim() == 2:
-                p.normal_(std=0.5)
+    varied(tiny_base)
     for seed in range(4, 40):  # a prompt whose third new token is new
         ids, mask = left_padded(1, 6, seed=seed)
         free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
@@ -131,20 +147,23 @@ def test_the_capture_path_of_a_mixture_replays_one_graph_for_every_mix_of_expert
     assert len(graphs) == 1
 
 
-def test_eos_and_pad_default_to_the_generation_config_and_several_eos_ids_stop_rows(tiny_base):
-    ids, mask = left_padded(3, 8, seed=15)
-    torch.manual_seed(0)
-    with torch.no_grad():  # varied tokens (the tiny model repeats one token)
-        for p in tiny_base.parameters():
-            if p.dim() == 2:
-                p.normal_(std=0.5)
-    free = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                              do_sample=False, pad_token_id=0)
-    two = [int(free[0, 8 + 1]), int(free[1, 8 + 2])]  # row 0's second token, row 1's third
-    tiny_base.generation_config.eos_token_id = two
+def test_eos_and_pad_default_to_the_generation_config(tiny_base):
+    varied(tiny_base)
+    ids, mask, tiny_base.generation_config.eos_token_id = prompts_ending_at(tiny_base, 8, [1, 3, 2])
     tiny_base.generation_config.pad_token_id = 2
     ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(GraphDecoder(tiny_base).generate(ids, mask, 6), ref)
+    out = GraphDecoder(tiny_base).generate(ids, mask, 6)
+    assert torch.equal(out, ref) and out.shape[1] == 8 + 4 and (out[0, 8 + 2:] == 2).all()
+
+
+def test_the_capture_path_starts_each_row_unfinished_whatever_the_warm_up_emitted(tiny_base, fake_capture):
+    """The warm-up runs the call's first step, whose eos marks rows done; the call's own steps must start from the
+    state before it (a row whose first decode token is eos emits it, not padding)."""
+    varied(tiny_base)
+    ids, mask, eos = prompts_ending_at(tiny_base, 8, [1, 2])
+    ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(GraphDecoder(tiny_base).generate(ids, mask, 5, eos_token_id=eos, pad_token_id=1), ref)
 
 
 def test_decode_returns_its_own_tensor(tiny_base):

@@ -100,15 +100,14 @@ def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any
 
 def _static_cache_len(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
     """Positions of the static cache a call needs, as HF's generate sizes its own: prompt + new tokens - 1 (the
-    last new token is never fed back), at least `max_cache_len` when the generation config sets one, and at least
-    the length of the model's last static cache (`_previous_max_cache_length`, which HF's generate also keeps and
-    reads, so that the calls MoA leaves to HF's own cache, e.g. with `expert=` given, see the same length). The same
-    length as the base model's cache also means the same attention shapes: on an H200 (BENCHMARKS.md), with one
-    position more than the base's (192 against 191), inductor's key/value kernel before cuDNN attention took
-    15.5 instead of 4.4 us per call, a quarter of MoA's decode-step GPU time at batch 32."""
+    last new token is never fed back), at least `max_cache_len` when the generation config sets one; the cache
+    itself is never shorter than the model's last one (graph_decode.keep_static_cache). The same length as the base
+    model's cache also means the same attention shapes: on an H200 (BENCHMARKS.md), with one position more than the
+    base's (192 against 191), inductor's key/value kernel before cuDNN attention took 15.5 instead of 4.4 us per
+    call, a quarter of MoA's decode-step GPU time at batch 32."""
     needed = prompt_len + _max_new_tokens(model, prompt_len, gen_kwargs) - 1
     ceiling = gen_kwargs.get("max_cache_len", getattr(model.generation_config, "max_cache_len", None))
-    return max(needed, ceiling or 0, getattr(model, "_previous_max_cache_length", 0))
+    return max(needed, ceiling or 0)
 
 
 class RoutedGeneration:
@@ -294,6 +293,6 @@ class RoutedGeneration:
 
     def _static_cache(self, kind: tuple, max_len: int) -> Any:
         """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions
-        (`_static_cache_len`, never shorter than the last cache): see graph_decode.keep_static_cache."""
+        (`_static_cache_len`): see graph_decode.keep_static_cache."""
         self._static, cache = keep_static_cache(self.model, self._static, kind, max_len)
         return cache

@@ -17,10 +17,9 @@ which `decode` checks starts equal.) Every tensor the step reads or writes is a 
 batch, key) and refilled before each call, so the graph captured on the first call replays on the next ones. What
 is not a buffer is read at its captured address: the weights may change in place; `key` names their addresses
 (`weight_addresses`), so weights moved elsewhere mean a new capture, and whatever else the step depends on (the
-caller's routing settings). On the CPU (or with
-capture=False) the same step runs eagerly each token: the reference path the tests compare with HF's generate.
-The host checks whether every row has finished only every `check_every` steps; the result is cut where HF's
-generate would have stopped.
+caller's routing settings). On the CPU (or with capture=False) the same step runs eagerly each token: the
+reference path the tests compare with HF's generate. The host checks whether every row has finished only every
+`check_every` steps; the result is cut where HF's generate would have stopped.
 """
 
 from __future__ import annotations
@@ -43,12 +42,14 @@ def prompt_positions(attention_mask: Tensor) -> Tensor:
 def keep_static_cache(model: nn.Module, last: tuple | None, kind: tuple, max_len: int) -> tuple[tuple, Any]:
     """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions -> (what to keep
     as `last` for the next call, cache): `last`'s cache, reset, while it is of that kind and long enough, else a new
-    one. A new cache per call would give a compiled or captured decode step new tensor addresses (a re-capture),
-    and one of another length new shapes (a recompile); HF's generate, which builds a cache per call, keeps the
-    length for the same reason (`_previous_max_cache_length`, set here too, which keeps `max_len` from shrinking
-    where the caller sizes it from that attribute)."""
+    one, never shorter than the model's last static cache. A new cache per call would give a compiled or captured
+    decode step new tensor addresses (a re-capture), and one of another length new shapes (a recompile); HF's
+    generate, which builds a cache per call, keeps the length for the same reason in `_previous_max_cache_length`,
+    read and set here too, so that the calls a MixtureModel leaves to HF's own cache (e.g. with `expert=` given)
+    see the same length."""
     from transformers import StaticCache
 
+    max_len = max(max_len, getattr(model, "_previous_max_cache_length", 0))
     if last is not None:
         last_kind, last_len, cache = last
         if last_kind == kind and last_len >= max_len:
@@ -192,8 +193,7 @@ class GraphDecoder:
         self.captures(input_ids.device)
         B, T = input_ids.shape
         kind = (B, self.model.dtype, input_ids.device)
-        length = max(T + max_new_tokens - 1, getattr(self.model, "_previous_max_cache_length", 0))
-        self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, length)
+        self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, T + max_new_tokens - 1)
         first = prefill(self.model, input_ids, attention_mask, cache)
         new = self.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                           key=weight_addresses(self.model))

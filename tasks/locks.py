@@ -32,8 +32,7 @@ def project_lock(root: Path, holder: str, inheritable: bool = False) -> Iterator
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            other = fh.read().strip() or "another process"
+            other = _holder_of(fh)
             logging.getLogger("moa").warning("%s waits: %s holds %s", holder, other, path)
             print(f"moa: {holder} waits for {other} (lock {path})", flush=True)
             t0 = time.monotonic()
@@ -50,3 +49,19 @@ def project_lock(root: Path, holder: str, inheritable: bool = False) -> Iterator
             fh.truncate()
             fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _holder_of(fh) -> str:
+    """Who holds the lock, as its holder wrote it ("pid N: name"). The holder writes that line just after it
+    takes the lock, so a reader that comes in between sees an empty file: give it a moment before settling
+    for an anonymous "another process"."""
+    import time
+
+    for _ in range(20):
+        fh.seek(0)
+        text = fh.read().strip()
+        if text:
+            return text
+        time.sleep(0.025)
+    return "another process"
+

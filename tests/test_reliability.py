@@ -79,3 +79,26 @@ def test_two_runs_of_one_project_take_turns(tmp_path: Path):
     assert spans[0][1] <= spans[1][0], f"the two runs overlapped: {spans}"
     assert sum("waits for pid" in o for o in outs) == 1, outs
     assert (tmp_path / ".moa.lock").read_text() == "", "the lock file is emptied when released"
+
+
+def test_a_waiter_that_comes_before_the_holder_has_written_its_name_still_names_it(tmp_path: Path):
+    """The holder writes "pid N: name" just after it takes the lock; a waiter that reads in between used to
+    report "another process" (CI saw it once). It now waits a moment for the name."""
+    import fcntl
+    import threading
+
+    from tasks.locks import _holder_of
+
+    path = tmp_path / ".moa.lock"
+    with open(path, "a+") as holder, open(path, "a+") as waiter:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # taken, nothing written yet
+
+        def write_late() -> None:
+            time.sleep(0.1)
+            holder.write("pid 123: late\n")
+            holder.flush()
+
+        writer = threading.Thread(target=write_late)
+        writer.start()
+        assert _holder_of(waiter) == "pid 123: late"
+        writer.join()

@@ -100,5 +100,8 @@ def test_a_waiter_that_comes_before_the_holder_has_written_its_name_still_names_
 
         writer = threading.Thread(target=write_late)
         writer.start()
-        assert _holder_of(waiter) == "pid 123: late"
-        writer.join()
+        try:
+            seen = _holder_of(waiter)
+        finally:
+            writer.join()
+        assert seen == "pid 123: late"

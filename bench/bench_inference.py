@@ -90,6 +90,8 @@ VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0"
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
             "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc"]
 GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc")  # moa_core.graph_decode's decoder
+# no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
+GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
                  if g.split("_")[0] == hf.split("_")[0]]  # each against HF's generate of the same model
 SKIP_GUARDS = "_sg"  # suffix: the wrapped variant with dynamo's guard checks skipped
@@ -238,12 +240,12 @@ def run_shape(args: argparse.Namespace) -> dict:
             mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
                 if v in ("base_g", "base_gc"):
-                    return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], pad_token_id=0)
+                    return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
                 if v in ("moa_g", "moa_gc"):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, False  # eager, as base_g's prompt
                     try:
-                        return mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)[0]
+                        return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
                         mm.compile_routing_pass = routing_before
                 if v == "base_c":

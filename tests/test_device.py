@@ -164,9 +164,9 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
         try:
             lora_kernels.DECODE_LAYOUT = layout
             if decoder:
-                # eos_token_id=[]: no row stops early, as min_new_tokens makes the eager reference run to the end
-                # (the tiny model's eos is a real token: GPU run 1 of this case stopped row 0 there)
-                graphed, chosen = mm.generate_greedy(ids, mask, gen["max_new_tokens"], eos_token_id=[], pad_token_id=0)
+                # the config's eos (the tiny model emits it: GPU runs 1-2 of this case did at row 0), where HF's
+                # min_new_tokens would mask it: the reference below is plain greedy with the same eos
+                graphed, chosen = mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)
                 graph = mm.graph_decoder._kept[2].graph
                 assert graph is not None, "generate_greedy did not capture its step"
                 graphs.add(id(graph))
@@ -176,9 +176,12 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
             assert torch.unique(chosen).numel() == abs(name)
             lora_kernels.DECODE_LAYOUT = "fused"
-            eager, _ = mm.generate(ids, mask, expert=chosen, **gen)
+            plain = {k: v for k, v in gen.items() if k != "min_new_tokens"} if decoder else gen
+            eager, _ = mm.generate(ids, mask, expert=chosen, **plain)
         finally:
             lora_kernels.DECODE_LAYOUT = before
+        if decoder:
+            assert graphed.shape == eager.sequences.shape, (name, graphed.shape, eager.sequences.shape)
         same = (graphed if decoder else graphed.sequences) == eager.sequences
         if not bool(same.all()):
             row = int((~same).any(1).nonzero()[0])

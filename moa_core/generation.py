@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_positions, weight_addresses
+from .graph_decode import GraphDecoder, greedy_refusal, keep_static_cache, prefill, prompt_positions, weight_addresses
 from .routing import Routing
 
 
@@ -124,6 +124,11 @@ class RoutedGeneration:
         # generate_greedy's graph_decode.GraphDecoder: made on its first call with the defaults (eager kernels
         # captured on CUDA); set your own first for others, e.g. GraphDecoder(mm.model, compile=True)
         self.graph_decoder: Any = None
+        # True (default): a `generate` call that is plain greedy (`graph_decode.greedy_refusal`), with the adapters on,
+        # on a device where the decoder captures its step (CUDA), runs as `generate_greedy`: the same tokens, each
+        # decode step one graph replay instead of HF's loop (H200, BENCHMARKS.md: 3-8x eager generate's speed).
+        # False: HF's generate always.
+        self.graph_decoding: bool = True
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):
         # eagerly. On an H200 (Qwen2-0.5B shape, batch 32, BENCHMARKS.md) compiling it cost 94 s of first-call
         # compile against the base's 23 s (eager: 48 s) to save ~14 ms per call (prompt pass 38 against 52 ms): worth
@@ -140,7 +145,13 @@ class RoutedGeneration:
         The routing pass is a full forward over the prompt, so with `reuse_routing_cache` its KV cache
         becomes generate's prompt cache (see `_prompt_cache_from_routing`) instead of a second prefill, and
         its last position's logits are generate's first step (see `_given_prefill`).
-        `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback)."""
+        `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback).
+        A plain greedy call on CUDA runs as `generate_greedy` instead (see `graph_decoding`)."""
+        usual = reuse_routing_cache and not (adapters_off or experts_off)
+        if self._decodes_in_graph(input_ids.device, gen_kwargs, usual):
+            return self.generate_greedy(input_ids, attention_mask, gen_kwargs["max_new_tokens"],
+                                        eos_token_id=gen_kwargs.get("eos_token_id"),
+                                        pad_token_id=gen_kwargs.get("pad_token_id"), expert=expert)
         first = None  # the first step's output, when the routing pass provides it (see _given_prefill)
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
@@ -201,6 +212,15 @@ class RoutedGeneration:
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                                         key=key, statics=statics, context=self._decode_routing)
         return torch.cat([input_ids, new], dim=1), expert
+
+    def _decodes_in_graph(self, device: torch.device, gen_kwargs: dict[str, Any], usual: bool) -> bool:
+        """Whether a `generate` call goes to `generate_greedy` (see `graph_decoding`); `usual`: the call routes as
+        generate_greedy does (adapters and experts on, the routing pass's cache reused)."""
+        if not (self.graph_decoding and usual) or greedy_refusal(self.model, gen_kwargs) is not None:
+            return False
+        if self.graph_decoder is None:
+            self.graph_decoder = GraphDecoder(self.model)
+        return self.graph_decoder.capture is not False and self.graph_decoder.refusal(device) is None
 
     @contextlib.contextmanager
     def _decode_routing(self, statics: dict[str, Tensor]) -> Iterator[None]:

@@ -80,6 +80,40 @@ def weight_addresses(module: nn.Module, extra: list[Tensor] | tuple[Tensor, ...]
     return tuple((t.data_ptr(), tuple(t.shape)) for t in (*module.parameters(), *module.buffers(), *extra))
 
 
+# HF generation settings under which its generate does more than greedy argmax with eos and pad (a logits processor,
+# a search mode, a stopping rule: `GenerationMixin._get_logits_processor` and its stopping criteria), each with the
+# values that add nothing; GraphDecoder implements none of them
+NEUTRAL_SETTINGS: dict[str, tuple] = {
+    "do_sample": (None, False), "num_beams": (None, 1), "num_beam_groups": (None, 1), "num_return_sequences": (None, 1),
+    "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,), "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "force_words_ids": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
+    "max_time": (None,), "stop_strings": (None,),
+}
+# the arguments of a generate call that the decoder takes (besides NEUTRAL_SETTINGS at their neutral values)
+GREEDY_ARGUMENTS = ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")
+
+
+def greedy_refusal(model: nn.Module, gen_kwargs: dict[str, Any]) -> str | None:
+    """Why HF's `model.generate(**gen_kwargs)` may give other tokens than greedy argmax with eos and pad (the call's
+    arguments over the model's generation config), or None when it gives exactly those: the calls a GraphDecoder
+    may take over."""
+    if extra := sorted(set(gen_kwargs) - set(GREEDY_ARGUMENTS) - set(NEUTRAL_SETTINGS)):
+        return f"arguments the graph decoder does not take: {', '.join(extra)}"
+    if gen_kwargs.get("max_new_tokens") is None:
+        return "no max_new_tokens"
+    config = getattr(model, "generation_config", None)
+    for name, neutral in NEUTRAL_SETTINGS.items():
+        value = gen_kwargs[name] if name in gen_kwargs else getattr(config, name, None)
+        if not any(value is n or value == n for n in neutral):
+            return f"{name}={value!r} (a logits processor, search mode or stopping rule the graph decoder lacks)"
+    return None
+
+
 def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
     """The eos ids a greedy call stops rows at, as HF's generate picks them: the call's, else the model's generation
     config's (an int or a list, e.g. Qwen2-Instruct's two); [] when neither sets one."""
@@ -251,25 +285,29 @@ class GraphDecoder:
                     self._step(buf, cache)
         return _cut(buf.generated[:, :max_new_tokens], eos).clone()
 
+    def refusal(self, device: torch.device, cache: Any = None) -> str | None:
+        """Why a step on `device` (over `cache`, when known) cannot be captured, or None when it can."""
+        if device.type != "cuda":
+            return "a captured decode step needs a CUDA device"
+        attention = getattr(getattr(self.model, "config", None), "_attn_implementation", "sdpa")
+        if attention not in ("sdpa", "eager"):
+            return (f"a captured decode step needs sdpa or eager attention, not {attention!r} (load the model with "
+                    "attn_implementation='sdpa')")
+        if cache is not None and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            return "a captured decode step cannot use sliding-window cache layers (they count on the host)"
+        return None
+
     # -------------------------------------------------------------------------------------------- internals
     def captures(self, device: torch.device, cache: Any = None) -> bool:
         """Whether a call on `device` (over `cache`, when known) captures its step; an error where it must and cannot
-        (call it before any work: `generate` and `MixtureModel.generate_greedy` do)."""
-        if self.capture is None:
-            capturing = device.type == "cuda"
-        elif self.capture and device.type != "cuda":
-            raise RuntimeError("GraphDecoder(capture=True) needs a CUDA device; capture=None captures where it can")
-        else:
-            capturing = self.capture
-        if capturing:
-            attention = getattr(getattr(self.model, "config", None), "_attn_implementation", "sdpa")
-            if attention not in ("sdpa", "eager"):
-                raise ValueError(f"a captured decode step needs sdpa or eager attention, not {attention!r}: load the "
-                                 "model with attn_implementation='sdpa', or use GraphDecoder(capture=False)")
-            if cache is not None and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-                raise ValueError("a captured decode step cannot use sliding-window cache layers (they count on the "
-                                 "host); use GraphDecoder(capture=False)")
-        return capturing
+        (call it before any work: `generate` and `MixtureModel.generate_greedy` do). capture=None captures on CUDA
+        and runs eagerly elsewhere; on CUDA, a setting that cannot be captured is an error, not a silent eager loop."""
+        if self.capture is False or (self.capture is None and device.type != "cuda"):
+            return False
+        if (why := self.refusal(device, cache)) is not None:
+            error = RuntimeError if device.type != "cuda" else ValueError
+            raise error(f"{why}; use GraphDecoder(capture=False) for the eager step")
+        return True
 
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:

@@ -255,3 +255,48 @@ def test_token_routed_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base):
     ref, _ = mm.generate(ids, mask, expert=given, **gen)
     assert not torch.equal(ref, out)
     assert torch.equal(mm.generate_greedy(ids, mask, 5, pad_token_id=0, expert=given)[0], ref)
+
+
+def test_greedy_refusal_names_what_hf_would_do_beyond_argmax(tiny_base):
+    from moa_core.graph_decode import greedy_refusal
+
+    plain = dict(max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert greedy_refusal(tiny_base, plain) is None
+    assert "min_new_tokens" in greedy_refusal(tiny_base, {**plain, "min_new_tokens": 4})  # masks eos: other tokens
+    assert "output_scores" in greedy_refusal(tiny_base, {**plain, "output_scores": True})
+    assert "do_sample" in greedy_refusal(tiny_base, {**plain, "do_sample": True})
+    assert "max_new_tokens" in greedy_refusal(tiny_base, {"do_sample": False})
+    tiny_base.generation_config.repetition_penalty = 1.3  # the model's own config counts where the call is silent
+    assert "repetition_penalty" in greedy_refusal(tiny_base, plain)
+    assert greedy_refusal(tiny_base, {**plain, "repetition_penalty": 1.0}) is None
+
+
+@pytest.mark.parametrize("method", ["moa", "mosld", "modula-flan", "modula-res"])
+def test_plain_greedy_generate_runs_through_the_decoder_where_it_captures(tiny_cfg, tiny_base, fake_capture,
+                                                                          monkeypatch, method):
+    """`MixtureModel.generate` of every method: a plain greedy call on a device where the decoder captures (the CPU
+    made to look like one) replays the decoder's graph and returns HF's tokens and experts; calls the decoder
+    cannot take (min_new_tokens, the adapters off) and graph_decoding=False stay on HF's generate."""
+    from moa_core.methods import build_mixture
+
+    monkeypatch.setattr(GraphDecoder, "refusal", lambda self, device, cache=None: None)
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, method, tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.3)
+    ids, mask = left_padded(4, 8, seed=20)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)  # eos: the config's
+    mm.graph_decoding = False
+    ref, ref_expert = mm.generate(ids, mask, **gen)
+    assert mm.graph_decoder is None
+    mm.graph_decoding = True
+    out, expert = mm.generate(ids, mask, **gen)
+    graph = mm.graph_decoder._kept[2].graph
+    assert isinstance(graph, FakeGraph) and graph.replays > 0, "the call did not go through the decoder"
+    assert torch.equal(out, ref) and (expert is None) == (ref_expert is None)
+    assert expert is None or torch.equal(expert, ref_expert)
+    replays = graph.replays
+    mm.generate(ids, mask, min_new_tokens=6, **gen)
+    mm.generate(ids, mask, adapters_off=True, **gen)
+    assert graph.replays == replays, "a call the decoder cannot take went through it"

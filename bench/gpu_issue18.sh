@@ -11,7 +11,7 @@
 # inference step with base_c, moa_split_c, moa_merged_c ~165 s. Knobs: INF_VARIANTS, INF_BATCH, MICRO_BATCH,
 # MICRO_EXPERTS, MERGED_CONFIGS (extra launch configurations of the merged layout), GRAPH_PATHS (a -k expression).
 # 2026-12-04 evening: the inference step times the prompt pass too (INF_PREFILL_ROUNDS, 0 = off), ~150 s for base_c
-# and moa_merged_c at batch 32; INF_TAG suffixes the step's file names (two inference steps in one call); T_TRAIN (off by default) runs bench_training at TRAIN_SEQ_LEN tokens per row
+# and moa_merged_c at batch 32; INF_TAG suffixes the step's file names (two inference steps in one call), INF_EXPERTS lists resident expert counts (8,32,64); T_TRAIN (off by default) runs bench_training at TRAIN_SEQ_LEN tokens per row
 # (~200 s with peft_par's 8 processes x 5 rounds). The device returns at most 8 files: keep the steps few per call.
 # 2026-12-04 late: the whole-step graph decoder (moa_core/graph_decode.py), not yet run on a GPU: its replay test is
 # GRAPH_PATHS=decoder, its variants INF_VARIANTS=base_c,moa_eager_route_c,base_g,moa_g,base_gc,moa_gc (BENCHMARKS.md).
@@ -40,7 +40,7 @@ if (( ${T_INF:-400} > 0 )); then  # INF_BATCH may list several batches (one proc
   batches=${INF_BATCH:-32}
   for b in ${batches//,/ }; do
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout ${T_INF:-400} python3 bench/bench_inference.py --shape qwen0.5b --device cuda \
-      --experts 8 --prompt-len 128 --new-tokens ${INF_NEW_TOKENS:-64} --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 \
+      --experts ${INF_EXPERTS:-8} --prompt-len 128 --new-tokens ${INF_NEW_TOKENS:-64} --repeats ${INF_REPEATS:-5} --warmup 1 --router-steps 40 \
       --variants ${INF_VARIANTS:-base_c,moa_eager_route_c} --batch $b --prefill-rounds ${INF_PREFILL_ROUNDS:-5} \
       --json "$OUT/inference_b$b${INF_TAG:-}.json" 2>&1 | grep -v -i "warn" | tee "$OUT/inference_b$b${INF_TAG:-}.log"
     echo "[inference batch $b done at +$((SECONDS - t0)) s]"

@@ -126,7 +126,8 @@ class RoutedGeneration:
         self.graph_decoder: Any = None
         # True (default): a `generate` call that is plain greedy (`graph_decode.greedy_refusal`), with the adapters on,
         # on a device where the decoder captures its step (CUDA), runs as `generate_greedy`: the same tokens, each
-        # decode step one graph replay instead of HF's loop (H200, batch 32, BENCHMARKS.md: 4.7x eager generate's speed).
+        # decode step one graph replay instead of HF's loop (H200, batch 32, BENCHMARKS.md: 4.7x eager generate's
+        # speed).
         # False: HF's generate always.
         self.graph_decoding: bool = True
         # True: generate's routing pass runs through torch.compile where HF compiles the decode step; False (default):

@@ -187,7 +187,8 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             row = int((~same).any(1).nonzero()[0])
             pytest.fail(f"fused={fused}, layout={layout}, decoder={decoder}, {abs(name)} distinct experts: graph "
                         f"replay differs from eager at {(~same).nonzero().tolist()[:5]}; row {row}: "
-                        f"{(graphed if decoder else graphed.sequences)[row].tolist()} vs {eager.sequences[row].tolist()}")
+                        f"{(graphed if decoder else graphed.sequences)[row].tolist()} vs "
+                        f"{eager.sequences[row].tolist()}")
         if decoder:
             continue  # generate_greedy returns tokens only
         for a, b in zip(graphed.scores, eager.scores):

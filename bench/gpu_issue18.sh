@@ -71,7 +71,7 @@ if (( ${T_MICRO:-120} > 0 )); then
   echo "[kernel bench done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_GRAPH:-90} > 0 )); then
-  timeout ${T_GRAPH:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_device.py -k "(cuda_graphs or graph_decoder) and ${GRAPH_PATHS:-kernels}" 2>&1 \
+  timeout ${T_GRAPH:-90} python3 -m pytest -q -x -p no:cacheprovider tests/test_device.py -k "(cuda_graphs or graph_decoder or on_the_device) and (${GRAPH_PATHS:-kernels})" 2>&1 \
     | tail -15 | tee -a "$OUT/tests.log"
   echo "[graph test done at +$((SECONDS - t0)) s]"
 fi

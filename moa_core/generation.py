@@ -219,6 +219,8 @@ class RoutedGeneration:
         generate_greedy does (adapters and experts on, the routing pass's cache reused)."""
         if not (self.graph_decoding and usual) or greedy_refusal(self.model, gen_kwargs) is not None:
             return False
+        if torch.is_autocast_enabled(device.type):  # e.g. evaluation under bf16 autocast: a static cache takes one
+            return False  # dtype (autocast's mixed keys and values break it), and a graph would keep autocast's casts
         if self.graph_decoder is None:
             self.graph_decoder = GraphDecoder(self.model)
         return self.graph_decoder.capture is not False and self.graph_decoder.refusal(device) is None

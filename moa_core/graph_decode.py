@@ -92,8 +92,15 @@ NEUTRAL_SETTINGS: dict[str, tuple] = {
     "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
     "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
     "begin_suppress_tokens": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
-    "max_time": (None,), "stop_strings": (None,),
+    "max_time": (None,), "stop_strings": (None,), "token_healing": (None, False), "constraints": (None,),
+    "use_mtp": (None, False), "is_assistant": (None, False), "use_cache": (None, True),
+    "cache_implementation": (None, "static", "dynamic"),  # a quantized or offloaded cache would change the numbers
+    # what generate returns: sequences only, as the decoder does
+    "return_dict_in_generate": (None, False), "output_scores": (None, False), "output_logits": (None, False),
+    "output_attentions": (None, False), "output_hidden_states": (None, False),
 }
+# sampling settings, which greedy decoding (do_sample off) never reads
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 # the arguments of a generate call that the decoder takes (besides NEUTRAL_SETTINGS at their neutral values)
 GREEDY_ARGUMENTS = ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")
 
@@ -102,10 +109,13 @@ def greedy_refusal(model: nn.Module, gen_kwargs: dict[str, Any]) -> str | None:
     """Why HF's `model.generate(**gen_kwargs)` may give other tokens than greedy argmax with eos and pad (the call's
     arguments over the model's generation config), or None when it gives exactly those: the calls a GraphDecoder
     may take over."""
-    if extra := sorted(set(gen_kwargs) - set(GREEDY_ARGUMENTS) - set(NEUTRAL_SETTINGS)):
+    if extra := sorted(set(gen_kwargs) - set(GREEDY_ARGUMENTS) - set(NEUTRAL_SETTINGS) - set(SAMPLING_ONLY)):
         return f"arguments the graph decoder does not take: {', '.join(extra)}"
     if gen_kwargs.get("max_new_tokens") is None:
         return "no max_new_tokens"
+    # HF applies an explicit None (no eos at all; padding with eos[0]) where the decoder would take the config's
+    if given_none := [k for k in ("eos_token_id", "pad_token_id") if k in gen_kwargs and gen_kwargs[k] is None]:
+        return f"{given_none[0]}=None given explicitly"
     config = getattr(model, "generation_config", None)
     for name, neutral in NEUTRAL_SETTINGS.items():
         value = gen_kwargs[name] if name in gen_kwargs else getattr(config, name, None)
@@ -121,9 +131,7 @@ def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos_token_id is None:
         return []
-    if isinstance(eos_token_id, Tensor):
-        eos_token_id = eos_token_id.tolist()
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    return [int(e) for e in torch.as_tensor(eos_token_id).reshape(-1).tolist()]  # an int, a list, a tensor, numpy
 
 
 def pad_id(model: nn.Module, pad_token_id: int | None, eos: list[int]) -> int:
@@ -210,6 +218,7 @@ class GraphDecoder:
         # weights moved, or whose cache the caller dropped, is freed with its memory pool
         self._kept: tuple[tuple, Any, _Buffers] | None = None
         self._last_cache: tuple | None = None  # see keep_static_cache (the plain-model path, `generate`)
+        self._layer_kinds: Any = None  # see _config_cache
 
     def clear(self) -> None:
         """Drop the captured graph and its buffers."""
@@ -293,16 +302,29 @@ class GraphDecoder:
         if attention not in ("sdpa", "eager"):
             return (f"a captured decode step needs sdpa or eager attention, not {attention!r} (load the model with "
                     "attn_implementation='sdpa')")
-        if cache is not None and any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        if any(getattr(layer, "is_sliding", False) for layer in (cache or self._config_cache()).layers):
             return "a captured decode step cannot use sliding-window cache layers (they count on the host)"
         return None
 
+    def _config_cache(self) -> Any:
+        """A StaticCache of the model's config, one slot long (its layers allocate nothing until written): which
+        layer kinds (sliding-window or full) a static cache of this model would have, before any is made."""
+        if self._layer_kinds is None:
+            from transformers import StaticCache
+
+            self._layer_kinds = StaticCache(config=self.model.config, max_cache_len=1)
+        return self._layer_kinds
+
     # -------------------------------------------------------------------------------------------- internals
     def captures(self, device: torch.device, cache: Any = None) -> bool:
-        """Whether a call on `device` (over `cache`, when known) captures its step; an error where it must and cannot
-        (call it before any work: `generate` and `MixtureModel.generate_greedy` do). capture=None captures on CUDA
+        """Whether a call on `device` (over `cache`, when known) captures its step; an error where it must and cannot,
+        and for a call that cannot run at all (under autocast). Call it before any work: `generate` and
+        `MixtureModel.generate_greedy` do. capture=None captures on CUDA
         and runs eagerly elsewhere; on CUDA, a setting that cannot be captured is an error, not a silent eager loop."""
-        if self.capture is False or (self.capture is None and device.type != "cuda"):
+        if torch.is_autocast_enabled(device.type):
+            raise ValueError("greedy graph decoding under torch.autocast: a static cache holds one dtype, and autocast "
+                             "gives keys and values of two; cast the model instead (model.to(torch.bfloat16))")
+        if (self.capture is not None and not self.capture) or (self.capture is None and device.type != "cuda"):
             return False
         if (why := self.refusal(device, cache)) is not None:
             error = RuntimeError if device.type != "cuda" else ValueError

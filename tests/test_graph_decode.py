@@ -300,3 +300,52 @@ def test_plain_greedy_generate_runs_through_the_decoder_where_it_captures(tiny_c
     mm.generate(ids, mask, min_new_tokens=6, **gen)
     mm.generate(ids, mask, adapters_off=True, **gen)
     assert graph.replays == replays, "a call the decoder cannot take went through it"
+
+
+def test_greedy_refusal_takes_neutral_and_sampling_only_settings_and_refuses_explicit_nones(tiny_base):
+    from moa_core.graph_decode import greedy_refusal
+
+    plain = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    harmless = dict(temperature=0.7, top_p=0.9, use_cache=True, return_dict_in_generate=False,
+                    cache_implementation="static")  # HF's greedy tokens and return type are the same with these
+    assert greedy_refusal(tiny_base, {**plain, **harmless}) is None
+    assert "eos_token_id=None" in greedy_refusal(tiny_base, {**plain, "eos_token_id": None})  # HF: no eos at all
+    assert "pad_token_id=None" in greedy_refusal(tiny_base, {"max_new_tokens": 4, "pad_token_id": None})
+    assert "cache_implementation" in greedy_refusal(tiny_base, {**plain, "cache_implementation": "quantized"})
+    tiny_base.generation_config.return_dict_in_generate = True  # HF would return an output object, not a tensor
+    assert "return_dict_in_generate" in greedy_refusal(tiny_base, plain)
+
+
+def test_eos_ids_take_ints_lists_tensors_and_numpy(tiny_base):
+    import numpy as np
+
+    from moa_core.graph_decode import eos_ids
+
+    assert eos_ids(tiny_base, 5) == [5] and eos_ids(tiny_base, [5, 7]) == [5, 7]
+    assert eos_ids(tiny_base, torch.tensor([5, 7])) == [5, 7] and eos_ids(tiny_base, np.int64(5)) == [5]
+
+
+def test_autocast_calls_stay_on_hf_generate_and_the_decoder_refuses_them(tiny_cfg, tiny_base, monkeypatch):
+    """Evaluation runs generate under bf16 autocast (train.precision bf16): a static cache takes one dtype and
+    autocast's keys and values come in two, so those calls keep HF's loop; the decoder itself refuses them."""
+    monkeypatch.setattr(GraphDecoder, "refusal", lambda self, device, cache=None: None)
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    ids, mask = left_padded(3, 7, seed=21)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = mm.generate(ids, mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert out.shape == (3, 7 + 4) and mm.graph_decoder is None, "an autocast call went to the decoder"
+        with pytest.raises(ValueError, match="autocast"):
+            mm.generate_greedy(ids, mask, 4, pad_token_id=0)
+
+
+def test_models_with_sliding_window_layers_are_refused_before_any_cache_exists(tiny_base):
+    """A Mistral-like config (every layer a sliding window): generate keeps HF's loop for it instead of failing in
+    the decode after the routing pass; a plain Llama's layers are full and capture."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=64, sliding_window=16)
+    cuda = torch.device("cuda")  # refusal reads only the device's type and the config: no GPU needed
+    assert "sliding-window" in GraphDecoder(MistralForCausalLM(cfg)).refusal(cuda)
+    assert GraphDecoder(tiny_base).refusal(cuda) is None
+    assert not GraphDecoder(tiny_base, capture=0).captures(cuda)  # a falsy capture means "do not capture"

@@ -223,7 +223,8 @@ class RoutedGeneration:
             return False  # dtype (autocast's mixed keys and values break it), and a graph would keep autocast's casts
         if self.graph_decoder is None:
             self.graph_decoder = GraphDecoder(self.model)
-        return self.graph_decoder.capture is not False and self.graph_decoder.refusal(device) is None
+        capture = self.graph_decoder.capture  # None: where it can; falsy: never (the eager step is no faster)
+        return (capture is None or bool(capture)) and self.graph_decoder.refusal(device) is None
 
     @contextlib.contextmanager
     def _decode_routing(self, statics: dict[str, Tensor]) -> Iterator[None]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import GraphDecoder, greedy_refusal, keep_static_cache, prefill, prompt_positions, weight_addresses
+from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_positions, weight_addresses
 from .routing import Routing
 
 
@@ -74,6 +74,49 @@ def _rows_per_prompt(model: nn.Module, gen_kwargs: dict[str, Any]) -> int:
                int(_gen_setting(model, gen_kwargs, "num_return_sequences", 1)))
 
 
+# HF generation settings under which its generate does more than greedy argmax with eos and pad (a logits processor,
+# a search mode, a stopping rule: `GenerationMixin._get_logits_processor` and its stopping criteria), each with the
+# values that add nothing; GraphDecoder implements none of them
+NEUTRAL_SETTINGS: dict[str, tuple] = {
+    "do_sample": (None, False), "num_beams": (None, 1), "num_beam_groups": (None, 1), "num_return_sequences": (None, 1),
+    "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
+    "assistant_early_exit": (None,), "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "force_words_ids": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
+    "max_time": (None,), "stop_strings": (None,), "token_healing": (None, False), "constraints": (None,),
+    "use_mtp": (None, False), "is_assistant": (None, False), "use_cache": (None, True),
+    "cache_implementation": (None, "static", "dynamic"),  # a quantized or offloaded cache would change the numbers
+    # what generate returns: sequences only, as the decoder does
+    "return_dict_in_generate": (None, False), "output_scores": (None, False), "output_logits": (None, False),
+    "output_attentions": (None, False), "output_hidden_states": (None, False),
+}
+# sampling settings, which greedy decoding (do_sample off) never reads
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+# the arguments of a generate call that the decoder takes (besides NEUTRAL_SETTINGS at their neutral values)
+GREEDY_ARGUMENTS = ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")
+
+
+def greedy_refusal(model: nn.Module, gen_kwargs: dict[str, Any]) -> str | None:
+    """Why HF's `model.generate(**gen_kwargs)` may give other tokens than greedy argmax with eos and pad (the call's
+    arguments over the model's generation config), or None when it gives exactly those: the calls a
+    graph_decode.GraphDecoder may take over."""
+    if extra := sorted(set(gen_kwargs) - set(GREEDY_ARGUMENTS) - set(NEUTRAL_SETTINGS) - set(SAMPLING_ONLY)):
+        return f"arguments the graph decoder does not take: {', '.join(extra)}"
+    if gen_kwargs.get("max_new_tokens") is None:
+        return "no max_new_tokens"
+    # HF applies an explicit None (no eos at all; padding with eos[0]) where the decoder would take the config's
+    if given_none := [k for k in ("eos_token_id", "pad_token_id") if k in gen_kwargs and gen_kwargs[k] is None]:
+        return f"{given_none[0]}=None given explicitly"
+    for name, neutral in NEUTRAL_SETTINGS.items():
+        value = _gen_setting(model, gen_kwargs, name, None)
+        if not any(value is n or value == n for n in neutral):
+            return f"{name}={value!r} (a logits processor, search mode or stopping rule the graph decoder lacks)"
+    return None
+
+
 def _hf_compiles_decode(model: nn.Module, gen_kwargs: dict[str, Any]) -> bool:
     """Whether HF's generate will torch.compile its decode step for these arguments: a static cache, on an
     accelerator or with a compile_config that compiles on every device, and compilation not disabled."""
@@ -124,7 +167,7 @@ class RoutedGeneration:
         # generate_greedy's graph_decode.GraphDecoder: made on its first call with the defaults (eager kernels
         # captured on CUDA); set your own first for others, e.g. GraphDecoder(mm.model, compile=True)
         self.graph_decoder: Any = None
-        # True (default): a `generate` call that is plain greedy (`graph_decode.greedy_refusal`), with the adapters on,
+        # True (default): a `generate` call that is plain greedy (`greedy_refusal`), with the adapters on,
         # on a device where the decoder captures its step (CUDA), runs as `generate_greedy`: the same tokens, each
         # decode step one graph replay instead of HF's loop (H200, batch 32, BENCHMARKS.md: 4.7x eager generate's
         # speed).
@@ -219,12 +262,11 @@ class RoutedGeneration:
         generate_greedy does (adapters and experts on, the routing pass's cache reused)."""
         if not (self.graph_decoding and usual) or greedy_refusal(self.model, gen_kwargs) is not None:
             return False
-        if torch.is_autocast_enabled(device.type):  # e.g. evaluation under bf16 autocast: a static cache takes one
-            return False  # dtype (autocast's mixed keys and values break it), and a graph would keep autocast's casts
-        if self.graph_decoder is None:
-            self.graph_decoder = GraphDecoder(self.model)
-        capture = self.graph_decoder.capture  # None: where it can; falsy: never (the eager step is no faster)
-        return (capture is None or bool(capture)) and self.graph_decoder.refusal(device) is None
+        decoder = self.graph_decoder or GraphDecoder(self.model)
+        if not decoder.will_capture(device):  # the eager step is no faster than HF's loop
+            return False
+        self.graph_decoder = decoder
+        return True
 
     @contextlib.contextmanager
     def _decode_routing(self, statics: dict[str, Tensor]) -> Iterator[None]:

@@ -80,50 +80,6 @@ def weight_addresses(module: nn.Module, extra: list[Tensor] | tuple[Tensor, ...]
     return tuple((t.data_ptr(), tuple(t.shape)) for t in (*module.parameters(), *module.buffers(), *extra))
 
 
-# HF generation settings under which its generate does more than greedy argmax with eos and pad (a logits processor,
-# a search mode, a stopping rule: `GenerationMixin._get_logits_processor` and its stopping criteria), each with the
-# values that add nothing; GraphDecoder implements none of them
-NEUTRAL_SETTINGS: dict[str, tuple] = {
-    "do_sample": (None, False), "num_beams": (None, 1), "num_beam_groups": (None, 1), "num_return_sequences": (None, 1),
-    "penalty_alpha": (None,), "dola_layers": (None,), "prompt_lookup_num_tokens": (None,),
-    "assistant_early_exit": (None,), "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-    "force_words_ids": (None,), "sequence_bias": (None,), "guidance_scale": (None, 1.0), "min_length": (None, 0),
-    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
-    "max_time": (None,), "stop_strings": (None,), "token_healing": (None, False), "constraints": (None,),
-    "use_mtp": (None, False), "is_assistant": (None, False), "use_cache": (None, True),
-    "cache_implementation": (None, "static", "dynamic"),  # a quantized or offloaded cache would change the numbers
-    # what generate returns: sequences only, as the decoder does
-    "return_dict_in_generate": (None, False), "output_scores": (None, False), "output_logits": (None, False),
-    "output_attentions": (None, False), "output_hidden_states": (None, False),
-}
-# sampling settings, which greedy decoding (do_sample off) never reads
-SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
-# the arguments of a generate call that the decoder takes (besides NEUTRAL_SETTINGS at their neutral values)
-GREEDY_ARGUMENTS = ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")
-
-
-def greedy_refusal(model: nn.Module, gen_kwargs: dict[str, Any]) -> str | None:
-    """Why HF's `model.generate(**gen_kwargs)` may give other tokens than greedy argmax with eos and pad (the call's
-    arguments over the model's generation config), or None when it gives exactly those: the calls a GraphDecoder
-    may take over."""
-    if extra := sorted(set(gen_kwargs) - set(GREEDY_ARGUMENTS) - set(NEUTRAL_SETTINGS) - set(SAMPLING_ONLY)):
-        return f"arguments the graph decoder does not take: {', '.join(extra)}"
-    if gen_kwargs.get("max_new_tokens") is None:
-        return "no max_new_tokens"
-    # HF applies an explicit None (no eos at all; padding with eos[0]) where the decoder would take the config's
-    if given_none := [k for k in ("eos_token_id", "pad_token_id") if k in gen_kwargs and gen_kwargs[k] is None]:
-        return f"{given_none[0]}=None given explicitly"
-    config = getattr(model, "generation_config", None)
-    for name, neutral in NEUTRAL_SETTINGS.items():
-        value = gen_kwargs[name] if name in gen_kwargs else getattr(config, name, None)
-        if not any(value is n or value == n for n in neutral):
-            return f"{name}={value!r} (a logits processor, search mode or stopping rule the graph decoder lacks)"
-    return None
-
-
 def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
     """The eos ids a greedy call stops rows at, as HF's generate picks them: the call's, else the model's generation
     config's (an int or a list, e.g. Qwen2-Instruct's two); [] when neither sets one."""
@@ -294,6 +250,13 @@ class GraphDecoder:
                     self._step(buf, cache)
         return _cut(buf.generated[:, :max_new_tokens], eos).clone()
 
+    def will_capture(self, device: torch.device) -> bool:
+        """Whether a call on `device` would capture its step, as a yes or no with no error: the calls a caller may
+        hand the decoder for speed (MixtureModel.generate does). Not under autocast: a static cache holds one dtype
+        and autocast's keys and values come in two (evaluation under bf16 autocast crashed so)."""
+        asked = self.capture is None or bool(self.capture)  # None: where it can (refusal names the device)
+        return asked and not torch.is_autocast_enabled(device.type) and self.refusal(device) is None
+
     def refusal(self, device: torch.device, cache: Any = None) -> str | None:
         """Why a step on `device` (over `cache`, when known) cannot be captured, or None when it can."""
         if device.type != "cuda":
@@ -319,8 +282,8 @@ class GraphDecoder:
     def captures(self, device: torch.device, cache: Any = None) -> bool:
         """Whether a call on `device` (over `cache`, when known) captures its step; an error where it must and cannot,
         and for a call that cannot run at all (under autocast). Call it before any work: `generate` and
-        `MixtureModel.generate_greedy` do. capture=None captures on CUDA
-        and runs eagerly elsewhere; on CUDA, a setting that cannot be captured is an error, not a silent eager loop."""
+        `MixtureModel.generate_greedy` do. capture=None captures on CUDA and runs eagerly elsewhere; on CUDA, a
+        setting that cannot be captured is an error, not a silent eager loop."""
         if torch.is_autocast_enabled(device.type):
             raise ValueError("greedy graph decoding under torch.autocast: a static cache holds one dtype, and autocast "
                              "gives keys and values of two; cast the model instead (model.to(torch.bfloat16))")

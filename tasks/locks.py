@@ -64,4 +64,3 @@ def _holder_of(fh) -> str:
             return text
         time.sleep(0.025)
     return "another process"
-

@@ -258,7 +258,7 @@ def test_token_routed_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base):
 
 
 def test_greedy_refusal_names_what_hf_would_do_beyond_argmax(tiny_base):
-    from moa_core.graph_decode import greedy_refusal
+    from moa_core.generation import greedy_refusal
 
     plain = dict(max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=0)
     assert greedy_refusal(tiny_base, plain) is None
@@ -303,7 +303,7 @@ def test_plain_greedy_generate_runs_through_the_decoder_where_it_captures(tiny_c
 
 
 def test_greedy_refusal_takes_neutral_and_sampling_only_settings_and_refuses_explicit_nones(tiny_base):
-    from moa_core.graph_decode import greedy_refusal
+    from moa_core.generation import greedy_refusal
 
     plain = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     harmless = dict(temperature=0.7, top_p=0.9, use_cache=True, return_dict_in_generate=False,

@@ -47,6 +47,9 @@ and, to attribute the cost of (c):
                 kernels, captured by the same graph); compiled and captured at the warm-up
   moa_gcr       moa_gc with its routing pass compiled too (MixtureModel.compile_routing_pass; the base's prompt
                 stays eager, as in base_gc: what compiling MoA's prompt pass alone buys). Shares moa_gc's decoder
+  base_gcp, moa_gcp  base_gc and moa_gc with the prompt pass captured too (GraphDecoder(prompt_shapes=1): the
+                prefill, MoA's routing pass, eager kernels replayed from one CUDA graph per prompt shape, captured at
+                the warm-up): both sides' whole call replayed from graphs. Share base_gc's and moa_gc's decoders
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -90,8 +93,8 @@ from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
-            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr"]
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr")  # moa_core.graph_decode's decoder
+            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp"]
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp")  # moa_core.graph_decode's decoder
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
@@ -186,7 +189,8 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_eager_route_c_sg", "base_c_sg"), ("base_c_sg", "base_c"), ("moa_merged_c_sg", "moa_merged_c"),
           ("moa_eager_route_c_sg", "moa_eager_route_c"), ("moa_g", "base_g"), ("moa_gc", "base_gc"),
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
-          ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc")]
+          ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"), ("base_gcp", "base_gc"),
+          ("moa_gcp", "moa_gc")]
 
 
 # variants that pin a decode layout
@@ -231,9 +235,12 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            v = v.removesuffix("r")  # moa_gcr decodes with moa_gc's decoder (the same step, one graph)
+            # moa_gcr, *_gcp decode with *_gc's decoder (the same step, one graph); *_gcp also capture the prompt
+            prompt_shapes = int(v.endswith("p"))
+            v = v.removesuffix("r").removesuffix("p")
             if v not in decoders:
                 decoders[v] = GraphDecoder(model, compile=v.endswith("_gc"))
+            decoders[v].prompt_shapes = prompt_shapes
             return decoders[v]
 
         def call(v: str):
@@ -242,9 +249,9 @@ def run_shape(args: argparse.Namespace) -> dict:
                     return call(v.removesuffix(SKIP_GUARDS))
             mm.lora_fusion.enabled = False if v in ("moa_ref", "moa_ref_c") else FUSED[args.fused]
             with torch.inference_mode():
-                if v in ("base_g", "base_gc"):
+                if v in ("base_g", "base_gc", "base_gcp"):
                     return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
-                if v in ("moa_g", "moa_gc", "moa_gcr"):
+                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp"):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     # eager, as base_g's prompt (moa_gcr: compiled)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"

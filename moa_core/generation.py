@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_positions, weight_addresses
+from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_inputs, prompt_positions, weight_addresses
 from .routing import Routing
 
 
@@ -155,7 +155,7 @@ def _static_cache_len(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, A
 
 class RoutedGeneration:
     """`MixtureModel.generate` and its prompt cache. Mixed into MixtureModel, whose `model` (the HF causal LM),
-    `spec`, `_routing(...)` context, `route`, `_routing_pass` and `_preset_routes` it uses."""
+    `spec`, `_routing(...)` context, `route`, `_routing_pass`, `_final_expert` and `_preset_routes` it uses."""
 
     model: nn.Module
     spec: Any  # MixtureSpec
@@ -236,8 +236,14 @@ class RoutedGeneration:
         T = input_ids.shape[1]
         gen_kwargs = {"cache_implementation": "static", "max_new_tokens": max_new_tokens}
         sequence = self.spec.routing == Routing.SEQUENCE
+        fused = self.lora_fusion.ready()  # refreshes the stacked expert weights first: their addresses are keyed
+        stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
+        key = (self.training, fused, lora_kernels.DECODE_LAYOUT, tuple(sorted(lora_kernels.MERGED_CONFIG.items())),
+               weight_addresses(self, stacked))
         first = None
-        if sequence and expert is None:
+        if sequence and expert is None and self.graph_decoder.prompt_shapes and self._head_is_plain():
+            expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs, key)
+        elif sequence and expert is None:
             expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True)
             if first is not None:
                 first = first.logits[:, -1]
@@ -249,13 +255,43 @@ class RoutedGeneration:
             with self._routing(forced=expert):
                 first = prefill(self.model, input_ids, attention_mask, cache, start)
         statics = {} if expert is None else {"expert": expert}
-        fused = self.lora_fusion.ready()  # refreshes the stacked expert weights first: their addresses are keyed
-        stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
-        key = (self.training, fused, lora_kernels.DECODE_LAYOUT, tuple(sorted(lora_kernels.MERGED_CONFIG.items())),
-               weight_addresses(self, stacked))
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                                         key=key, statics=statics, context=self._decode_routing)
         return torch.cat([input_ids, new], dim=1), expert
+
+    def _routed_prompt(self, input_ids: Tensor, attention_mask: Tensor, gen_kwargs: dict[str, Any],
+                       key: tuple) -> tuple[Tensor, Any, Tensor]:
+        """generate_greedy's routing pass with its decoder's `prompt_shapes`: prompts [B, T] routed and written
+        straight into the static cache in one pass, captured per prompt shape (GraphDecoder.prompt) -> (expert [B],
+        cache, first step's logits [B, V]). The rows whose layers did not all choose their final expert are then run
+        again eagerly with it, and their cache rows replaced, as in `_prompt_cache_from_routing`."""
+        T = input_ids.shape[1]
+        cache = self._static_cache((input_ids.shape[0], self.model.dtype, input_ids.device),
+                                   _static_cache_len(self.model, T, gen_kwargs))
+        compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
+        inputs = prompt_inputs(input_ids, attention_mask, cache, self.model.dtype)
+        out = self.graph_decoder.prompt(lambda b: self._routing_pass_into(b, cache, compiled), inputs, cache, key)
+        logits, expert, last = out["logits"], out["expert"].clone(), out["last"].clone()  # the graph's own tensors
+        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # [n] rows that met another expert
+        if stale.numel():
+            with self._routing(forced=expert[stale]):
+                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled)
+            for mine, theirs in zip(cache.layers, redo.past_key_values.layers):
+                mine.keys[stale, :, :T] = theirs.keys
+                mine.values[stale, :, :T] = theirs.values
+            last[stale] = redo.last_hidden_state[:, -1:]
+        return expert, cache, self.model.get_output_embeddings()(last)[:, -1]
+
+    def _routing_pass_into(self, inputs: dict[str, Tensor], cache: Any, compiled: bool) -> dict[str, Tensor]:
+        """The routing pass over graph_decode.prompt_inputs into the empty static `cache`, reading nothing on the host
+        (capturable) -> {"logits": per-layer router logits [L, B, E], "expert": [B], "last": last hidden state
+        [B, 1, H]}."""
+        with self._routing(pool_mask=inputs["mask"]) as ctx:
+            out = self._decoder(compiled)(input_ids=inputs["ids"], attention_mask=inputs["attention"],
+                                          position_ids=inputs["positions"], cache_position=inputs["cache_position"],
+                                          past_key_values=cache, use_cache=True)
+            logits = torch.stack(ctx.router_logits)
+        return {"logits": logits, "expert": self._final_expert(logits), "last": out.last_hidden_state[:, -1:]}
 
     def _decodes_in_graph(self, device: torch.device, gen_kwargs: dict[str, Any], usual: bool) -> bool:
         """Whether a `generate` call goes to `generate_greedy` (see `graph_decoding`); `usual`: the call routes as
@@ -351,11 +387,14 @@ class RoutedGeneration:
         """The decoder stack (no LM head) over prompts [B, T] under the current routing, positions counted as
         `generate` counts them. `compiled`: through `torch.compile`, built once, in inductor's default mode (no
         CUDA graphs, since prompt shapes vary between calls); the router hooks trace into the graph."""
+        return self._decoder(compiled)(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=prompt_positions(attention_mask), use_cache=use_cache)
+
+    def _decoder(self, compiled: bool) -> nn.Module:
+        """The decoder stack, or (compiled) it through `torch.compile`, built once."""
         if compiled and self._compiled is None:
             self._compiled = torch.compile(self.model.base_model)
-        decoder = self._compiled if compiled else self.model.base_model
-        return decoder(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=prompt_positions(attention_mask), use_cache=use_cache)
+        return self._compiled if compiled else self.model.base_model
 
     def _static_cache(self, kind: tuple, max_len: int) -> Any:
         """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions

@@ -20,11 +20,18 @@ is not a buffer is read at its captured address: the weights may change in place
 caller's routing settings). On the CPU (or with capture=False) the same step runs eagerly each token: the
 reference path the tests compare with HF's generate. The host checks whether every row has finished only every
 `check_every` steps; the result is cut where HF's generate would have stopped.
+
+The prompt pass (a plain model's prefill, a MixtureModel's routing pass) may be captured too, one graph per prompt
+shape (`GraphDecoder(prompt_shapes=n)` keeps the last n): eagerly it launches one kernel per op from Python, which
+at batch 32 x 128 tokens on an H200 left it host-bound (BENCHMARKS.md). A captured prompt reads its attention
+as a 4D additive mask built before the replay (`prompt_attention`), since HF's own mask code reads the padding
+mask's values on the host to pick a faster kernel, which a capture cannot do.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +78,30 @@ def prefill(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cache: 
                 cache_position=torch.arange(start, T, device=input_ids.device), past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
+
+
+def prompt_attention(attention_mask: Tensor, cache_len: int, dtype: torch.dtype) -> Tensor:
+    """[B, T] mask of left-padded prompts -> [B, 1, T, L] additive attention mask over a static cache of L >= T slots:
+    0 where query i may read key j (j <= i, j a real token), the dtype's lowest value elsewhere. A padding query that
+    may read nothing gets equal scores everywhere (finite, never read by a real token) where -inf would give NaN.
+    HF takes a 4D mask as it is, for sdpa and eager attention alike, without looking at its values."""
+    B, T = attention_mask.shape
+    keys = torch.arange(cache_len, device=attention_mask.device)
+    causal = keys[None, :] <= torch.arange(T, device=attention_mask.device)[:, None]  # [T, L]
+    real = torch.zeros(B, cache_len, dtype=torch.bool, device=attention_mask.device)
+    real[:, :T] = attention_mask.bool()
+    allowed = causal[None, None] & real[:, None, None, :]  # [B, 1, T, L]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def prompt_inputs(input_ids: Tensor, attention_mask: Tensor, cache: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+    """What a captured prompt pass over left-padded prompts [B, T] into the empty static `cache` reads: ids and mask
+    [B, T], positions [B, T] (`prompt_positions`), cache_position [T] and attention [B, 1, T, L] (`prompt_attention`)."""
+    L = max(layer.max_cache_len for layer in cache.layers)
+    T = input_ids.shape[1]
+    return {"ids": input_ids, "mask": attention_mask, "positions": prompt_positions(attention_mask),
+            "cache_position": torch.arange(T, device=input_ids.device),
+            "attention": prompt_attention(attention_mask, L, dtype)}
 
 
 def weight_addresses(module: nn.Module, extra: list[Tensor] | tuple[Tensor, ...] = ()) -> tuple:
@@ -136,16 +167,23 @@ class _Saved:
     StaticLayer writes at its `cumulative_length`, not at the `cache_position` it is given)."""
 
     def __init__(self, buf: _Buffers, cache: Any) -> None:
-        self.buffers = {name: t.clone() for name, t in vars(buf).items() if isinstance(t, Tensor)}
-        self.buf = buf
-        self.counters = [(t, t.clone()) for layer in cache.layers for name, t in vars(layer).items()
-                         if isinstance(t, Tensor) and name not in ("keys", "values")]
+        self.saved = [(t, t.clone()) for t in vars(buf).values() if isinstance(t, Tensor)]
+        self.saved += [(t, t.clone()) for layer in cache.layers for name, t in vars(layer).items()
+                       if isinstance(t, Tensor) and name not in ("keys", "values")]
 
     def restore(self) -> None:
-        for name, t in self.buffers.items():
-            getattr(self.buf, name).copy_(t)
-        for t, before in self.counters:
+        for t, before in self.saved:
             t.copy_(before)
+
+
+@dataclass
+class _PromptGraph:
+    """One captured prompt pass: the inputs it reads, the outputs it writes (at fixed addresses), its cache."""
+
+    inputs: dict[str, Tensor]
+    cache: Any
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    graph: Any = None
 
 
 Context = Callable[[dict[str, Tensor]], contextlib.AbstractContextManager[Any]]
@@ -159,14 +197,21 @@ class GraphDecoder:
     error off CUDA). check_every: steps between the host's checks that every row has finished (each one a sync).
     compile: the step's model call goes through torch.compile (inductor's default mode: fused kernels, no CUDA
     graphs of its own; compiled at the first call), and the graph captures the compiled kernels; without it, the
-    eager ones. Capture needs a cache without sliding-window layers and sdpa or eager attention (the others read
+    eager ones. prompt_shapes: how many prompt passes to keep captured, one per (batch, prompt length, cache), the
+    least recently used dropped first; 0 (default) runs the prompt eagerly. Each new shape costs two warm-up passes
+    and a capture, and each kept one holds its activations' memory: worth it where prompt shapes repeat (fixed-length
+    batches, prompts padded to a few lengths). Capture needs a cache without sliding-window layers and sdpa or eager attention (the others read
     tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prompt_shapes: int = 0) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if prompt_shapes < 0:
+            raise ValueError(f"prompt_shapes must be >= 0, got {prompt_shapes}")
         self.model = model
+        self.prompt_shapes = prompt_shapes
+        self._prompts: OrderedDict[tuple, _PromptGraph] = OrderedDict()  # least recently used first
         self.capture = capture
         self.check_every = check_every
         self._forward = torch.compile(model, dynamic=False) if compile else model
@@ -177,8 +222,9 @@ class GraphDecoder:
         self._layer_kinds: Any = None  # see _config_cache
 
     def clear(self) -> None:
-        """Drop the captured graph and its buffers."""
+        """Drop the captured graphs and their buffers."""
         self._kept = None
+        self._prompts.clear()
 
     # ------------------------------------------------------------------------------------------------ API
     @torch.no_grad()
@@ -186,17 +232,55 @@ class GraphDecoder:
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> Tensor:
         """A plain causal LM's greedy generation: left-padded prompts [B, T] -> sequences [B, T + new], the tokens
         of HF's `generate(do_sample=False, max_new_tokens=...)` with no logits processors (eos and pad default to
-        the generation config's, as there). The prompt runs eagerly into a kept static cache (`prefill`), sized
-        as HF sizes its own, the rest through `decode`."""
+        the generation config's, as there). The prompt runs into a kept static cache (`prefill`; captured per shape
+        with `prompt_shapes`), sized as HF sizes its own, the rest through `decode`."""
         _check_new_tokens(max_new_tokens)
         self.captures(input_ids.device)
         B, T = input_ids.shape
         kind = (B, self.model.dtype, input_ids.device)
         self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, T + max_new_tokens - 1)
-        first = prefill(self.model, input_ids, attention_mask, cache)
-        new = self.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
-                          key=weight_addresses(self.model))
+        key = weight_addresses(self.model)
+        if self.prompt_shapes:
+            inputs = prompt_inputs(input_ids, attention_mask, cache, self.model.dtype)
+            first = self.prompt(lambda b: {"logits": self._prefill(b, cache)}, inputs, cache, key)["logits"]
+        else:
+            first = prefill(self.model, input_ids, attention_mask, cache)
+        new = self.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id, key=key)
         return torch.cat([input_ids, new], dim=1)
+
+    @torch.no_grad()
+    def prompt(self, run: Callable[[dict[str, Tensor]], dict[str, Tensor]], inputs: dict[str, Tensor], cache: Any,
+               key: tuple = ()) -> dict[str, Tensor]:
+        """A prompt pass `run(inputs) -> outputs` that fills the empty static `cache`, captured once per shape of
+        `inputs` (and `key`, and cache) and replayed after, on CUDA with `prompt_shapes` > 0; run eagerly otherwise.
+        `run` must read only `inputs` (e.g. `prompt_inputs`) and tensors at fixed addresses (weights, the cache), and
+        may not read tensor values on the host. The outputs are the graph's own tensors: use them before the next
+        call. key: as `decode`'s (the weights' addresses, the caller's routing settings)."""
+        device = next(iter(inputs.values())).device
+        if not self.prompt_shapes or not self.captures(device, cache):
+            return run(inputs)
+        full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key)
+        kept = self._prompts.pop(full, None)
+        if kept is not None and kept.cache is not cache:
+            kept = None  # a graph of another cache writes that cache's tensors
+        if kept is None:
+            while len(self._prompts) >= self.prompt_shapes:
+                self._prompts.popitem(last=False)  # its memory goes before the new capture's is taken
+            kept = _PromptGraph(inputs={k: torch.empty_like(v) for k, v in inputs.items()}, cache=cache)
+        self._prompts[full] = kept
+        for name, value in inputs.items():
+            kept.inputs[name].copy_(value)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            if kept.graph is None:
+                self._capture_prompt(kept, run)
+            kept.graph.replay()
+        return kept.outputs
+
+    def _prefill(self, inputs: dict[str, Tensor], cache: Any) -> Tensor:
+        """A plain model's prompt pass over `prompt_inputs` -> the last position's logits [B, V]."""
+        return self.model(input_ids=inputs["ids"], attention_mask=inputs["attention"],
+                          position_ids=inputs["positions"], cache_position=inputs["cache_position"],
+                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
     def decode(self, cache: Any, attention_mask: Tensor, first_logits: Tensor, max_new_tokens: int,
@@ -331,6 +415,23 @@ class GraphDecoder:
             buf.graph = self._record(lambda: self._step(buf, cache))
         finally:
             saved.restore()
+
+    def _capture_prompt(self, kept: _PromptGraph, run: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> None:
+        """Warm the prompt pass up twice, then capture it; the cache is emptied before each pass (`reset`: in place,
+        and a fresh cache's counters are made by the first pass) and after, whatever happens."""
+        try:
+            with self._side_stream():
+                for _ in range(2):
+                    kept.cache.reset()
+                    run(kept.inputs)
+            kept.cache.reset()
+
+            def record() -> None:  # the outputs of the recording are the tensors each replay writes
+                kept.outputs = run(kept.inputs)
+
+            kept.graph = self._record(record)
+        finally:
+            kept.cache.reset()
 
     @staticmethod
     def _side_stream() -> contextlib.AbstractContextManager[Any]:

@@ -317,12 +317,15 @@ class MixtureModel(RoutedGeneration, nn.Module):
         with self._routing(pool_mask=attention_mask) as ctx:
             out = self._run_decoder(input_ids, attention_mask, keep_cache, compiled)
             logits = torch.stack(ctx.router_logits)  # [L, B, E]
+        return self._final_expert(logits), logits, (out if keep_cache else None)
+
+    def _final_expert(self, logits: Tensor) -> Tensor:
+        """Per-layer router logits [L, B, E] -> the expert each row generates with [B]: the last layer's choice
+        (`inference: last`) or the layers' vote (`inference: vote`)."""
         if self.spec.inference == "vote":
             votes = F.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0)  # [B, E]
-            expert = votes.argmax(-1)
-        else:
-            expert = logits[-1].argmax(-1)
-        return expert, logits, (out if keep_cache else None)
+            return votes.argmax(-1)
+        return logits[-1].argmax(-1)
 
     # ----------------------------------------------------------------------------------- parameters
     def mixture_parameters(self) -> dict[str, nn.Parameter]:

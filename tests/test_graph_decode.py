@@ -349,3 +349,63 @@ def test_models_with_sliding_window_layers_are_refused_before_any_cache_exists(t
     assert "sliding-window" in GraphDecoder(MistralForCausalLM(cfg)).refusal(cuda)
     assert GraphDecoder(tiny_base).refusal(cuda) is None
     assert not GraphDecoder(tiny_base, capture=0).captures(cuda)  # a falsy capture means "do not capture"
+
+
+def test_captured_prompts_give_hf_tokens_and_keep_the_last_shapes(tiny_base, fake_capture):
+    """A plain model with its prompt pass captured per shape (the 4D mask path, through the fake capture): HF's tokens
+    for left-padded prompts, one graph per prompt shape replayed while the shape repeats, and at most
+    `prompt_shapes` kept, the least recently used dropped."""
+    dec = GraphDecoder(tiny_base, prompt_shapes=2)
+    graphs = {}
+    for T, seed in ((7, 20), (7, 21), (5, 22), (7, 23), (6, 24), (5, 25)):
+        ids, mask = left_padded(3, T, seed=seed)
+        ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)
+        assert torch.equal(dec.generate(ids, mask, 4, pad_token_id=0), ref), (T, seed)
+        graphs.setdefault(T, []).append(next(reversed(dec._prompts.values())).graph)
+    assert graphs[7][0] is graphs[7][1] is graphs[7][2]  # 7, 7, 5, 7: the shape of 7 kept throughout
+    assert graphs[5][0] is not graphs[5][1]  # 6 came in after 7 was used again: 5 was dropped, and captured anew
+    assert len(dec._prompts) == 2 and graphs[7][0].replays == 3
+
+
+def test_a_captured_prompt_starts_from_an_empty_cache_each_call(tiny_base, fake_capture):
+    """The warm-up passes and the capture write the cache; the call's own pass must find it empty (else the prompt
+    is written after the warm-up's copy and the decode steps read the wrong slots)."""
+    dec = GraphDecoder(tiny_base, prompt_shapes=1)
+    ids, mask = left_padded(2, 6, seed=26)
+    dec.generate(ids, mask, 3, pad_token_id=0)
+    cache = dec._last_cache[2]
+    assert int(cache.get_seq_length()) == 6 + 3 - 1  # the prompt and the two tokens fed back, not the warm-ups'
+
+
+def test_prompt_attention_is_causal_over_real_tokens_only():
+    from moa_core.graph_decode import prompt_attention
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    allowed = prompt_attention(mask, cache_len=5, dtype=torch.float32)[:, 0] == 0  # [B, T, L]
+    assert allowed.shape == (2, 3, 5)
+    assert allowed[1].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert allowed[0].tolist() == [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 0, 0]]  # the padding key never
+
+
+@pytest.mark.parametrize("inference", ["last", "vote"])
+def test_a_mixture_with_captured_prompts_routes_and_generates_as_its_generate(tiny_cfg, tiny_base, fake_capture,
+                                                                             inference):
+    """MoA's routing pass captured per prompt shape, written straight into the static cache: HF-generate's experts
+    and tokens for several mixes of experts through one prompt graph, also when rows are routed again because
+    their layers disagreed (vote: whatever the layers chose)."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.spec.inference = inference
+    mm.graph_decoder = GraphDecoder(mm.model, prompt_shapes=2)
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    disagreed = 0
+    for seed in (30, 31, 32, 33):
+        ids, mask = left_padded(6, 8, seed=seed)
+        ref, ref_expert = mm.generate(ids, mask, **gen)
+        out, expert = mm.generate_greedy(ids, mask, 5, pad_token_id=0)
+        assert torch.equal(expert, ref_expert) and torch.equal(out, ref), seed
+        _, logits = mm.route(ids, mask)
+        disagreed += int((logits.argmax(-1) != expert).any(0).sum())
+    (graph,) = {id(g.graph) for g in mm.graph_decoder._prompts.values()}
+    assert next(iter(mm.graph_decoder._prompts.values())).graph.replays == 4
+    assert disagreed > 0, "no row was routed again: the test does not reach the redo"

@@ -91,7 +91,8 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
 
 def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
                                               compile_mode: str = "reduce-overhead", layout: str = "fused",
-                                              merged_cublas: bool = False, decoder: bool = False) -> None:
+                                              merged_cublas: bool = False, decoder: bool = False,
+                                              prompt_shapes: int = 0) -> None:
     """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
     call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
     then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
@@ -101,7 +102,8 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens.
     merged_cublas: the merged layout's groups all take its cuBLAS path (on the tiny model they all take the Triton
     GEMM by default: their weights are small). decoder: the graphed calls are `generate_greedy` (moa_core.graph_decode:
-    the whole step captured once, replayed for every later call) instead of HF's compiled generate."""
+    the whole step captured once, replayed for every later call) instead of HF's compiled generate; prompt_shapes:
+    the decoder's, its routing pass also captured once (every batch here has one shape) and replayed."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -148,6 +150,10 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     merged_config = dict(lora_kernels.MERGED_CONFIG)
     if merged_cublas:  # every group of the merged layout on its other path: cuBLAS over the stacked weight + split kernels
         lora_kernels.MERGED_CONFIG["max_fused_weight"] = 0
+    if decoder:
+        from moa_core.graph_decode import GraphDecoder
+
+        mm.graph_decoder = GraphDecoder(mm.model, prompt_shapes=prompt_shapes)
     try:
         _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
     finally:
@@ -170,7 +176,11 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
                 graph = mm.graph_decoder._kept[2].graph
                 assert graph is not None, "generate_greedy did not capture its step"
                 graphs.add(id(graph))
-                assert len(graphs) == 1, "a later call captured anew instead of replaying the first graph"
+                if mm.graph_decoder.prompt_shapes:  # the routing pass's graph: also one, for every call
+                    (prompt,) = mm.graph_decoder._prompts.values()
+                    assert prompt.graph is not None, "generate_greedy did not capture its routing pass"
+                    graphs.add(id(prompt.graph))
+                assert len(graphs) == 1 + bool(mm.graph_decoder.prompt_shapes), "a later call captured anew"
             else:
                 graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
@@ -196,10 +206,11 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
             assert torch.allclose(a[finite], b[finite], atol=1e-3), float((a[finite] - b[finite]).abs().max())
 
 
-def check_graph_decoder_replays_padded_prompts_and_eos(model_dir: Path) -> None:
+def check_graph_decoder_replays_padded_prompts_and_eos(model_dir: Path, prompt_shapes: int = 0) -> None:
     """moa_core.graph_decode on a plain model under real capture: left-padded prompts, a shorter prompt in the same
     cache (the same graph replayed), and an eos id that ends one row early give HF's greedy tokens. fp32, weights
-    drawn wide so that the tiny model's tokens vary."""
+    drawn wide so that the tiny model's tokens vary. prompt_shapes: the prompt pass captured too, one graph per
+    prompt length (10, then 8 captured, and 8 replayed)."""
     from transformers import AutoModelForCausalLM
 
     from moa_core.graph_decode import GraphDecoder
@@ -210,8 +221,9 @@ def check_graph_decoder_replays_padded_prompts_and_eos(model_dir: Path) -> None:
         for p in base.parameters():
             if p.dim() == 2:
                 p.normal_(std=0.5)
-    dec = GraphDecoder(base)
+    dec = GraphDecoder(base, prompt_shapes=prompt_shapes)
     graphs = set()
+    prompt_graphs = []
     eos = None
     for T in (10, 8, 8):
         g = torch.Generator().manual_seed(T)
@@ -224,8 +236,12 @@ def check_graph_decoder_replays_padded_prompts_and_eos(model_dir: Path) -> None:
         out = dec.generate(ids, mask, 6, eos_token_id=eos, pad_token_id=0)
         assert torch.equal(out, ref), (T, eos, out, ref)
         graphs.add(id(dec._kept[2].graph))
+        if prompt_shapes:
+            prompt_graphs.append(next(reversed(dec._prompts.values())).graph)
         eos = int(ref[0, T + 2])  # the next call: row 0's third token of this prompt length ends rows
     assert len(graphs) == 1 and None not in graphs
+    if prompt_shapes:
+        assert None not in prompt_graphs and prompt_graphs[0] is not prompt_graphs[1] is prompt_graphs[2]
 
 
 def test_mixture_trains_and_evaluates_on_the_device(tiny_model_dir: Path) -> None:
@@ -237,19 +253,23 @@ def test_routing_cache_reuse_on_the_device(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir: Path) -> None:
-    check_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir)
+@pytest.mark.parametrize("prompt_shapes", [0, 2])
+def test_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir: Path, prompt_shapes: int) -> None:
+    check_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir, prompt_shapes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference",
-                                  "decoder-kernels-merged", "decoder-reference"])
+                                  "decoder-kernels-merged", "decoder-reference", "decoder-prompts-kernels-merged"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
     decoder = path.startswith("decoder-")
     path = path.removeprefix("decoder-")
+    prompt_shapes = int(path.startswith("prompts-"))
+    path = path.removeprefix("prompts-")
     check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=False if path == "reference" else None,
                                               layout="fused" if path in ("kernels", "reference") else path.split("-")[1],
-                                              merged_cublas=path.endswith("cublas"), decoder=decoder)
+                                              merged_cublas=path.endswith("cublas"), decoder=decoder,
+                                              prompt_shapes=prompt_shapes)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ and, to attribute the cost of (c):
   base_gcp, moa_gcp  base_gc and moa_gc with the prompt pass captured too (GraphDecoder(prompt_shapes=1): the
                 prefill, MoA's routing pass, eager kernels replayed from one CUDA graph per prompt shape, captured at
                 the warm-up): both sides' whole call replayed from graphs. Share base_gc's and moa_gc's decoders
+  moa_gcpm      moa_gcp with the prompt's LoRA in the merged prompt layout (lora_kernels.PROMPT_LAYOUT = "merged":
+                cuBLAS, each group's base projections as one GEMM, the expands added in place) instead of the group
+                kernel. Shares moa_gc's decoder
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -93,8 +96,9 @@ from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
-            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp"]
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp")  # moa_core.graph_decode's decoder
+            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp",
+            "moa_gcpm"]
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm")  # moa_core.graph_decode's decoder
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
@@ -190,7 +194,7 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_eager_route_c_sg", "moa_eager_route_c"), ("moa_g", "base_g"), ("moa_gc", "base_gc"),
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
           ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"), ("base_gcp", "base_gc"),
-          ("moa_gcp", "moa_gc")]
+          ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp")]
 
 
 # variants that pin a decode layout
@@ -235,9 +239,10 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            # moa_gcr, *_gcp decode with *_gc's decoder (the same step, one graph); *_gcp also capture the prompt
-            prompt_shapes = int(v.endswith("p"))
-            v = v.removesuffix("r").removesuffix("p")
+            # moa_gcr, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also capture the
+            # prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
+            prompt_shapes = 2 if "_gcp" in v else 0
+            v = v[: v.index("_gc") + 3] if "_gc" in v else v
             if v not in decoders:
                 decoders[v] = GraphDecoder(model, compile=v.endswith("_gc"))
             decoders[v].prompt_shapes = prompt_shapes
@@ -251,14 +256,17 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v in ("base_g", "base_gc", "base_gcp"):
                     return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
-                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp"):
+                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm"):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     # eager, as base_g's prompt (moa_gcr: compiled)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"
+                    layout_before = lora_kernels.PROMPT_LAYOUT
+                    lora_kernels.PROMPT_LAYOUT = "merged" if v == "moa_gcpm" else "fused"
                     try:
                         return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
                         mm.compile_routing_pass = routing_before
+                        lora_kernels.PROMPT_LAYOUT = layout_before
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
                 if v in LAYOUT_OF:

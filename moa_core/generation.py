@@ -242,7 +242,8 @@ class RoutedGeneration:
                weight_addresses(self, stacked))
         first = None
         if sequence and expert is None and self.graph_decoder.prompt_shapes and self._head_is_plain():
-            expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs, key)
+            expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs,
+                                                       key + (lora_kernels.PROMPT_LAYOUT,))
         elif sequence and expert is None:
             expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True)
             if first is not None:

@@ -34,6 +34,11 @@ row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
   step of a Qwen2-0.5B layer then runs 10 kernels for its 7 projections (q/k/v and o: a shrink and the GEMM;
   gate/up and down: cuBLAS, a shrink, an expand) where the base model runs 7 GEMMs.
 
+A prompt pass (many tokens per row) has two layouts, chosen by `PROMPT_LAYOUT`: "fused" (the group kernel above,
+after the base projections; the q/k/v and gate/up deltas are written once for the group, then added to each
+member's output) and "merged" (`merged_prompt`: cuBLAS throughout, the group's base projections as one GEMM over
+W_cat, one shrink, then each member's expand added into its columns of that result in place: no delta tensor).
+
 Under torch.compile the kernels are reached through the custom ops `moa::routed_lora` and
 `moa::routed_linear`, each one opaque call in the graph.
 Only inference uses this path (no autograd, eval mode, MoA-style experts: no shared A, no universal
@@ -74,6 +79,9 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # recompiles and re-captures instead of replaying another layout's CUDA graph.
 DECODE_LAYOUTS = ("fused", "split", "merged")
 DECODE_LAYOUT = "merged"
+# Prompt-pass layout (see the module docstring): "fused" or "merged"; read as DECODE_LAYOUT is.
+PROMPT_LAYOUTS = ("fused", "merged")
+PROMPT_LAYOUT = "fused"
 
 
 # ------------------------------------------------------------------------------------------ formulation
@@ -83,6 +91,22 @@ def routed_lora_torch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optiona
     h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
     Bg = B.index_select(0, index).transpose(1, 2)  # [Bsz, R, N]
     return torch.bmm(h, Bg) if y is None else torch.baddbmm(y, h, Bg)
+
+
+def merged_prompt(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
+                  bounds: list[int]) -> Tensor:
+    """`routed_linear_torch`'s function for a prompt pass (any T), in as few passes over the output as cuBLAS allows:
+    out = x W^T + bias (one GEMM for the group), h = x A[e]^T (one shrink), then each member's h_m Bt[e][:, its
+    columns] added into its columns of out in place (a batched GEMM that reads and writes only those columns).
+    x [Bsz, T, K] -> [Bsz, T, N]."""
+    out = torch.nn.functional.linear(x, W, bias)  # [Bsz, T, N]
+    h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
+    Bg = Bt.index_select(0, index)  # [Bsz, r, N]
+    r = Bt.shape[1]
+    edges = [0, *bounds, W.shape[0]]
+    for m, (n0, n1) in enumerate(zip(edges, edges[1:])):
+        out[..., n0:n1].baddbmm_(h[..., m * r:(m + 1) * r], Bg[..., n0:n1])
+    return out
 
 
 def routed_linear_torch(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
@@ -575,13 +599,17 @@ class LoraGroup:
         return y + self._member_part(member, x, index, lambda: run_group(x, self.A, self.B, index, None))
 
     def takes_whole(self, x: Tensor) -> bool:
-        """Whether member calls on x go to `whole` (the merged layout, a decode step), skipping their base linear."""
-        return DECODE_LAYOUT == "merged" and x.shape[1] == 1 and self.W is not None and self.Bt is not None
+        """Whether member calls on x go to `whole` (the merged layouts: a decode step under DECODE_LAYOUT, a prompt
+        pass under PROMPT_LAYOUT), skipping their base linear."""
+        layout = DECODE_LAYOUT if x.shape[1] == 1 else PROMPT_LAYOUT
+        return layout == "merged" and self.W is not None and self.Bt is not None
 
     def whole(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor) -> Tensor:
-        """member's whole output, base and LoRA delta (the merged layout); x [Bsz, 1, K], index [Bsz]. Only the
+        """member's whole output, base and LoRA delta (the merged layouts); x [Bsz, T, K], index [Bsz]. Only the
         tensors the chosen path reads enter the compiled graph (each one is a guard checked on every decode step)."""
         def compute() -> Tensor:
+            if x.shape[1] > 1:
+                return merged_prompt(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
             fused_gemm = self.W.numel() <= MERGED_CONFIG["max_fused_weight"]
             return run_linear(x, self.W, self.bias, self.A, self.Bt if fused_gemm else self.B, index, self.bounds,
                               fused_gemm)

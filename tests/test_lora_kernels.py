@@ -64,6 +64,41 @@ def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, 
             assert torch.equal(finite, torch.isfinite(b)) and torch.allclose(a[finite], b[finite], atol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_layout", lora_kernels.PROMPT_LAYOUTS)
+def test_prompt_layouts_equal_the_reference_path(tiny_cfg, tiny_base, op_calls, monkeypatch, prompt_layout):
+    """A prompt pass (9 tokens, left-padded rows, mixed experts) in each prompt layout gives the reference path's
+    logits, and routed generation its experts and tokens. "merged" runs each group as one base GEMM, one shrink and
+    an in-place expand per member (`merged_prompt`, 4 per layer), never the group kernel on a prompt."""
+    monkeypatch.setattr(lora_kernels, "PROMPT_LAYOUT", prompt_layout)
+    merged_calls = []
+    real = lora_kernels.merged_prompt
+    monkeypatch.setattr(lora_kernels, "merged_prompt", lambda *a: merged_calls.append(a[0].shape) or real(*a))
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    ids = torch.randint(3, 250, (6, 9))
+    mask = torch.ones_like(ids)
+    ids[:2, :3], mask[:2, :3] = 0, 0
+    expert = torch.tensor([0, 1, 2, 2, 0, 1])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    results = {}
+    for fused in (False, True):
+        mm.lora_fusion.enabled = fused
+        merged_calls.clear()
+        op_calls.clear()
+        with torch.no_grad():
+            logits = mm(ids, mask, expert=expert).logits
+        prompt_ops = [name for name, shape in op_calls if shape[1] > 1]
+        if fused and prompt_layout == "merged":
+            assert len(merged_calls) == 4 * len(mm.slots) and prompt_ops == []
+        elif fused:
+            assert merged_calls == [] and prompt_ops == ["run_group"] * (4 * len(mm.slots))
+        else:
+            assert merged_calls == [] and prompt_ops == []
+        results[fused] = (logits, *mm.generate(ids, mask, **gen))
+    (l0, s0, c0), (l1, s1, c1) = results[False], results[True]
+    assert torch.allclose(l0, l1, atol=1e-5, rtol=1e-5), float((l0 - l1).abs().max())
+    assert torch.equal(c0, c1) and torch.equal(s0, s1)
+
+
 def test_projections_sharing_an_input_take_one_kernel_call(tiny_cfg, tiny_base, op_calls):
     """q/k/v share one shrink and one call, gate/up another; o and down one each: 4 calls per layer."""
     mm = distinct_experts(tiny_cfg, tiny_base)

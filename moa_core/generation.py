@@ -242,8 +242,9 @@ class RoutedGeneration:
                weight_addresses(self, stacked))
         first = None
         if sequence and expert is None and self.graph_decoder.prompt_shapes and self._head_is_plain():
-            expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs,
-                                                       key + (lora_kernels.PROMPT_LAYOUT,))
+            # + what the routing pass decides on the host while it is captured (the layout, how it pools and picks)
+            prompt_key = key + (lora_kernels.PROMPT_LAYOUT, self.spec.inference, self.spec.pooling)
+            expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs, prompt_key)
         elif sequence and expert is None:
             expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True)
             if first is not None:

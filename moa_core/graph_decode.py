@@ -260,9 +260,9 @@ class GraphDecoder:
         if not self.prompt_shapes or not self.captures(device, cache):
             return run(inputs)
         full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key)
+        for old in [k for k, g in self._prompts.items() if g.cache is not cache]:
+            del self._prompts[old]  # graphs of a cache the caller no longer uses: never replayed again, and they hold it
         kept = self._prompts.pop(full, None)
-        if kept is not None and kept.cache is not cache:
-            kept = None  # a graph of another cache writes that cache's tensors
         if kept is None:
             while len(self._prompts) >= self.prompt_shapes:
                 self._prompts.popitem(last=False)  # its memory goes before the new capture's is taken

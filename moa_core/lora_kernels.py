@@ -100,8 +100,9 @@ def merged_prompt(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: T
     columns] added into its columns of out in place (a batched GEMM that reads and writes only those columns).
     x [Bsz, T, K] -> [Bsz, T, N]."""
     out = torch.nn.functional.linear(x, W, bias)  # [Bsz, T, N]
-    h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
-    Bg = Bt.index_select(0, index)  # [Bsz, r, N]
+    # the out's dtype: under autocast the out-of-place ops give bf16 while the in-place one would not cast the experts
+    h = torch.bmm(x, A.index_select(0, index).transpose(1, 2)).to(out.dtype)  # [Bsz, T, R]
+    Bg = Bt.index_select(0, index).to(out.dtype)  # [Bsz, r, N]
     r = Bt.shape[1]
     edges = [0, *bounds, W.shape[0]]
     for m, (n0, n1) in enumerate(zip(edges, edges[1:])):

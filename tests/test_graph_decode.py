@@ -409,3 +409,28 @@ def test_a_mixture_with_captured_prompts_routes_and_generates_as_its_generate(ti
     (graph,) = {id(g.graph) for g in mm.graph_decoder._prompts.values()}
     assert next(iter(mm.graph_decoder._prompts.values())).graph.replays == 4
     assert disagreed > 0, "no row was routed again: the test does not reach the redo"
+
+
+def test_prompt_graphs_of_a_cache_no_longer_used_are_dropped(tiny_base, fake_capture):
+    """A longer call replaces the kept static cache (keep_static_cache never goes back to a shorter one): the prompt
+    graphs of the old cache can never replay again, and each holds that cache's memory, so they go at once."""
+    dec = GraphDecoder(tiny_base, prompt_shapes=4)
+    for T, new in ((6, 4), (7, 4), (6, 30), (7, 29)):  # the last two need the same 35 positions
+        ids, mask = left_padded(2, T, seed=T + new)
+        dec.generate(ids, mask, new, pad_token_id=0)
+    live = dec._last_cache[2]
+    assert len(dec._prompts) == 2 and all(g.cache is live for g in dec._prompts.values())
+
+
+def test_a_mixture_captures_its_routing_pass_anew_when_the_way_it_picks_changes(tiny_cfg, tiny_base, fake_capture):
+    """`inference` (last layer or vote) and `pooling` are Python branches of the captured routing pass: a graph
+    captured under one must not be replayed under the other."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.graph_decoder = GraphDecoder(mm.model, prompt_shapes=4)
+    ids, mask = left_padded(4, 8, seed=40)
+    graphs = []
+    for inference in ("last", "vote", "last"):
+        mm.spec.inference = inference
+        mm.generate_greedy(ids, mask, 3, pad_token_id=0)
+        graphs.append(next(reversed(mm.graph_decoder._prompts.values())).graph)
+    assert graphs[0] is not graphs[1] and graphs[2] is graphs[0]

@@ -412,3 +412,18 @@ def test_routing_pass_compiles_only_when_asked(tiny_cfg, tiny_base, monkeypatch)
         assert torch.equal(routed, chosen) and torch.equal(out, eager)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def test_merged_prompt_layout_runs_under_autocast(tiny_cfg, tiny_base, monkeypatch):
+    """Evaluation under `train.precision: bf16` runs the fused path under autocast: the merged prompt layout's in-place
+    expand must take the bf16 activations with the float32 experts, as the group kernel's path does."""
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    ids = torch.randint(3, 250, (3, 7))
+    expert = torch.tensor([0, 2, 1])
+    logits = {}
+    for layout in lora_kernels.PROMPT_LAYOUTS:
+        monkeypatch.setattr(lora_kernels, "PROMPT_LAYOUT", layout)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[layout] = mm(ids, torch.ones_like(ids), expert=expert).logits.float()
+    assert torch.allclose(logits["merged"], logits["fused"], atol=0.1), float((logits["merged"] - logits["fused"]).abs().max())

@@ -96,9 +96,10 @@ from moa_core import lora_kernels  # noqa: E402
 
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
-            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp",
-            "moa_gcpm"]
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm")  # moa_core.graph_decode's decoder
+            "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr",
+            "base_gcp", "moa_gcp", "moa_gcpm"]
+# moa_core.graph_decode's decoder
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm")
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
@@ -193,8 +194,8 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_eager_route_c_sg", "base_c_sg"), ("base_c_sg", "base_c"), ("moa_merged_c_sg", "moa_merged_c"),
           ("moa_eager_route_c_sg", "moa_eager_route_c"), ("moa_g", "base_g"), ("moa_gc", "base_gc"),
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
-          ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"), ("base_gcp", "base_gc"),
-          ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp")]
+          ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"),
+          ("base_gcp", "base_gc"), ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp")]
 
 
 # variants that pin a decode layout

@@ -266,23 +266,34 @@ class RoutedGeneration:
         """generate_greedy's routing pass with its decoder's `prompt_shapes`: prompts [B, T] routed and written
         straight into the static cache in one pass, captured per prompt shape (GraphDecoder.prompt) -> (expert [B],
         cache, first step's logits [B, V]). The rows whose layers did not all choose their final expert are then run
-        again eagerly with it, and their cache rows replaced, as in `_prompt_cache_from_routing`."""
+        again eagerly with it and their cache rows replaced (`_rerun_stale`), as in `_prompt_cache_from_routing`."""
         T = input_ids.shape[1]
         cache = self._static_cache((input_ids.shape[0], self.model.dtype, input_ids.device),
                                    _static_cache_len(self.model, T, gen_kwargs))
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         inputs = prompt_inputs(input_ids, attention_mask, cache, self.model.dtype)
         out = self.graph_decoder.prompt(lambda b: self._routing_pass_into(b, cache, compiled), inputs, cache, key)
-        logits, expert, last = out["logits"], out["expert"].clone(), out["last"].clone()  # the graph's own tensors
-        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # [n] rows that met another expert
-        if stale.numel():
-            with self._routing(forced=expert[stale]):
-                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled)
-            for mine, theirs in zip(cache.layers, redo.past_key_values.layers):
-                mine.keys[stale, :, :T] = theirs.keys
-                mine.values[stale, :, :T] = theirs.values
-            last[stale] = redo.last_hidden_state[:, -1:]
+        expert = out["expert"].clone()  # the graph's own tensor, which the next call overwrites, goes to the caller
+        last = self._rerun_stale(input_ids, attention_mask, out["logits"], expert, cache, out["last"], compiled)
         return expert, cache, self.model.get_output_embeddings()(last)[:, -1]
+
+    def _rerun_stale(self, input_ids: Tensor, attention_mask: Tensor, logits: Tensor, expert: Tensor, cache: Any,
+                     last: Tensor, compiled: bool) -> Tensor:
+        """After a routing pass over prompts [B, T] (per-layer logits [L, B, E], final expert [B]): the rows whose
+        layers did not all choose their final expert are run again with it, and their rows of `cache`'s first T
+        positions replaced -> the last hidden states [B, 1, H], those rows' replaced (`last` itself when none)."""
+        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # [n] rows that met another expert
+        if not stale.numel():
+            return last
+        T = input_ids.shape[1]
+        with self._routing(forced=expert[stale]):
+            redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled)
+        for mine, theirs in zip(cache.layers, redo.past_key_values.layers):
+            mine.keys[stale, :, :T] = theirs.keys
+            mine.values[stale, :, :T] = theirs.values
+        last = last.clone()
+        last[stale] = redo.last_hidden_state[:, -1:]
+        return last
 
     def _routing_pass_into(self, inputs: dict[str, Tensor], cache: Any, compiled: bool) -> dict[str, Tensor]:
         """The routing pass over graph_decode.prompt_inputs into the empty static `cache`, reading nothing on the host
@@ -343,15 +354,7 @@ class RoutedGeneration:
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         expert, logits, out = self._routing_pass(input_ids, attention_mask, keep_cache=True, compiled=compiled)
         cache, last = out.past_key_values, out.last_hidden_state[:, -1:]  # last: [B, 1, H]
-        stale = (logits.argmax(-1) != expert).any(0).nonzero().squeeze(1)  # rows that met another expert
-        if stale.numel():
-            with self._routing(forced=expert[stale]):
-                redo = self._run_decoder(input_ids[stale], attention_mask[stale], True, compiled)
-            for mine, theirs in zip(cache.layers, redo.past_key_values.layers):
-                mine.keys[stale] = theirs.keys
-                mine.values[stale] = theirs.values
-            last = last.clone()
-            last[stale] = redo.last_hidden_state[:, -1:]
+        last = self._rerun_stale(input_ids, attention_mask, logits, expert, cache, last, compiled)
         if not given:
             cache.crop(-1)  # drop the last position (a negative count removes positions; a positive one is deprecated)
         if gen_kwargs.get("cache_implementation") == "static":

@@ -96,7 +96,8 @@ def prompt_attention(attention_mask: Tensor, cache_len: int, dtype: torch.dtype)
 
 def prompt_inputs(input_ids: Tensor, attention_mask: Tensor, cache: Any, dtype: torch.dtype) -> dict[str, Tensor]:
     """What a captured prompt pass over left-padded prompts [B, T] into the empty static `cache` reads: ids and mask
-    [B, T], positions [B, T] (`prompt_positions`), cache_position [T] and attention [B, 1, T, L] (`prompt_attention`)."""
+    [B, T], positions [B, T] (`prompt_positions`), cache_position [T] and attention [B, 1, T, L]
+    (`prompt_attention`)."""
     L = max(layer.max_cache_len for layer in cache.layers)
     T = input_ids.shape[1]
     return {"ids": input_ids, "mask": attention_mask, "positions": prompt_positions(attention_mask),
@@ -200,8 +201,8 @@ class GraphDecoder:
     eager ones. prompt_shapes: how many prompt passes to keep captured, one per (batch, prompt length, cache), the
     least recently used dropped first; 0 (default) runs the prompt eagerly. Each new shape costs two warm-up passes
     and a capture, and each kept one holds its activations' memory: worth it where prompt shapes repeat (fixed-length
-    batches, prompts padded to a few lengths). Capture needs a cache without sliding-window layers and sdpa or eager attention (the others read
-    tensor values on the host)."""
+    batches, prompts padded to a few lengths). Capture needs a cache without sliding-window layers and sdpa or eager
+    attention (the others read tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
                  compile: bool = False, prompt_shapes: int = 0) -> None:
@@ -261,7 +262,7 @@ class GraphDecoder:
             return run(inputs)
         full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key)
         for old in [k for k, g in self._prompts.items() if g.cache is not cache]:
-            del self._prompts[old]  # graphs of a cache the caller no longer uses: never replayed again, and they hold it
+            del self._prompts[old]  # graphs of a cache the caller no longer uses: never replayed, yet holding it
         kept = self._prompts.pop(full, None)
         if kept is None:
             while len(self._prompts) >= self.prompt_shapes:

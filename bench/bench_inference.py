@@ -53,6 +53,11 @@ and, to attribute the cost of (c):
   moa_gcpm      moa_gcp with the prompt's LoRA in the merged prompt layout (lora_kernels.PROMPT_LAYOUT = "merged":
                 cuBLAS, each group's base projections as one GEMM, the expands added in place) instead of the group
                 kernel. Shares moa_gc's decoder
+  moa_gcf       moa_gc with `MixtureModel.fold_single_expert`: a batch whose rows all use one expert (batch 1
+                always) decodes with its LoRA folded into a copy of the base weights (no LoRA kernels in the step);
+                a mixed batch decodes as moa_gc. Shares moa_gc's decoder (two decode graphs kept). The calls repeat
+                one prompt batch, so after the warm-up the fold is never redone: `fold_s` (median [min-max] of 5
+                folds alternating two experts) is what a call pays when its expert differs from the last call's
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -97,9 +102,9 @@ from moa_core import lora_kernels  # noqa: E402
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
             "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr",
-            "base_gcp", "moa_gcp", "moa_gcpm"]
+            "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf"]
 # moa_core.graph_decode's decoder
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm")
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf")
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
@@ -195,7 +200,8 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("moa_eager_route_c_sg", "moa_eager_route_c"), ("moa_g", "base_g"), ("moa_gc", "base_gc"),
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
           ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"),
-          ("base_gcp", "base_gc"), ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp")]
+          ("base_gcp", "base_gc"), ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp"),
+          ("moa_gcf", "base_gc"), ("moa_gcf", "moa_gc")]
 
 
 # variants that pin a decode layout
@@ -206,6 +212,20 @@ FUSED = {"auto": None, "on": True, "off": False}  # --fused -> LoraFusion.enable
 def spread(xs: list[float]) -> dict[str, float]:
     """median, min, max and the number of samples."""
     return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fold_times(mm, device: torch.device, rounds: int = 5) -> list[float]:
+    """Seconds per `lora_fusion.fold(e)` that has work to do (e alternating between experts 0 and 1): what a
+    `fold_single_expert` call pays when its expert is not the last call's. The expert last folded is put back."""
+    last = mm.lora_fusion.groups[0].folded_expert
+    first = 1 if last == 0 else 0  # the first fold has work to do too
+    out = []
+    with torch.inference_mode():
+        for i in range(rounds):
+            out.append(timed(lambda: mm.lora_fusion.fold(first if i % 2 == 0 else 1 - first), device)[0])
+        if last is not None:
+            mm.lora_fusion.fold(last)
+    return out
 
 
 def run_shape(args: argparse.Namespace) -> dict:
@@ -240,7 +260,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            # moa_gcr, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also capture the
+            # moa_gcr, moa_gcf, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also capture the
             # prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
             prompt_shapes = 2 if "_gcp" in v else 0
             v = v[: v.index("_gc") + 3] if "_gc" in v else v
@@ -257,17 +277,19 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v in ("base_g", "base_gc", "base_gcp"):
                     return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
-                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm"):
+                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm", "moa_gcf"):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     # eager, as base_g's prompt (moa_gcr: compiled)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"
                     layout_before = lora_kernels.PROMPT_LAYOUT
                     lora_kernels.PROMPT_LAYOUT = "merged" if v == "moa_gcpm" else "fused"
+                    mm.fold_single_expert = v == "moa_gcf"
                     try:
                         return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
                         mm.compile_routing_pass = routing_before
                         lora_kernels.PROMPT_LAYOUT = layout_before
+                        mm.fold_single_expert = False
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
                 if v in LAYOUT_OF:
@@ -351,6 +373,10 @@ def run_shape(args: argparse.Namespace) -> dict:
         for g, hf in GRAPHED_TWINS:  # the decoder's tokens against HF's generate of the same model (greedy)
             if g in outs and hf in outs:
                 rec[f"match_{g}_vs_{hf}"] = float((outs[g][:, P:] == outs[hf][:, P:]).float().mean())
+        if "moa_gcf" in outs and "moa_gc" in outs:  # folded weights against the routed step: the same function
+            rec["match_moa_gcf_vs_moa_gc"] = float((outs["moa_gcf"][:, P:] == outs["moa_gc"][:, P:]).float().mean())
+        if "moa_gcf" in variants and n > 1:
+            rec["fold_s"] = spread(fold_times(mm, device))
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
         if "peft" in variants and "moa" in variants:  # same LoRAs, same rows->experts: prompt logits agree?
@@ -424,7 +450,7 @@ def render(payload: dict) -> str:
                 markdown_table(["N"] + [f"{v} prompt ms" for v in variants] + [f"{v} decode ms/step" for v in variants],
                                rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
-              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "match_moa_gcf_vs_moa_gc", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     checks += [f"match_{g}_vs_{hf}" for g, hf in GRAPHED_TWINS if f"match_{g}_vs_{hf}" in payload["results"][0]]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
     warm = [v for v in variants if v.endswith("_c") or v in GRAPHED]  # the *_sg twins reuse their plain variant's
@@ -432,6 +458,11 @@ def render(payload: dict) -> str:
         checks += [f"{v} compile s" for v in warm]
         for row, r in zip(rows, payload["results"]):
             row += [r["warmup_s"][v] - r["median_s"][v] for v in warm]
+    if any("fold_s" in r for r in payload["results"]):  # moa_gcf's fold when the expert changes
+        checks.append("fold ms")
+        for row, r in zip(rows, payload["results"]):
+            f = r.get("fold_s")
+            row.append("-" if f is None else f"{f['median'] * 1e3:.2f} [{f['min'] * 1e3:.2f}-{f['max'] * 1e3:.2f}]")
     out += ["\nChecks (see the module docstring).\n", markdown_table(["N"] + checks, rows)]
     return "\n".join(out) + "\n"
 

@@ -58,6 +58,7 @@ class LayerSlot:
     route: Route = field(default_factory=Route)
     adapters_off: bool = False
     fused: bool = False  # this forward may use the fused routed-LoRA kernels (moa_core.lora_kernels)
+    folded: bool = False  # one expert's LoRA is folded into the group's weights (lora_kernels.LoraGroup.fold): use them
 
 
 class ExpertMixtureLinear(nn.Module):
@@ -135,6 +136,8 @@ class ExpertMixtureLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, d_in] -> [B, T, d_out]."""
+        if self.slot.folded:
+            return self.fused_group.folded(self, x)  # every row's expert is in the weights already
         if self._fused_here(x) and self.fused_group.takes_whole(x):
             return self.fused_group.whole(self, x, self.slot.route.index)  # base and LoRA in the group's kernels
         # plain nn.Linear: call F.linear directly (one module call less per projection and decode step)

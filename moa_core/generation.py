@@ -178,6 +178,15 @@ class RoutedGeneration:
         # compile against the base's 23 s (eager: 48 s) to save ~14 ms per call (prompt pass 38 against 52 ms): worth
         # it only past a few thousand calls per process, e.g. a long-lived server.
         self.compile_routing_pass: bool = False
+        # True: in `generate_greedy` (and the `generate` calls it takes over), a batch whose rows all use one expert
+        # (batch 1 always) decodes with that expert's LoRA folded into a copy of the base weights
+        # (lora_kernels.LoraFusion.fold, PEFT's merged adapter): the base model's GEMMs, q/k/v and gate/up one GEMM
+        # each, no LoRA kernel; a mixed batch decodes routed, as before. The fold is redone only when the expert or a
+        # weight changed, and the two decode steps are two graphs (GraphDecoder's `decode_graphs`). It needs the fused
+        # path (CUDA with Triton, or `lora_fusion.enabled = True`) and MoA-style experts (no shared A, no universal
+        # expert); otherwise calls decode routed. False (default): it costs one more copy of the wrapped
+        # projections' weights (0.7 GB at Qwen2-0.5B's shape in bf16, about half a 7B model's weights), kept.
+        self.fold_single_expert: bool = False
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
@@ -257,9 +266,27 @@ class RoutedGeneration:
             with self._routing(forced=expert):
                 first = prefill(self.model, input_ids, attention_mask, cache, start)
         statics = {} if expert is None else {"expert": expert}
+        context = self._decode_routing
+        if fused and sequence and self._folds(expert):
+            folded = self.lora_fusion.fold(int(expert[0]))
+            key += ("folded", tuple((w.data_ptr(), tuple(w.shape)) for w in folded))  # read at those addresses
+            statics, context = {}, self._folded_routing
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
-                                        key=key, statics=statics, context=self._decode_routing)
+                                        key=key, statics=statics, context=context)
         return torch.cat([input_ids, new], dim=1), expert
+
+    def _folds(self, expert: Tensor | None) -> bool:
+        """Whether generate_greedy's decode steps use the folded expert (see `fold_single_expert`): asked for, every
+        row's expert the same (one host sync), and every wrapped projection foldable."""
+        return (self.fold_single_expert and expert is not None and expert.numel() > 0
+                and self.lora_fusion.foldable(len(self.wrapped)) and bool((expert == expert[0]).all()))
+
+    @contextlib.contextmanager
+    def _folded_routing(self, _statics: dict[str, Tensor]) -> Iterator[None]:
+        """The routing of decode steps with the expert folded into the weights: none (every layer's route empty)."""
+        with self._routing(folded=True):
+            self._preset_routes()
+            yield
 
     def _routed_prompt(self, input_ids: Tensor, attention_mask: Tensor, gen_kwargs: dict[str, Any],
                        key: tuple) -> tuple[Tensor, Any, Tensor]:

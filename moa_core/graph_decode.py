@@ -201,30 +201,44 @@ class GraphDecoder:
     eager ones. prompt_shapes: how many prompt passes to keep captured, one per (batch, prompt length, cache), the
     least recently used dropped first; 0 (default) runs the prompt eagerly. Each new shape costs two warm-up passes
     and a capture, and each kept one holds its activations' memory: worth it where prompt shapes repeat (fixed-length
-    batches, prompts padded to a few lengths). Capture needs a cache without sliding-window layers and sdpa or eager
+    batches, prompts padded to a few lengths). decode_graphs: how many decode steps to keep captured over the current
+    cache, one per key (e.g. a MixtureModel's routed step and its folded one, `MixtureModel.fold_single_expert`), the
+    least recently used dropped first. Capture needs a cache without sliding-window layers and sdpa or eager
     attention (the others read tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
-                 compile: bool = False, prompt_shapes: int = 0) -> None:
+                 compile: bool = False, prompt_shapes: int = 0, decode_graphs: int = 2) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if prompt_shapes < 0:
             raise ValueError(f"prompt_shapes must be >= 0, got {prompt_shapes}")
+        if decode_graphs < 1:
+            raise ValueError(f"decode_graphs must be >= 1, got {decode_graphs}")
         self.model = model
         self.prompt_shapes = prompt_shapes
         self._prompts: OrderedDict[tuple, _PromptGraph] = OrderedDict()  # least recently used first
+        self.decode_graphs = decode_graphs
+        # (full key) -> (cache, buffers and graph), least recently used first. A call over another cache drops the
+        # graphs of the old one (the caller replaced it: they can never replay, yet hold it), and a key past
+        # `decode_graphs` the oldest, so a graph whose weights moved is freed with its memory pool
+        self._decodes: OrderedDict[tuple, tuple[Any, _Buffers]] = OrderedDict()
         self.capture = capture
         self.check_every = check_every
         self._forward = torch.compile(model, dynamic=False) if compile else model
-        # the one kept (key, cache, buffers and graph): a call of another key or cache replaces it, so a graph whose
-        # weights moved, or whose cache the caller dropped, is freed with its memory pool
-        self._kept: tuple[tuple, Any, _Buffers] | None = None
         self._last_cache: tuple | None = None  # see keep_static_cache (the plain-model path, `generate`)
         self._layer_kinds: Any = None  # see _config_cache
 
+    @property
+    def _kept(self) -> tuple[tuple, Any, _Buffers] | None:
+        """The most recently used decode step: (key, cache, buffers and graph), or None."""
+        if not self._decodes:
+            return None
+        full, (cache, buf) = next(reversed(self._decodes.items()))
+        return full, cache, buf
+
     def clear(self) -> None:
         """Drop the captured graphs and their buffers."""
-        self._kept = None
+        self._decodes.clear()
         self._prompts.clear()
 
     # ------------------------------------------------------------------------------------------------ API
@@ -381,12 +395,17 @@ class GraphDecoder:
 
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:
-        """The kept buffers (and graph) while the call's key and cache are theirs, else new ones in their place."""
+        """The kept buffers (and graph) of the call's key and cache, else new ones (see `_decodes`)."""
         full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())))
-        if self._kept is None or self._kept[0] != full or self._kept[1] is not cache:
-            self._kept = None  # the old graph's memory goes before the new one's is taken
-            self._kept = (full, cache, _Buffers.allocate(B, L, E, device, statics))
-        return self._kept[2]
+        for old in [k for k, (c, _) in self._decodes.items() if c is not cache]:
+            del self._decodes[old]
+        kept = self._decodes.pop(full, None)
+        if kept is None:
+            while len(self._decodes) >= self.decode_graphs:
+                self._decodes.popitem(last=False)  # the old graph's memory goes before the new one's is taken
+            kept = (cache, _Buffers.allocate(B, L, E, device, statics))
+        self._decodes[full] = kept
+        return kept[1]
 
     def _step(self, buf: _Buffers, cache: Any) -> None:
         """One token for every row (see the module docstring); only in-place writes to `buf` and `cache`."""

@@ -521,6 +521,10 @@ class LoraGroup:
         # (input, index, the group's result [Bsz, T, N], members still to take theirs): the first member called on
         # an input computes the whole group's result (one shrink for q/k/v), the others take their columns
         self.stash: tuple | None = None
+        # W [N, K] with one expert's LoRA folded in (`fold`), allocated at the first fold and rewritten in place; the
+        # expert it holds, None when it is stale (a refresh: some weight changed)
+        self.W_folded: Tensor | None = None
+        self.folded_expert: int | None = None
 
     def _weights_key(self) -> tuple:
         """What `refresh` compares: each weight's identity, in-place version and storage. A new dtype, device or
@@ -554,6 +558,7 @@ class LoraGroup:
         self._merge_base_weights()
         self.dtype = A.dtype
         self.stash = None
+        self.folded_expert = None
         self._key = self._weights_key()
 
     def _merge_base_weights(self) -> None:
@@ -619,6 +624,33 @@ class LoraGroup:
         return self._member_part(member, x, index, compute)
 
 
+    @torch.no_grad()
+    def fold(self, e: int) -> None:
+        """W_folded = W + B_bd[e] A[e]: the group's base weights with expert e's LoRA added, every member's s B A in
+        its own rows (B is block-diagonal), summed in fp32 and rounded once. In place, so that a captured step keeps
+        its address; nothing to do while it already holds e and no weight changed since (`refresh`)."""
+        if self.folded_expert == e:
+            return
+        folded = (self.W.float() + self.B[e].float() @ self.A[e].float()).to(self.W.dtype)  # [N, R] @ [R, K]
+        if self.W_folded is None or self.W_folded.shape != folded.shape or self.W_folded.device != folded.device:
+            with torch.inference_mode(False):  # a normal tensor, written in place by later folds
+                self.W_folded = folded.clone()
+            if self.W_folded.is_cuda:
+                torch._dynamo.mark_static_address(self.W_folded)
+        else:
+            self.W_folded.copy_(folded)
+        self.folded_expert = e
+
+    def folded(self, member: "ExpertMixtureLinear", x: Tensor) -> Tensor:
+        """member's output with the folded expert's LoRA in its weights (`fold`): the group's one GEMM, x [Bsz, T, K]
+        -> [Bsz, T, d_out], no LoRA kernel at all."""
+        def compute() -> Tensor:
+            return torch.nn.functional.linear(x, self.W_folded, self.bias)
+        if len(self.members) == 1:
+            return compute()
+        return self._member_part(member, x, None, compute)
+
+
 class LoraFusion:
     """The fused path of one MixtureModel: its groups, and whether it is on.
 
@@ -656,3 +688,18 @@ class LoraFusion:
         for g in self.groups:
             g.refresh()
         return True
+
+    def foldable(self, wrapped: int) -> bool:
+        """Whether `fold` can stand in for all `wrapped` projections of the model: every one is in a group whose base
+        weights are stacked (plain nn.Linear) and whose experts share a rank. Call after `ready()`."""
+        return (sum(len(g.members) for g in self.groups) == wrapped
+                and all(g.W is not None and g.Bt is not None for g in self.groups))
+
+    def fold(self, e: int) -> list[Tensor]:
+        """Expert e's LoRA folded into a copy of every group's base weights (`LoraGroup.fold`), for forwards where
+        every row uses e (the merged weights of a single adapter: the base model's GEMMs, no LoRA kernels) ->
+        the folded weights, whose addresses a captured step reads. Costs one more copy of the wrapped projections'
+        weights, kept."""
+        for g in self.groups:
+            g.fold(e)
+        return [g.W_folded for g in self.groups]

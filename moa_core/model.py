@@ -103,6 +103,7 @@ class MixtureOutput:
 class _Context:
     adapters_off: bool = False
     fused: bool = False  # the fused routed-LoRA kernels serve this forward (see MixtureModel._routing)
+    folded: bool = False  # every row's expert is folded into the weights (lora_kernels.LoraFusion.fold): no routing
     experts_off: bool = False
     forced: Tensor | None = None
     pool_mask: Tensor | None = None
@@ -204,8 +205,10 @@ class MixtureModel(RoutedGeneration, nn.Module):
         """Every layer's route as its hook would set it on a forward under the current context, without a forward:
         only a context that needs no hidden states (a forced expert, or the adapters or experts off)."""
         ctx = self._ctx
-        if not (ctx.forced is not None or ctx.adapters_off or ctx.experts_off) or ctx.pool_mask is not None:
-            raise RuntimeError("routes can be preset only for a forced expert or with the adapters or experts off")
+        if not (ctx.forced is not None or ctx.adapters_off or ctx.experts_off or ctx.folded) \
+                or ctx.pool_mask is not None:
+            raise RuntimeError("routes can be preset only for a forced or folded expert, or with the adapters or "
+                               "experts off")
         for layer in range(len(self.slots)):
             self._route_layer(layer, None)
 
@@ -214,7 +217,8 @@ class MixtureModel(RoutedGeneration, nn.Module):
         ctx, slot = self._ctx, self.slots[layer]
         slot.adapters_off = ctx.adapters_off
         slot.fused = ctx.fused
-        if ctx.adapters_off or ctx.experts_off:
+        slot.folded = ctx.folded
+        if ctx.adapters_off or ctx.experts_off or ctx.folded:
             slot.route = Route()
             return
         router = self.routers[layer]
@@ -256,6 +260,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
                 s.route = Route()
                 s.adapters_off = False
                 s.fused = False
+                s.folded = False
 
     # ------------------------------------------------------------------------------------------ API
     def forward(

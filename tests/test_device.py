@@ -92,7 +92,7 @@ def check_routing_cache_reuse_on_the_device(model_dir: Path) -> None:
 def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | None = None,
                                               compile_mode: str = "reduce-overhead", layout: str = "fused",
                                               merged_cublas: bool = False, decoder: bool = False,
-                                              prompt_shapes: int = 0) -> None:
+                                              prompt_shapes: int = 0, fold: bool = False) -> None:
     """Routed MoA generation with HF's compiled decode step (`reduce-overhead`: CUDA graphs, captured at the first
     call) gives, token for token, what eager generation gives with each row's expert given, also when the batch
     then holds another number of distinct experts (3 at capture, then 1, 8, 3): the expert per row is graph
@@ -103,7 +103,9 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     merged_cublas: the merged layout's groups all take its cuBLAS path (on the tiny model they all take the Triton
     GEMM by default: their weights are small). decoder: the graphed calls are `generate_greedy` (moa_core.graph_decode:
     the whole step captured once, replayed for every later call) instead of HF's compiled generate; prompt_shapes:
-    the decoder's, its routing pass also captured once (every batch here has one shape) and replayed."""
+    the decoder's, its routing pass also captured once (every batch here has one shape) and replayed. fold: with the
+    decoder, `fold_single_expert` on: the batch of one expert decodes with it folded into the weights (a second
+    decode graph), the others routed."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     from moa_core import lora_kernels
@@ -154,6 +156,7 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
         from moa_core.graph_decode import GraphDecoder
 
         mm.graph_decoder = GraphDecoder(mm.model, prompt_shapes=prompt_shapes)
+        mm.fold_single_expert = fold
     try:
         _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
     finally:
@@ -173,14 +176,16 @@ def _generate_and_compare(mm, batches, prompts, cc, gen, fused, layout, decoder)
                 # the config's eos (the tiny model emits it: GPU runs 1-2 of this case did at row 0), where HF's
                 # min_new_tokens would mask it: the reference below is plain greedy with the same eos
                 graphed, chosen = mm.generate_greedy(ids, mask, gen["max_new_tokens"], pad_token_id=0)
-                graph = mm.graph_decoder._kept[2].graph
-                assert graph is not None, "generate_greedy did not capture its step"
-                graphs.add(id(graph))
+                key, _, buf = mm.graph_decoder._kept
+                assert buf.graph is not None, "generate_greedy did not capture its step"
+                graphs.add(id(buf.graph))
+                assert ("folded" in key[4]) == (mm.fold_single_expert and abs(name) == 1), (name, "folded or not")
                 if mm.graph_decoder.prompt_shapes:  # the routing pass's graph: also one, for every call
                     (prompt,) = mm.graph_decoder._prompts.values()
                     assert prompt.graph is not None, "generate_greedy did not capture its routing pass"
                     graphs.add(id(prompt.graph))
-                assert len(graphs) == 1 + bool(mm.graph_decoder.prompt_shapes), "a later call captured anew"
+                captured = (list(batches).index(name) >= 1) * mm.fold_single_expert  # the folded step's graph
+                assert len(graphs) == 1 + bool(mm.graph_decoder.prompt_shapes) + captured, "a call captured anew"
             else:
                 graphed, chosen = mm.generate(ids, mask, cache_implementation="static", compile_config=cc, **gen)
             assert torch.equal(chosen.cpu(), torch.tensor(domains)), (name, chosen, "the routers were not fitted")
@@ -260,16 +265,19 @@ def test_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir: Path, prom
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference",
-                                  "decoder-kernels-merged", "decoder-reference", "decoder-prompts-kernels-merged"])
+                                  "decoder-kernels-merged", "decoder-reference", "decoder-prompts-kernels-merged",
+                                  "decoder-folded-prompts-kernels-merged"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
     decoder = path.startswith("decoder-")
     path = path.removeprefix("decoder-")
+    fold = path.startswith("folded-")
+    path = path.removeprefix("folded-")
     prompt_shapes = int(path.startswith("prompts-"))
     path = path.removeprefix("prompts-")
     check_routed_generation_under_cuda_graphs(tiny_model_dir, fused=False if path == "reference" else None,
                                               layout="fused" if path in ("kernels", "reference") else path.split("-")[1],
                                               merged_cublas=path.endswith("cublas"), decoder=decoder,
-                                              prompt_shapes=prompt_shapes)
+                                              prompt_shapes=prompt_shapes, fold=fold)
 
 
 if __name__ == "__main__":

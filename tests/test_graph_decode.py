@@ -207,8 +207,8 @@ def test_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base, fused):
         out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0)
         assert torch.equal(expert, ref_expert) and torch.equal(out, ref), seed
         if seed == 6:
-            kept = mm.graph_decoder._kept
-    assert mm.graph_decoder._kept is kept  # the second mix of experts reused the first call's buffers
+            kept = mm.graph_decoder._kept[2]
+    assert mm.graph_decoder._kept[2] is kept  # the second mix of experts reused the first call's buffers
     given = torch.tensor([1, 0, 1, 1, 0])
     ref, _ = mm.generate(ids, mask, expert=given, **gen)
     out, expert = mm.generate_greedy(ids, mask, 6, pad_token_id=0, expert=given)
@@ -434,3 +434,44 @@ def test_a_mixture_captures_its_routing_pass_anew_when_the_way_it_picks_changes(
         mm.generate_greedy(ids, mask, 3, pad_token_id=0)
         graphs.append(next(reversed(mm.graph_decoder._prompts.values())).graph)
     assert graphs[0] is not graphs[1] and graphs[2] is graphs[0]
+
+
+@pytest.mark.parametrize("method", ["moa", "mosld"])
+def test_a_batch_of_one_expert_decodes_with_it_folded_into_the_weights(tiny_cfg, tiny_base, fake_capture, method):
+    """`fold_single_expert`: a batch whose rows all use one expert (batch 1; an expert given for all) decodes with
+    that expert's LoRA folded into the weights, giving generate's tokens (fp32); a mixed batch decodes routed. The
+    two steps are two graphs kept side by side; another expert, or weights changed in place, refold into the same
+    weights and replay the same graph. A mixture that cannot fold (MoSLD's shared A) decodes routed throughout."""
+    from moa_core.methods import build_mixture
+
+    torch.manual_seed(0)
+    mm = build_mixture(tiny_cfg, method, tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            w.lora_B.normal_(std=0.3)
+    mm.lora_fusion.enabled = True  # the fused path's torch formulation (the CPU has no Triton kernels)
+    mm.fold_single_expert = True
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids, mask = left_padded(4, 8, seed=50)
+    ones, zeros = torch.tensor([1, 1, 1, 1]), torch.tensor([0, 0, 0, 0])
+    calls = [(ids[:1], mask[:1], None), (ids, mask, ones), (ids, mask, None), (ids, mask, ones), (ids, mask, zeros),
+             (ids[2:3], mask[2:3], None)]
+    steps = []
+    for i, (x, m, given) in enumerate(calls):
+        if i == 3:
+            with torch.no_grad():
+                next(iter(mm.wrapped.values())).lora_B.mul_(-1.0)  # in place: the fold must not go stale
+        ref, ref_expert = mm.generate(x, m, expert=given, **gen)
+        out, expert = mm.generate_greedy(x, m, 6, pad_token_id=0, expert=given)
+        assert torch.equal(out, ref) and (expert is ref_expert or torch.equal(expert, ref_expert)), i  # MoSLD: None
+        key, _, buf = mm.graph_decoder._kept
+        steps.append(("folded" in key[4], buf.graph, len(mm.graph_decoder._decodes)))  # key[4]: the caller's key
+        assert buf.graph.replays > 0
+    if method == "mosld":
+        assert not any(folded for folded, _, _ in steps)
+        return
+    assert [folded for folded, _, _ in steps] == [True, True, False, True, True, True]
+    assert steps[1][1] is steps[3][1] is steps[4][1], "the folded step of batch 4 was captured again"
+    # kept graphs: a new batch size is a new cache, whose first call drops the old cache's graphs
+    assert [kept for _, _, kept in steps] == [1, 1, 2, 2, 2, 1]
+    assert mm.lora_fusion.groups[0].folded_expert == int(expert[0])

@@ -13,6 +13,7 @@ import torch
 
 from helpers import distinct_experts
 from moa_core import lora_kernels
+from moa_core.experts import Route
 
 
 @pytest.fixture
@@ -171,6 +172,31 @@ def test_refresh_keeps_the_stacked_weights_addresses_while_their_shapes_hold(tin
     assert mm.lora_fusion.ready()
     assert all(t.data_ptr() != a for t, a in zip((g.A, g.B, g.Bt), addresses))
     assert g.A.shape[0] == g.B.shape[0] == g.Bt.shape[0] == g.members[0].num_experts
+
+
+def test_a_folded_expert_gives_each_member_its_routed_output_from_one_weight(tiny_cfg, tiny_base):
+    """LoraGroup.fold: every member's columns of x @ W_folded^T are its base output plus expert e's LoRA delta (the
+    reference path's, forced to e), fp32; a refold to another expert writes the same tensor (a captured step keeps
+    reading it)."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.lora_fusion.enabled = True
+    assert mm.lora_fusion.ready() and mm.lora_fusion.foldable(len(mm.wrapped))
+    g = max(mm.lora_fusion.groups, key=lambda g: len(g.members))  # q/k/v
+    x = torch.randn(3, 2, g.members[0].in_features)
+    address = None
+    for e in (1, 0):
+        mm.lora_fusion.fold(e)
+        assert g.folded_expert == e and address in (None, g.W_folded.data_ptr())
+        address = g.W_folded.data_ptr()
+        for m in g.members:
+            m.slot.route = Route(index=torch.full((3,), e))
+            with torch.no_grad():
+                ref = m(x)
+                m.slot.folded = True
+                folded = m(x)
+                m.slot.folded = False
+            assert torch.allclose(folded, ref, atol=1e-5), (e, float((folded - ref).abs().max()))
+            assert not torch.allclose(ref, torch.nn.functional.linear(x, m.base.weight, m.base.bias), atol=1e-3)
 
 
 @pytest.mark.parametrize("max_fused_weight", [2 ** 21, 0])  # every group on the Triton GEMM's formulation, or on cuBLAS's

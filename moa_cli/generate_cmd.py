@@ -64,6 +64,7 @@ def _local(ctx, prompts: list[str], expert: str | None, max_new: int) -> list[di
     base, tok, _ = load_base(ctx.cfg.base_model, ctx.root)
     try:
         mm = load_mixture(base, ctx.layout.mixture(ctx.cfg.method))
+        mm.configure_decoding(**ctx.cfg.serve.model_dump())
         answers = answer(mm, tok, prompts, max_length=ctx.cfg.train.max_length, max_new_tokens=max_new,
                          threshold=mm.spec.fallback_threshold, forced=[expert] * len(prompts) if expert else None,
                          batch_size=ctx.cfg.evaluate.batch_size)

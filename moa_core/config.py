@@ -260,6 +260,25 @@ class RegistryConfig(_Strict):
                            "without this project's base model (costs the base model's size per version)")
 
 
+class ServeConfig(_Strict):
+    """How the registered model (and `moa generate --local`) decodes greedy calls on a CUDA device
+    (moa_core.generation.MixtureModel.configure_decoding); on the CPU, calls run HF's generate whatever is set."""
+
+    graph_decoding: bool = Field(
+        True, description="each greedy decode step replayed from one CUDA graph (moa_core.graph_decode) instead of "
+                          "HF's generate loop; false: HF's generate always")
+    compile: bool = Field(
+        False, description="the captured decode step runs torch.compile's kernels: faster steps, for ~20-30 s of "
+                           "compiling at the first call per batch size (BENCHMARKS.md)")
+    prompt_shapes: int = Field(
+        0, ge=0, description="prompt passes kept captured, one per (batch, prompt length); 0: prompts run eagerly. "
+                             "Pays where prompt shapes repeat (padded to a few lengths)")
+    fold_single_expert: bool = Field(
+        False, description="a batch whose rows all use one expert (batch 1 always) decodes with that expert folded "
+                           "into a copy of the projection weights: the base model's speed per token, for that copy's "
+                           "memory")
+
+
 class OnboardConfig(_Strict):
     """Adding one domain to a trained mixture (`moa onboard`): the router update and the regression gate."""
 
@@ -291,6 +310,7 @@ class MoAConfig(_Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     onboard: OnboardConfig = Field(default_factory=OnboardConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -188,6 +188,15 @@ class RoutedGeneration:
         # projections' weights (0.7 GB at Qwen2-0.5B's shape in bf16, about half a 7B model's weights), kept.
         self.fold_single_expert: bool = False
 
+    def configure_decoding(self, graph_decoding: bool = True, compile: bool = False, prompt_shapes: int = 0,
+                           fold_single_expert: bool = False) -> None:
+        """The decoding settings of params.yaml's `serve` section (config.ServeConfig, whose fields these are): whether
+        greedy calls go to the graph decoder (`graph_decoding`), its step compiled and its prompt shapes kept
+        (GraphDecoder's `compile` and `prompt_shapes`), and `fold_single_expert`. A new decoder: captures go."""
+        self.graph_decoding = graph_decoding
+        self.graph_decoder = GraphDecoder(self.model, compile=compile, prompt_shapes=prompt_shapes)
+        self.fold_single_expert = fold_single_expert
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
                  adapters_off: bool = False, reuse_routing_cache: bool = True, experts_off: bool = False,

@@ -44,6 +44,7 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from moa_core.base_model import resolve_device
+        from moa_core.config import ServeConfig
         from moa_core.model import load_mixture
 
         cfg = context.model_config
@@ -60,6 +61,8 @@ class MoAPyfunc(mlflow.pyfunc.PythonModel):
         # serves on the GPU when the serving host has one (base_model.device: auto), else on the CPU
         self.device = resolve_device(cfg.get("device", "auto"))
         self.mm = load_mixture(base.to(self.device), context.artifacts["mixture"]).eval()
+        # params.yaml's `serve` section at registration (versions registered before it: its defaults)
+        self.mm.configure_decoding(**ServeConfig(**cfg.get("serve", {})).model_dump())
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
         self.max_length = int(cfg.get("max_length", 256))
 

@@ -117,7 +117,7 @@ def _log_pyfunc(ctx: StageContext, artifacts: dict[str, str], base_path: Path, m
         artifacts=artifacts,
         model_config={"base_path": str(base_path), "base_model": model_id,
                       "max_new_tokens": ctx.cfg.evaluate.max_new_tokens, "max_length": ctx.cfg.train.max_length,
-                      "device": ctx.cfg.base_model.device},
+                      "device": ctx.cfg.base_model.device, "serve": ctx.cfg.serve.model_dump()},
         pip_requirements=["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "safetensors", "pandas"],
         signature=signature(ctx.cfg.evaluate.max_new_tokens),  # declares `max_new_tokens`: else MLflow drops params
         registered_model_name=ctx.cfg.registry.model_name,

@@ -44,6 +44,7 @@ def test_unknown_key_names_it_and_suggests_the_fix():
     ("train", "batch_size", "eight", "train.batch_size"),
     ("curate", "val_fraction", 0.9, "curate.val_fraction"),
     ("router", "pooling", "max", "router.pooling"),
+    ("serve", "prompt_shapes", -1, "serve.prompt_shapes"),
 ])
 def test_bad_values_name_the_key(section, key, value, needle):
     raw = _raw()

@@ -73,6 +73,9 @@ def test_registered_champion_version_and_run(project, capfd):
     from tasks.register import log_mixture_version, set_promotion
 
     configure_env(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["serve"] = {"prompt_shapes": 3, "fold_single_expert": True}  # carried by the version to its pyfunc
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ctx = StageContext.load(root / "params.yaml")
     runner = CliRunner()
     base_args = ["generate", "--json", "--max-new-tokens", "3", "-p", str(root / "params.yaml")]
@@ -86,6 +89,11 @@ def test_registered_champion_version_and_run(project, capfd):
         set_promotion(ctx, version, True, "test")
     logged = capfd.readouterr()
     assert "CloudPickle" not in logged.err + logged.out  # MLflow's pickling notice, silenced for our own class
+    import mlflow
+
+    served = mlflow.pyfunc.load_model(f"models:/moa-model/{version}").unwrap_python_model().mm
+    decoding = (served.graph_decoding, served.graph_decoder.prompt_shapes, served.fold_single_expert)
+    assert decoding == (True, 3, True), "the version's pyfunc did not take params.yaml's serve section"
     local = runner.invoke(app, [*base_args, "--local", *PROMPTS[:2]])
     assert local.exit_code == 0, local.output
     local_rows = [json.loads(x) for x in local.stdout.splitlines()]

@@ -48,7 +48,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                      "train.joint_lr", "train.clip_per_expert", "router", "mosld", "modula", "evaluate.baselines", "evaluate.compare_methods"),
     "evaluate": ("method", "evaluate", "train.max_length", "train.precision"),
     "intervals": ("method", "evaluate.bootstrap"),
-    "register": ("registry", "evaluate.max_new_tokens", "train.max_length", "base_model.device"),
+    "register": ("registry", "evaluate.max_new_tokens", "train.max_length", "base_model.device", "serve"),
 }
 
 SKIPPED = "unchanged, skipped"  # the words the logs and MLflow tags use for a skipped stage

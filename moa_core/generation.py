@@ -8,6 +8,7 @@ its own cache).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import GraphDecoder, keep_static_cache, prefill, prompt_inputs, prompt_positions, weight_addresses
+from .graph_decode import CaptureError, GraphDecoder, keep_static_cache, prefill, prompt_inputs, prompt_positions, weight_addresses
 from .routing import Routing
 
 
@@ -211,9 +212,15 @@ class RoutedGeneration:
         A plain greedy call on CUDA runs as `generate_greedy` instead (see `graph_decoding`)."""
         usual = reuse_routing_cache and not (adapters_off or experts_off)
         if self._decodes_in_graph(input_ids.device, gen_kwargs, usual):
-            return self.generate_greedy(input_ids, attention_mask, gen_kwargs["max_new_tokens"],
-                                        eos_token_id=gen_kwargs.get("eos_token_id"),
-                                        pad_token_id=gen_kwargs.get("pad_token_id"), expert=expert)
+            try:
+                return self.generate_greedy(input_ids, attention_mask, gen_kwargs["max_new_tokens"],
+                                            eos_token_id=gen_kwargs.get("eos_token_id"),
+                                            pad_token_id=gen_kwargs.get("pad_token_id"), expert=expert)
+            except CaptureError as exc:  # the call itself can still run: HF's generate below, from now on
+                warnings.warn(f"{exc}. This model decodes with HF's generate from now on (graph_decoding = False); "
+                              "params.yaml's serve.graph_decoding: false skips the attempt", stacklevel=3)
+                self.graph_decoding = False
+                self.graph_decoder.clear()
         first = None  # the first step's output, when the routing pass provides it (see _given_prefill)
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):

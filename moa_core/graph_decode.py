@@ -187,6 +187,19 @@ class _PromptGraph:
     graph: Any = None
 
 
+class CaptureError(RuntimeError):
+    """Warming a step up for its capture, or capturing it, failed (e.g. an op that syncs with the host, a compile
+    error): the same call can still run without the decoder (MixtureModel.generate falls back to HF's generate)."""
+
+
+@contextlib.contextmanager
+def _capturing(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise CaptureError(f"capturing the {what} as a CUDA graph failed ({type(exc).__name__}: {exc})") from exc
+
+
 Context = Callable[[dict[str, Tensor]], contextlib.AbstractContextManager[Any]]
 EOS_SLOTS = 4
 
@@ -287,7 +300,11 @@ class GraphDecoder:
             kept.inputs[name].copy_(value)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             if kept.graph is None:
-                self._capture_prompt(kept, run)
+                try:
+                    self._capture_prompt(kept, run)
+                except CaptureError:
+                    del self._prompts[full]  # not kept half-made: the next call tries afresh
+                    raise
             kept.graph.replay()
         return kept.outputs
 
@@ -342,7 +359,11 @@ class GraphDecoder:
                 if k % self.check_every == 0 and bool(buf.done.all()):
                     break
                 if buf.graph is None and capturing:
-                    self._capture(buf, cache)
+                    try:
+                        self._capture(buf, cache)
+                    except CaptureError:
+                        self._decodes.popitem()  # this call's (the most recent): not kept half-made
+                        raise
                 if buf.graph is not None:
                     buf.graph.replay()
                 else:
@@ -427,12 +448,13 @@ class GraphDecoder:
         back afterwards, whatever happens."""
         saved = _Saved(buf, cache)
         try:
-            with self._side_stream():
+            with _capturing("decode step"), self._side_stream():
                 for _ in range(2):
                     saved.restore()
                     self._step(buf, cache)
             saved.restore()
-            buf.graph = self._record(lambda: self._step(buf, cache))
+            with _capturing("decode step"):
+                buf.graph = self._record(lambda: self._step(buf, cache))
         finally:
             saved.restore()
 
@@ -440,7 +462,7 @@ class GraphDecoder:
         """Warm the prompt pass up twice, then capture it; the cache is emptied before each pass (`reset`: in place,
         and a fresh cache's counters are made by the first pass) and after, whatever happens."""
         try:
-            with self._side_stream():
+            with _capturing("prompt pass"), self._side_stream():
                 for _ in range(2):
                     kept.cache.reset()
                     run(kept.inputs)
@@ -449,7 +471,8 @@ class GraphDecoder:
             def record() -> None:  # the outputs of the recording are the tensors each replay writes
                 kept.outputs = run(kept.inputs)
 
-            kept.graph = self._record(record)
+            with _capturing("prompt pass"):
+                kept.graph = self._record(record)
         finally:
             kept.cache.reset()
 

@@ -4,6 +4,8 @@ MixtureModel, and the buffers kept across calls."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import distinct_experts
@@ -475,3 +477,39 @@ def test_a_batch_of_one_expert_decodes_with_it_folded_into_the_weights(tiny_cfg,
     # kept graphs: a new batch size is a new cache, whose first call drops the old cache's graphs
     assert [kept for _, _, kept in steps] == [1, 1, 2, 2, 2, 1]
     assert mm.lora_fusion.groups[0].folded_expert == int(expert[0])
+
+
+@pytest.mark.parametrize("failing", ["decode step", "prompt pass"])
+def test_a_failed_capture_falls_back_to_hf_generate_with_one_warning(tiny_cfg, tiny_base, fake_capture,
+                                                                     monkeypatch, failing):
+    """A capture that fails (here: recording raises, as an op that syncs with the host does under a real capture) is a
+    CaptureError from the decoder; MixtureModel.generate then answers the same call through HF's generate, says so
+    once, and stops trying. Nothing half-captured is kept."""
+    from moa_core.graph_decode import CaptureError
+
+    monkeypatch.setattr(GraphDecoder, "refusal", lambda self, device, cache=None: None)
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.graph_decoder = GraphDecoder(mm.model, prompt_shapes=1)
+    ids, mask = left_padded(3, 8, seed=60)
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mm.graph_decoding = False
+    ref, ref_expert = mm.generate(ids, mask, **gen)
+    mm.graph_decoding = True
+
+    def record(step):  # GraphDecoder._capture_prompt records its local `record`, _capture a lambda
+        if (step.__name__ == "record") == (failing == "prompt pass"):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return FakeGraph(step)
+
+    monkeypatch.setattr(GraphDecoder, "_record", staticmethod(record))
+    with pytest.raises(CaptureError, match=f"capturing the {failing}"):
+        mm.generate_greedy(ids, mask, 5, pad_token_id=0)
+    kept_prompts = [g.graph for g in mm.graph_decoder._prompts.values()]  # the captured one only
+    assert not mm.graph_decoder._decodes and len(kept_prompts) == (failing == "decode step") and None not in kept_prompts
+    with pytest.warns(UserWarning, match="HF's generate from now on") as caught:
+        out, expert = mm.generate(ids, mask, **gen)
+    assert len(caught) == 1 and torch.equal(out, ref) and torch.equal(expert, ref_expert)
+    assert mm.graph_decoding is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        assert torch.equal(mm.generate(ids, mask, **gen)[0], ref)

@@ -16,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from . import lora_kernels
-from .graph_decode import CaptureError, GraphDecoder, keep_static_cache, prefill, prompt_inputs, prompt_positions, weight_addresses
+from .graph_decode import (
+    CaptureError, GraphDecoder, StaticCaches, prefill, prompt_inputs, prompt_positions, weight_addresses,
+)
 from .routing import Routing
 
 
@@ -145,7 +147,7 @@ def _max_new_tokens(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any
 def _static_cache_len(model: nn.Module, prompt_len: int, gen_kwargs: dict[str, Any]) -> int:
     """Positions of the static cache a call needs, as HF's generate sizes its own: prompt + new tokens - 1 (the
     last new token is never fed back), at least `max_cache_len` when the generation config sets one; the cache
-    itself is never shorter than the model's last one (graph_decode.keep_static_cache). The same length as the base
+    itself is never shorter than the model's last one (graph_decode.StaticCaches). The same length as the base
     model's cache also means the same attention shapes: on an H200 (BENCHMARKS.md), with one position more than the
     base's (192 against 191), inductor's key/value kernel before cuDNN attention took 15.5 instead of 4.4 us per
     call, a quarter of MoA's decode-step GPU time at batch 32."""
@@ -162,7 +164,8 @@ class RoutedGeneration:
     spec: Any  # MixtureSpec
 
     def _init_generation(self) -> None:
-        self._static: tuple[tuple, Any] | None = None  # ((batch, dtype, device), length, StaticCache): _static_cache
+        # the static caches of HF-generate calls (generate_greedy's are its decoder's, `GraphDecoder.caches`)
+        self._caches = StaticCaches()
         self._compiled: Any = None  # the compiled decoder, see _run_decoder
         self._plain_head: bool | None = None  # see _head_is_plain; checked once
         # generate_greedy's graph_decode.GraphDecoder: made on its first call with the defaults (eager kernels
@@ -271,12 +274,13 @@ class RoutedGeneration:
             prompt_key = key + (lora_kernels.PROMPT_LAYOUT, self.spec.inference, self.spec.pooling)
             expert, cache, first = self._routed_prompt(input_ids, attention_mask, gen_kwargs, prompt_key)
         elif sequence and expert is None:
-            expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True)
+            expert, cache, first = self._prompt_cache_from_routing(input_ids, attention_mask, gen_kwargs, given=True,
+                                                                   caches=self.graph_decoder.caches)
             if first is not None:
                 first = first.logits[:, -1]
         else:
             cache = self._static_cache((input_ids.shape[0], self.model.dtype, input_ids.device),
-                                       _static_cache_len(self.model, T, gen_kwargs))
+                                       _static_cache_len(self.model, T, gen_kwargs), self.graph_decoder.caches)
         if first is None:  # the whole prompt, or (a head that is not plain) its last token after the routing pass
             start = T - 1 if cache.get_seq_length() else 0
             with self._routing(forced=expert):
@@ -312,7 +316,7 @@ class RoutedGeneration:
         again eagerly with it and their cache rows replaced (`_rerun_stale`), as in `_prompt_cache_from_routing`."""
         T = input_ids.shape[1]
         cache = self._static_cache((input_ids.shape[0], self.model.dtype, input_ids.device),
-                                   _static_cache_len(self.model, T, gen_kwargs))
+                                   _static_cache_len(self.model, T, gen_kwargs), self.graph_decoder.caches)
         compiled = self.compile_routing_pass and _hf_compiles_decode(self.model, gen_kwargs)
         inputs = prompt_inputs(input_ids, attention_mask, cache, self.model.dtype)
         out = self.graph_decoder.prompt(lambda b: self._routing_pass_into(b, cache, compiled), inputs, cache, key)
@@ -371,7 +375,8 @@ class RoutedGeneration:
             yield
 
     def _prompt_cache_from_routing(self, input_ids: Tensor, attention_mask: Tensor, gen_kwargs: dict[str, Any],
-                                   given: bool | None = None) -> tuple[Tensor, Any, Any]:
+                                   given: bool | None = None,
+                                   caches: StaticCaches | None = None) -> tuple[Tensor, Any, Any]:
         """Route the prompts and keep the routing pass's KV cache as generate's prompt cache -> (expert [B], cache,
         first step's output or None).
 
@@ -383,7 +388,8 @@ class RoutedGeneration:
         head: generate's first step is then no forward at all (`_given_prefill`; `given` overrides whether generate
         lets us: the graph decoder needs none of generate's internals, only a plain head). Otherwise the cache is cut
         to T - 1 positions and generate runs the last prompt token itself. With
-        `cache_implementation="static"` the cache is copied into a reused `StaticCache`, so the compiled
+        `cache_implementation="static"` the cache is copied into a reused `StaticCache` (from `caches`, default this
+        model's own), so the compiled
         decode step keeps its static addresses; and where HF compiles that decode step (a static cache on
         an accelerator, or a compile_config that asks for it), the routing pass is compiled too: it stands
         in for the prefill, and eagerly its per-projection LoRA kernels and per-layer router hooks are
@@ -403,7 +409,7 @@ class RoutedGeneration:
         if gen_kwargs.get("cache_implementation") == "static":
             keys = cache.layers[0].keys
             static = self._static_cache((input_ids.shape[0], keys.dtype, keys.device),
-                                        _static_cache_len(self.model, T, gen_kwargs))
+                                        _static_cache_len(self.model, T, gen_kwargs), caches)
             for i, layer in enumerate(cache.layers):
                 static.update(layer.keys, layer.values, i)
             cache = static
@@ -444,8 +450,8 @@ class RoutedGeneration:
             self._compiled = torch.compile(self.model.base_model)
         return self._compiled if compiled else self.model.base_model
 
-    def _static_cache(self, kind: tuple, max_len: int) -> Any:
+    def _static_cache(self, kind: tuple, max_len: int, caches: StaticCaches | None = None) -> Any:
         """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions
-        (`_static_cache_len`): see graph_decode.keep_static_cache."""
-        self._static, cache = keep_static_cache(self.model, self._static, kind, max_len)
-        return cache
+        (`_static_cache_len`), from `caches` (default: this model's own, for HF-generate calls): see
+        graph_decode.StaticCaches."""
+        return (caches or self._caches).get(self.model, kind, max_len)

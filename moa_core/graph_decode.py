@@ -46,25 +46,45 @@ def prompt_positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def keep_static_cache(model: nn.Module, last: tuple | None, kind: tuple, max_len: int) -> tuple[tuple, Any]:
-    """The StaticCache for a call of `kind` = (batch, dtype, device) needing `max_len` positions -> (what to keep
-    as `last` for the next call, cache): `last`'s cache, reset, while it is of that kind and long enough, else a new
-    one, never shorter than the model's last static cache. A new cache per call would give a compiled or captured
-    decode step new tensor addresses (a re-capture), and one of another length new shapes (a recompile); HF's
-    generate, which builds a cache per call, keeps the length for the same reason in `_previous_max_cache_length`,
-    read and set here too, so that the calls a MixtureModel leaves to HF's own cache (e.g. with `expert=` given)
-    see the same length."""
-    from transformers import StaticCache
+class StaticCaches:
+    """A model's static KV caches, one per kind = (batch, dtype, device), the `size` kinds used last kept (the least
+    recently used dropped first). A call gets its kind's cache, reset, while it is long enough, else a new one in its
+    place, never shorter than the model's last static cache. A new cache per call would give a compiled or captured
+    decode step new tensor addresses (a re-capture), and one of another length new shapes (a recompile); keeping one
+    per kind lets calls of alternating batch sizes each replay their own graphs. HF's generate, which builds a cache
+    per call, keeps the length for the same reason in `_previous_max_cache_length`, read and set here too, so that
+    the calls a MixtureModel leaves to HF's own cache (e.g. with `expert=` given) see the same length."""
 
-    max_len = max(max_len, getattr(model, "_previous_max_cache_length", 0))
-    if last is not None:
-        last_kind, last_len, cache = last
-        if last_kind == kind and last_len >= max_len:
-            cache.reset()
-            return last, cache
-    cache = StaticCache(config=model.config, max_cache_len=max_len)
-    model._previous_max_cache_length = max_len
-    return (kind, max_len, cache), cache
+    def __init__(self, size: int = 2) -> None:
+        if size < 1:
+            raise ValueError(f"a StaticCaches keeps at least 1 cache, got size={size}")
+        self.size = size
+        self._held: OrderedDict[tuple, tuple[int, Any]] = OrderedDict()  # kind -> (length, cache); last used last
+
+    def get(self, model: nn.Module, kind: tuple, max_len: int) -> Any:
+        """The StaticCache for a call of `kind` needing `max_len` positions (see the class docstring)."""
+        from transformers import StaticCache
+
+        max_len = max(max_len, getattr(model, "_previous_max_cache_length", 0))
+        held = self._held.pop(kind, None)
+        if held is not None and held[0] >= max_len:
+            held[1].reset()
+        else:
+            held = None  # a too-short cache goes before the new one's memory is taken
+            while len(self._held) >= self.size:
+                self._held.popitem(last=False)
+            held = (max_len, StaticCache(config=model.config, max_cache_len=max_len))
+            model._previous_max_cache_length = max_len
+        self._held[kind] = held
+        return held[1]
+
+    def holds(self, cache: Any) -> bool:
+        return any(c is cache for _, c in self._held.values())
+
+    @property
+    def last(self) -> Any:
+        """The cache handed out last, or None."""
+        return next(reversed(self._held.values()))[1] if self._held else None
 
 
 @torch.no_grad()
@@ -205,7 +225,7 @@ EOS_SLOTS = 4
 
 
 class GraphDecoder:
-    """Greedy decode steps of one causal LM, captured as one CUDA graph on CUDA, for the last (cache, key) it ran.
+    """Greedy decode steps of one causal LM, each captured as one CUDA graph on CUDA, kept per (cache, key).
 
     capture: None (default) = on CUDA; False = every step eagerly (the reference path); True = required (an
     error off CUDA). check_every: steps between the host's checks that every row has finished (each one a sync).
@@ -214,13 +234,15 @@ class GraphDecoder:
     eager ones. prompt_shapes: how many prompt passes to keep captured, one per (batch, prompt length, cache), the
     least recently used dropped first; 0 (default) runs the prompt eagerly. Each new shape costs two warm-up passes
     and a capture, and each kept one holds its activations' memory: worth it where prompt shapes repeat (fixed-length
-    batches, prompts padded to a few lengths). decode_graphs: how many decode steps to keep captured over the current
-    cache, one per key (e.g. a MixtureModel's routed step and its folded one, `MixtureModel.fold_single_expert`), the
-    least recently used dropped first. Capture needs a cache without sliding-window layers and sdpa or eager
+    batches, prompts padded to a few lengths). cache_kinds: how many static caches `caches` keeps, one per (batch,
+    dtype, device) (StaticCaches): calls of alternating batch sizes each replay their own graphs. decode_graphs: how
+    many decode steps to keep captured, one per (cache, key) (e.g. a MixtureModel's routed step and its folded one,
+    `MixtureModel.fold_single_expert`), the least recently used dropped first. Graphs over a cache that `caches` no
+    longer holds are dropped at the next call (they could never replay, yet hold memory). Capture needs a cache without sliding-window layers and sdpa or eager
     attention (the others read tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
-                 compile: bool = False, prompt_shapes: int = 0, decode_graphs: int = 2) -> None:
+                 compile: bool = False, prompt_shapes: int = 0, decode_graphs: int = 4, cache_kinds: int = 2) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         if prompt_shapes < 0:
@@ -231,14 +253,14 @@ class GraphDecoder:
         self.prompt_shapes = prompt_shapes
         self._prompts: OrderedDict[tuple, _PromptGraph] = OrderedDict()  # least recently used first
         self.decode_graphs = decode_graphs
-        # (full key) -> (cache, buffers and graph), least recently used first. A call over another cache drops the
-        # graphs of the old one (the caller replaced it: they can never replay, yet hold it), and a key past
-        # `decode_graphs` the oldest, so a graph whose weights moved is freed with its memory pool
+        # (full key) -> (cache, buffers and graph), least recently used first: a key past `decode_graphs` drops the
+        # oldest, so a graph whose weights moved is freed with its memory pool
         self._decodes: OrderedDict[tuple, tuple[Any, _Buffers]] = OrderedDict()
         self.capture = capture
         self.check_every = check_every
         self._forward = torch.compile(model, dynamic=False) if compile else model
-        self._last_cache: tuple | None = None  # see keep_static_cache (the plain-model path, `generate`)
+        # the static caches of `generate` and of a MixtureModel's generate_greedy: the memory the graphs read
+        self.caches = StaticCaches(cache_kinds)
         self._layer_kinds: Any = None  # see _config_cache
 
     @property
@@ -266,7 +288,7 @@ class GraphDecoder:
         self.captures(input_ids.device)
         B, T = input_ids.shape
         kind = (B, self.model.dtype, input_ids.device)
-        self._last_cache, cache = keep_static_cache(self.model, self._last_cache, kind, T + max_new_tokens - 1)
+        cache = self.caches.get(self.model, kind, T + max_new_tokens - 1)
         key = weight_addresses(self.model)
         if self.prompt_shapes:
             inputs = prompt_inputs(input_ids, attention_mask, cache, self.model.dtype)
@@ -288,8 +310,8 @@ class GraphDecoder:
         if not self.prompt_shapes or not self.captures(device, cache):
             return run(inputs)
         full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key)
-        for old in [k for k, g in self._prompts.items() if g.cache is not cache]:
-            del self._prompts[old]  # graphs of a cache the caller no longer uses: never replayed, yet holding it
+        for old in [k for k, g in self._prompts.items() if not self._live(g.cache, cache)]:
+            del self._prompts[old]
         kept = self._prompts.pop(full, None)
         if kept is None:
             while len(self._prompts) >= self.prompt_shapes:
@@ -414,11 +436,16 @@ class GraphDecoder:
             raise error(f"{why}; use GraphDecoder(capture=False) for the eager step")
         return True
 
+    def _live(self, cache: Any, current: Any) -> bool:
+        """Whether graphs over `cache` may replay again: it is this call's, or one `caches` still holds (a cache the
+        caller or `caches` dropped is never given again, yet its graphs would keep it in memory)."""
+        return cache is current or self.caches.holds(cache)
+
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:
         """The kept buffers (and graph) of the call's key and cache, else new ones (see `_decodes`)."""
         full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())))
-        for old in [k for k, (c, _) in self._decodes.items() if c is not cache]:
+        for old in [k for k, (c, _) in self._decodes.items() if not self._live(c, cache)]:
             del self._decodes[old]
         kept = self._decodes.pop(full, None)
         if kept is None:

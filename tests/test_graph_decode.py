@@ -34,7 +34,7 @@ def test_plain_model_gives_hf_greedy_tokens(tiny_base):
     ref2 = tiny_base.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(dec.generate(ids2, mask2, 5, pad_token_id=0), ref2)
-    assert dec._kept[1] is dec._last_cache[2]  # one entry: the kept cache's
+    assert dec._kept[1] is dec.caches.last  # one entry: the kept cache's
 
 
 def varied(model) -> None:
@@ -376,7 +376,7 @@ def test_a_captured_prompt_starts_from_an_empty_cache_each_call(tiny_base, fake_
     dec = GraphDecoder(tiny_base, prompt_shapes=1)
     ids, mask = left_padded(2, 6, seed=26)
     dec.generate(ids, mask, 3, pad_token_id=0)
-    cache = dec._last_cache[2]
+    cache = dec.caches.last
     assert int(cache.get_seq_length()) == 6 + 3 - 1  # the prompt and the two tokens fed back, not the warm-ups'
 
 
@@ -414,13 +414,13 @@ def test_a_mixture_with_captured_prompts_routes_and_generates_as_its_generate(ti
 
 
 def test_prompt_graphs_of_a_cache_no_longer_used_are_dropped(tiny_base, fake_capture):
-    """A longer call replaces the kept static cache (keep_static_cache never goes back to a shorter one): the prompt
+    """A longer call replaces the kept static cache (StaticCaches never goes back to a shorter one): the prompt
     graphs of the old cache can never replay again, and each holds that cache's memory, so they go at once."""
     dec = GraphDecoder(tiny_base, prompt_shapes=4)
     for T, new in ((6, 4), (7, 4), (6, 30), (7, 29)):  # the last two need the same 35 positions
         ids, mask = left_padded(2, T, seed=T + new)
         dec.generate(ids, mask, new, pad_token_id=0)
-    live = dec._last_cache[2]
+    live = dec.caches.last
     assert len(dec._prompts) == 2 and all(g.cache is live for g in dec._prompts.values())
 
 
@@ -474,8 +474,8 @@ def test_a_batch_of_one_expert_decodes_with_it_folded_into_the_weights(tiny_cfg,
         return
     assert [folded for folded, _, _ in steps] == [True, True, False, True, True, True]
     assert steps[1][1] is steps[3][1] is steps[4][1], "the folded step of batch 4 was captured again"
-    # kept graphs: a new batch size is a new cache, whose first call drops the old cache's graphs
-    assert [kept for _, _, kept in steps] == [1, 1, 2, 2, 2, 1]
+    assert steps[5][1] is steps[0][1], "batch 1's folded step was captured again after the calls of batch 4"
+    assert [kept for _, _, kept in steps] == [1, 2, 3, 3, 3, 3]  # batch 1's, batch 4's folded, batch 4's routed
     assert mm.lora_fusion.groups[0].folded_expert == int(expert[0])
 
 
@@ -513,3 +513,43 @@ def test_a_failed_capture_falls_back_to_hf_generate_with_one_warning(tiny_cfg, t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
         assert torch.equal(mm.generate(ids, mask, **gen)[0], ref)
+
+
+@pytest.mark.parametrize("cache_kinds", [1, 2])
+def test_alternating_batch_sizes_replay_their_own_graphs_while_their_caches_are_kept(tiny_base, fake_capture,
+                                                                                     cache_kinds):
+    """Batches of 2 and 3 rows in turn: with two cache kinds kept, each batch size keeps its cache and its captured
+    step (HF's tokens every call, one capture each); with one, each call replaces the other's cache, and the graphs of
+    the dropped cache go with it."""
+    dec = GraphDecoder(tiny_base, prompt_shapes=2, cache_kinds=cache_kinds)
+    graphs, caches = [], []
+    for B in (2, 3, 2, 3):
+        ids, mask = left_padded(B, 6, seed=70 + B)
+        ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)
+        assert torch.equal(dec.generate(ids, mask, 4, pad_token_id=0), ref), B
+        graphs.append(dec._kept[2].graph)
+        caches.append(dec.caches.last)
+        live = [c for c in caches if dec.caches.holds(c)]
+        assert all(any(c is k for k in live) for c, _ in dec._decodes.values()), "a graph outlived its cache"
+        assert all(any(g.cache is k for k in live) for g in dec._prompts.values()), "a prompt graph outlived its cache"
+    assert (graphs[2] is graphs[0] and graphs[3] is graphs[1]) == (cache_kinds == 2)
+    assert (caches[2] is caches[0]) == (cache_kinds == 2)
+    assert len(dec._decodes) == cache_kinds and len(dec._prompts) == cache_kinds
+
+
+def test_static_caches_keep_the_last_kinds_and_grow_only(tiny_base):
+    from moa_core.graph_decode import StaticCaches
+
+    caches = StaticCaches(size=2)
+    kind = {B: (B, torch.float32, torch.device("cpu")) for B in (1, 2, 3)}
+    a = caches.get(tiny_base, kind[1], 10)
+    b = caches.get(tiny_base, kind[2], 8)
+    assert b.layers[0].max_cache_len == 10  # never shorter than the model's last
+    assert caches.get(tiny_base, kind[1], 9) is a and caches.last is a
+    c = caches.get(tiny_base, kind[3], 10)  # a third kind: the least recently used (batch 2's) goes
+    assert not caches.holds(b) and caches.holds(a) and caches.holds(c)
+    longer = caches.get(tiny_base, kind[1], 12)  # too short: replaced
+    assert longer is not a and not caches.holds(a) and longer.layers[0].max_cache_len == 12
+    with pytest.raises(ValueError, match="at least 1"):
+        StaticCaches(size=0)

@@ -411,7 +411,7 @@ def test_static_cache_is_kept_across_calls_and_grows_only(tiny_cfg, tiny_base):
         seqs, _ = mm.generate(ids, torch.ones_like(ids), **kw)
         fresh, _ = mm.generate(ids, torch.ones_like(ids), reuse_routing_cache=False, **kw)
         assert torch.equal(seqs, fresh)  # a cache longer than the call needs changes nothing
-        return mm._static[2]
+        return mm._caches.last
 
     first = call(10, 4)
     assert first.layers[0].max_cache_len == 13

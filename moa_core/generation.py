@@ -189,7 +189,8 @@ class RoutedGeneration:
         # weight changed, and the two decode steps are two graphs (GraphDecoder's `decode_graphs`). It needs the fused
         # path (CUDA with Triton, or `lora_fusion.enabled = True`) and MoA-style experts (no shared A, no universal
         # expert); otherwise calls decode routed. False (default): it costs one more copy of the wrapped
-        # projections' weights (0.7 GB at Qwen2-0.5B's shape in bf16, about half a 7B model's weights), kept.
+        # projections' weights (0.7 GB at Qwen2-0.5B's shape in bf16, about half a 7B model's weights), kept until
+        # `configure_decoding(fold_single_expert=False)` or `lora_fusion.unfold()`.
         self.fold_single_expert: bool = False
 
     def configure_decoding(self, graph_decoding: bool = True, compile: bool = False, prompt_shapes: int = 0,
@@ -200,6 +201,8 @@ class RoutedGeneration:
         self.graph_decoding = graph_decoding
         self.graph_decoder = GraphDecoder(self.model, compile=compile, prompt_shapes=prompt_shapes)
         self.fold_single_expert = fold_single_expert
+        if not fold_single_expert:
+            self.lora_fusion.unfold()  # their memory back
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, expert: Tensor | None = None,
@@ -298,7 +301,7 @@ class RoutedGeneration:
     def _folds(self, expert: Tensor | None) -> bool:
         """Whether generate_greedy's decode steps use the folded expert (see `fold_single_expert`): asked for, every
         row's expert the same (one host sync), and every wrapped projection foldable."""
-        return (self.fold_single_expert and expert is not None and expert.numel() > 0
+        return (self.fold_single_expert and not self.training and expert is not None and expert.numel() > 0
                 and self.lora_fusion.foldable(len(self.wrapped)) and bool((expert == expert[0]).all()))
 
     @contextlib.contextmanager

@@ -208,15 +208,22 @@ class _PromptGraph:
 
 
 class CaptureError(RuntimeError):
-    """Warming a step up for its capture, or capturing it, failed (e.g. an op that syncs with the host, a compile
-    error): the same call can still run without the decoder (MixtureModel.generate falls back to HF's generate)."""
+    """Capturing a step failed (e.g. an op that syncs with the host), or compiling it for the capture did: the same
+    call can still run without the decoder (MixtureModel.generate falls back to HF's generate)."""
 
 
 @contextlib.contextmanager
-def _capturing(what: str) -> Iterator[None]:
+def _capturing(what: str, recording: bool) -> Iterator[None]:
+    """Failures of a capture as CaptureError: any error while recording (`recording`), only torch.compile's while
+    warming up (the warm-up is an eager run of the step: any other error there is the step's own, and HF's generate
+    would meet it too); never running out of memory, which a fallback would hide."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise
     except Exception as exc:
+        if not (recording or isinstance(exc, torch._dynamo.exc.TorchDynamoException)):
+            raise
         raise CaptureError(f"capturing the {what} as a CUDA graph failed ({type(exc).__name__}: {exc})") from exc
 
 
@@ -258,7 +265,8 @@ class GraphDecoder:
         self._decodes: OrderedDict[tuple, tuple[Any, _Buffers]] = OrderedDict()
         self.capture = capture
         self.check_every = check_every
-        self._forward = torch.compile(model, dynamic=False) if compile else model
+        self.compiled = compile
+        self._compiled_model: Any = None  # torch.compile's wrapper, made at the first step (see _forward)
         # the static caches of `generate` and of a MixtureModel's generate_greedy: the memory the graphs read
         self.caches = StaticCaches(cache_kinds)
         self._layer_kinds: Any = None  # see _config_cache
@@ -436,6 +444,16 @@ class GraphDecoder:
             raise error(f"{why}; use GraphDecoder(capture=False) for the eager step")
         return True
 
+    @property
+    def _forward(self) -> Any:
+        """The step's model call: the model, or (compile) its torch.compile wrapper, made when first needed (making it
+        imports dynamo, which a decoder that never steps on CUDA, e.g. a CPU-served model's, need not pay)."""
+        if not self.compiled:
+            return self.model
+        if self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model, dynamic=False)
+        return self._compiled_model
+
     def _live(self, cache: Any, current: Any) -> bool:
         """Whether graphs over `cache` may replay again: it is this call's, or one `caches` still holds (a cache the
         caller or `caches` dropped is never given again, yet its graphs would keep it in memory)."""
@@ -475,12 +493,12 @@ class GraphDecoder:
         back afterwards, whatever happens."""
         saved = _Saved(buf, cache)
         try:
-            with _capturing("decode step"), self._side_stream():
+            with _capturing("decode step", recording=False), self._side_stream():
                 for _ in range(2):
                     saved.restore()
                     self._step(buf, cache)
             saved.restore()
-            with _capturing("decode step"):
+            with _capturing("decode step", recording=True):
                 buf.graph = self._record(lambda: self._step(buf, cache))
         finally:
             saved.restore()
@@ -489,7 +507,7 @@ class GraphDecoder:
         """Warm the prompt pass up twice, then capture it; the cache is emptied before each pass (`reset`: in place,
         and a fresh cache's counters are made by the first pass) and after, whatever happens."""
         try:
-            with _capturing("prompt pass"), self._side_stream():
+            with _capturing("prompt pass", recording=False), self._side_stream():
                 for _ in range(2):
                     kept.cache.reset()
                     run(kept.inputs)
@@ -498,7 +516,7 @@ class GraphDecoder:
             def record() -> None:  # the outputs of the recording are the tensors each replay writes
                 kept.outputs = run(kept.inputs)
 
-            with _capturing("prompt pass"):
+            with _capturing("prompt pass", recording=True):
                 kept.graph = self._record(record)
         finally:
             kept.cache.reset()

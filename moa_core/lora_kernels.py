@@ -545,6 +545,12 @@ class LoraGroup:
         key = self._weights_key()
         if key == self._key:
             return
+        # normal tensors, which a later refresh outside inference mode may write (inference_mode(False) alone would
+        # turn autograd back on)
+        with torch.inference_mode(False), torch.no_grad():
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         ms = self.members
         A = torch.cat([m.lora_A for m in ms], dim=1)  # [E, R, K]
         E = A.shape[0]
@@ -631,8 +637,9 @@ class LoraGroup:
         its address; nothing to do while it already holds e and no weight changed since (`refresh`)."""
         if self.folded_expert == e:
             return
-        folded = (self.W.float() + self.B[e].float() @ self.A[e].float()).to(self.W.dtype)  # [N, R] @ [R, K]
-        if self.W_folded is None or self.W_folded.shape != folded.shape or self.W_folded.device != folded.device:
+        folded = torch.addmm(self.W.float(), self.B[e].float(), self.A[e].float()).to(self.W.dtype)  # [N,R] @ [R,K]
+        if self.W_folded is None or (self.W_folded.shape, self.W_folded.device, self.W_folded.dtype) != (
+                folded.shape, folded.device, folded.dtype):
             with torch.inference_mode(False):  # a normal tensor, written in place by later folds
                 self.W_folded = folded.clone()
             if self.W_folded.is_cuda:
@@ -694,6 +701,11 @@ class LoraFusion:
         weights are stacked (plain nn.Linear) and whose experts share a rank. Call after `ready()`."""
         return (sum(len(g.members) for g in self.groups) == wrapped
                 and all(g.W is not None and g.Bt is not None for g in self.groups))
+
+    def unfold(self) -> None:
+        """Free the folded weights (`fold` makes them again when next asked)."""
+        for g in self.groups:
+            g.W_folded = g.folded_expert = None
 
     def fold(self, e: int) -> list[Tensor]:
         """Expert e's LoRA folded into a copy of every group's base weights (`LoraGroup.fold`), for forwards where

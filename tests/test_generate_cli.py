@@ -74,7 +74,7 @@ def test_registered_champion_version_and_run(project, capfd):
 
     configure_env(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["serve"] = {"prompt_shapes": 3, "fold_single_expert": True}  # carried by the version to its pyfunc
+    params["serve"] = {"compile": True, "prompt_shapes": 3, "fold_single_expert": True}  # carried to its pyfunc
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ctx = StageContext.load(root / "params.yaml")
     runner = CliRunner()
@@ -92,8 +92,9 @@ def test_registered_champion_version_and_run(project, capfd):
     import mlflow
 
     served = mlflow.pyfunc.load_model(f"models:/moa-model/{version}").unwrap_python_model().mm
-    decoding = (served.graph_decoding, served.graph_decoder.prompt_shapes, served.fold_single_expert)
-    assert decoding == (True, 3, True), "the version's pyfunc did not take params.yaml's serve section"
+    decoding = (served.graph_decoding, served.graph_decoder.compiled, served.graph_decoder.prompt_shapes,
+                served.fold_single_expert)
+    assert decoding == (True, True, 3, True), "the version's pyfunc did not take params.yaml's serve section"
     local = runner.invoke(app, [*base_args, "--local", *PROMPTS[:2]])
     assert local.exit_code == 0, local.output
     local_rows = [json.loads(x) for x in local.stdout.splitlines()]

@@ -553,3 +553,26 @@ def test_static_caches_keep_the_last_kinds_and_grow_only(tiny_base):
     assert longer is not a and not caches.holds(a) and longer.layers[0].max_cache_len == 12
     with pytest.raises(ValueError, match="at least 1"):
         StaticCaches(size=0)
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug of the step"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_errors_that_are_not_the_capture_s_propagate_and_keep_graph_decoding_on(tiny_cfg, tiny_base, fake_capture,
+                                                                                monkeypatch, error):
+    """An error in the warm-up's eager run of the step (not torch.compile's) is the step's own, and running out of
+    memory is not a capture failure either: both reach the caller as they are, with graph decoding still on (no
+    silent, lasting fallback)."""
+    monkeypatch.setattr(GraphDecoder, "refusal", lambda self, device, cache=None: None)
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    ids, mask = left_padded(3, 8, seed=61)
+
+    def step(self, buf, cache):
+        raise error
+
+    def record(step_fn):
+        raise error
+
+    monkeypatch.setattr(GraphDecoder, "_step" if isinstance(error, ValueError) else "_record",
+                        step if isinstance(error, ValueError) else staticmethod(record))
+    with pytest.raises(type(error), match=str(error)):
+        mm.generate(ids, mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert mm.graph_decoding is True

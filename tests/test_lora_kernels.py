@@ -454,3 +454,33 @@ def test_merged_prompt_layout_runs_under_autocast(tiny_cfg, tiny_base, monkeypat
             logits[layout] = mm(ids, torch.ones_like(ids), expert=expert).logits.float()
     gap = float((logits["merged"] - logits["fused"]).abs().max())
     assert torch.allclose(logits["merged"], logits["fused"], atol=0.1), gap
+
+
+def test_the_fold_follows_a_new_dtype_and_refresh_works_in_and_out_of_inference_mode(tiny_cfg, tiny_base):
+    """After the model moves to another dtype the fold is made again in it (a copy into the old tensor would keep the
+    old dtype and fail in F.linear); the stacked weights built under inference mode can be refreshed outside it;
+    `unfold` frees the folded weights."""
+    mm = distinct_experts(tiny_cfg, tiny_base, std=0.3)
+    mm.lora_fusion.enabled = True
+    with torch.inference_mode():
+        assert mm.lora_fusion.ready()
+        mm.lora_fusion.fold(1)
+    g = mm.lora_fusion.groups[0]
+    with torch.no_grad():
+        g.members[0].lora_B.add_(0.1)  # in place, outside inference mode: the stacked weights are refreshed
+    assert mm.lora_fusion.ready() and not g.A.requires_grad and not g.A.is_inference()
+    mm.to(torch.float64)
+    assert mm.lora_fusion.ready()
+    mm.lora_fusion.fold(1)
+    assert g.W_folded.dtype == torch.float64 and g.folded_expert == 1
+    x = torch.randn(2, 1, g.members[0].in_features, dtype=torch.float64)
+    m = g.members[0]
+    m.slot.route = Route(index=torch.tensor([1, 1]))
+    with torch.no_grad():
+        ref = m(x)
+        m.slot.folded = True
+        folded = m(x)
+        m.slot.folded = False
+    assert torch.allclose(folded, ref, atol=1e-9)
+    mm.lora_fusion.unfold()
+    assert all(g.W_folded is None and g.folded_expert is None for g in mm.lora_fusion.groups)

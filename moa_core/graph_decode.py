@@ -55,10 +55,11 @@ class StaticCaches:
     per call, keeps the length for the same reason in `_previous_max_cache_length`, read and set here too, so that
     the calls a MixtureModel leaves to HF's own cache (e.g. with `expert=` given) see the same length."""
 
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int = 2, on_drop: Callable[[Any], None] | None = None) -> None:
         if size < 1:
             raise ValueError(f"a StaticCaches keeps at least 1 cache, got size={size}")
         self.size = size
+        self.on_drop = on_drop  # called with each cache dropped, before a new one is made (its graphs go with it)
         self._held: OrderedDict[tuple, tuple[int, Any]] = OrderedDict()  # kind -> (length, cache); last used last
 
     def get(self, model: nn.Module, kind: tuple, max_len: int) -> Any:
@@ -70,13 +71,23 @@ class StaticCaches:
         if held is not None and held[0] >= max_len:
             held[1].reset()
         else:
-            held = None  # a too-short cache goes before the new one's memory is taken
+            if held is not None:  # too short: it goes before the new one's memory is taken
+                self._dropped(held[1])
             while len(self._held) >= self.size:
-                self._held.popitem(last=False)
+                self._dropped(self._held.popitem(last=False)[1][1])
             held = (max_len, StaticCache(config=model.config, max_cache_len=max_len))
             model._previous_max_cache_length = max_len
         self._held[kind] = held
         return held[1]
+
+    def _dropped(self, cache: Any) -> None:
+        if self.on_drop is not None:
+            self.on_drop(cache)
+
+    def clear(self) -> None:
+        for _, cache in list(self._held.values()):
+            self._dropped(cache)
+        self._held.clear()
 
     def holds(self, cache: Any) -> bool:
         return any(c is cache for _, c in self._held.values())
@@ -214,17 +225,30 @@ class CaptureError(RuntimeError):
 
 @contextlib.contextmanager
 def _capturing(what: str, recording: bool) -> Iterator[None]:
-    """Failures of a capture as CaptureError: any error while recording (`recording`), only torch.compile's while
-    warming up (the warm-up is an eager run of the step: any other error there is the step's own, and HF's generate
-    would meet it too); never running out of memory, which a fallback would hide."""
+    """Failures of a capture as CaptureError: any error while recording (`recording`), only torch.compile's own while
+    warming up (the warm-up is an eager run of the step: any other error there is the step's, and HF's generate
+    would meet it too; dynamo reports those as TorchRuntimeError); never running out of memory, which a fallback
+    would hide, also where a compile error wraps it."""
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise
     except Exception as exc:
-        if not (recording or isinstance(exc, torch._dynamo.exc.TorchDynamoException)):
+        dynamo = torch._dynamo.exc
+        compiling = isinstance(exc, dynamo.TorchDynamoException) and not isinstance(exc, dynamo.TorchRuntimeError)
+        if _out_of_memory(exc) or not (recording or compiling):
             raise
         raise CaptureError(f"capturing the {what} as a CUDA graph failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it wraps (its cause or context, dynamo's inner exception), is running out of
+    memory."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        seen.add(id(exc))
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return False
 
 
 Context = Callable[[dict[str, Tensor]], contextlib.AbstractContextManager[Any]]
@@ -244,8 +268,8 @@ class GraphDecoder:
     batches, prompts padded to a few lengths). cache_kinds: how many static caches `caches` keeps, one per (batch,
     dtype, device) (StaticCaches): calls of alternating batch sizes each replay their own graphs. decode_graphs: how
     many decode steps to keep captured, one per (cache, key) (e.g. a MixtureModel's routed step and its folded one,
-    `MixtureModel.fold_single_expert`), the least recently used dropped first. Graphs over a cache that `caches` no
-    longer holds are dropped at the next call (they could never replay, yet hold memory). Capture needs a cache without sliding-window layers and sdpa or eager
+    `MixtureModel.fold_single_expert`), the least recently used dropped first. Graphs over a cache that `caches`
+    drops go with it, before its replacement is filled (they could never replay, yet hold memory). Capture needs a cache without sliding-window layers and sdpa or eager
     attention (the others read tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
@@ -268,7 +292,7 @@ class GraphDecoder:
         self.compiled = compile
         self._compiled_model: Any = None  # torch.compile's wrapper, made at the first step (see _forward)
         # the static caches of `generate` and of a MixtureModel's generate_greedy: the memory the graphs read
-        self.caches = StaticCaches(cache_kinds)
+        self.caches = StaticCaches(cache_kinds, on_drop=self._forget)
         self._layer_kinds: Any = None  # see _config_cache
 
     @property
@@ -280,9 +304,10 @@ class GraphDecoder:
         return full, cache, buf
 
     def clear(self) -> None:
-        """Drop the captured graphs and their buffers."""
+        """Drop the captured graphs, their buffers and the static caches."""
         self._decodes.clear()
         self._prompts.clear()
+        self.caches.clear()
 
     # ------------------------------------------------------------------------------------------------ API
     @torch.no_grad()
@@ -317,7 +342,8 @@ class GraphDecoder:
         device = next(iter(inputs.values())).device
         if not self.prompt_shapes or not self.captures(device, cache):
             return run(inputs)
-        full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key)
+        # id(cache): the graph writes that cache's tensors (an entry holds its cache, so the id is not reused meanwhile)
+        full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key, id(cache))
         for old in [k for k, g in self._prompts.items() if not self._live(g.cache, cache)]:
             del self._prompts[old]
         kept = self._prompts.pop(full, None)
@@ -454,6 +480,13 @@ class GraphDecoder:
             self._compiled_model = torch.compile(self.model, dynamic=False)
         return self._compiled_model
 
+    def _forget(self, cache: Any) -> None:
+        """Drop the graphs over `cache` (`caches` dropped it: they can never replay, yet hold it and their pools)."""
+        for old in [k for k, (c, _) in self._decodes.items() if c is cache]:
+            del self._decodes[old]
+        for old in [k for k, g in self._prompts.items() if g.cache is cache]:
+            del self._prompts[old]
+
     def _live(self, cache: Any, current: Any) -> bool:
         """Whether graphs over `cache` may replay again: it is this call's, or one `caches` still holds (a cache the
         caller or `caches` dropped is never given again, yet its graphs would keep it in memory)."""
@@ -462,7 +495,8 @@ class GraphDecoder:
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:
         """The kept buffers (and graph) of the call's key and cache, else new ones (see `_decodes`)."""
-        full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())))
+        full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())),
+                id(cache))  # as in `prompt`
         for old in [k for k, (c, _) in self._decodes.items() if not self._live(c, cache)]:
             del self._decodes[old]
         kept = self._decodes.pop(full, None)

@@ -95,6 +95,7 @@ def test_registered_champion_version_and_run(project, capfd):
     decoding = (served.graph_decoding, served.graph_decoder.compiled, served.graph_decoder.prompt_shapes,
                 served.fold_single_expert)
     assert decoding == (True, True, 3, True), "the version's pyfunc did not take params.yaml's serve section"
+    assert served.graph_decoder._compiled_model is None  # nothing compiled (nor dynamo imported) before a CUDA step
     local = runner.invoke(app, [*base_args, "--local", *PROMPTS[:2]])
     assert local.exit_code == 0, local.output
     local_rows = [json.loads(x) for x in local.stdout.splitlines()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import distinct_experts
 
-from moa_core.graph_decode import GraphDecoder
+from moa_core.graph_decode import GraphDecoder, weight_addresses
 
 
 def left_padded(B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def test_plain_model_gives_hf_greedy_tokens(tiny_base):
     ref2 = tiny_base.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(dec.generate(ids2, mask2, 5, pad_token_id=0), ref2)
-    assert dec._kept[1] is dec.caches.last  # one entry: the kept cache's
+    assert len(dec._decodes) == 1 and dec._kept[1] is dec.caches.last  # one entry: the kept cache's
 
 
 def varied(model) -> None:
@@ -509,7 +509,7 @@ def test_a_failed_capture_falls_back_to_hf_generate_with_one_warning(tiny_cfg, t
     with pytest.warns(UserWarning, match="HF's generate from now on") as caught:
         out, expert = mm.generate(ids, mask, **gen)
     assert len(caught) == 1 and torch.equal(out, ref) and torch.equal(expert, ref_expert)
-    assert mm.graph_decoding is False
+    assert mm.graph_decoding is False and mm.graph_decoder.caches.last is None  # its caches freed, not left behind
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
         assert torch.equal(mm.generate(ids, mask, **gen)[0], ref)
@@ -576,3 +576,65 @@ def test_errors_that_are_not_the_capture_s_propagate_and_keep_graph_decoding_on(
     with pytest.raises(type(error), match=str(error)):
         mm.generate(ids, mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert mm.graph_decoding is True
+
+
+def test_what_counts_as_a_capture_failure():
+    """Recording: any error but running out of memory. Warm-up (an eager run of the step): torch.compile's own
+    failures only, not the step's errors that dynamo re-raises (TorchRuntimeError), nor a compile failure that wraps
+    running out of memory."""
+    from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
+
+    from moa_core.graph_decode import CaptureError, _capturing
+
+    def raised(exc, recording):
+        try:
+            with _capturing("decode step", recording=recording):
+                raise exc
+        except Exception as out:  # noqa: BLE001 - the test looks at which one comes out
+            return type(out)
+
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    assert raised(RuntimeError("operation not permitted when stream is capturing"), True) is CaptureError
+    assert raised(oom, True) is torch.OutOfMemoryError
+    assert raised(ValueError("a bug of the step"), False) is ValueError
+    assert raised(TorchRuntimeError("a shape error in the traced step"), False) is TorchRuntimeError
+    assert raised(BackendCompilerFailed(print, RuntimeError("inductor failed"), None), False) is CaptureError
+    assert raised(BackendCompilerFailed(print, oom, None), False) is BackendCompilerFailed
+
+
+def test_a_cache_the_caller_brings_gets_its_own_graph_and_dropped_caches_free_their_graphs(tiny_base, fake_capture):
+    """Graphs are kept per cache: a call over the caller's own cache, of the same shape as one the decoder holds,
+    captures anew and writes the caller's cache (not the held one's graph replayed); and a cache the decoder drops
+    takes its graphs with it at once, before the new cache is filled (else both would be in memory)."""
+    import gc
+    import weakref
+
+    from transformers import StaticCache
+
+    from moa_core.graph_decode import prefill
+
+    dec = GraphDecoder(tiny_base, cache_kinds=1)
+    ids, mask = left_padded(2, 6, seed=80)
+    ref = tiny_base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(dec.generate(ids, mask, 4, pad_token_id=0), ref)
+    held = dec.caches.last
+    mine = StaticCache(config=tiny_base.config, max_cache_len=held.layers[0].max_cache_len)
+    first = prefill(tiny_base, ids, mask, mine)
+    new = dec.decode(mine, mask, first, 4, pad_token_id=0, key=weight_addresses(tiny_base))
+    assert torch.equal(new, ref[:, 6:]) and int(mine.get_seq_length()) == 6 + 3
+    assert len(dec._decodes) == 2 and dec._kept[1] is mine
+
+    gone = weakref.ref(held)
+    del held
+    get = dec.caches.get
+
+    def get_and_check(*args):  # batch 3: a new kind replaces batch 2's cache (cache_kinds=1)
+        cache = get(*args)
+        gc.collect()  # a fake graph and its buffers form a cycle
+        assert gone() is None, "the dropped cache lived on while its replacement was handed out"
+        return cache
+
+    dec.caches.get = get_and_check
+    ids3, mask3 = left_padded(3, 6, seed=81)
+    dec.generate(ids3, mask3, 4, pad_token_id=0)

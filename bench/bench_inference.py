@@ -260,8 +260,8 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            # moa_gcr, moa_gcf, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also capture the
-            # prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
+            # moa_gcr, moa_gcf, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also
+            # capture the prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
             prompt_shapes = 2 if "_gcp" in v else 0
             v = v[: v.index("_gc") + 3] if "_gc" in v else v
             if v not in decoders:
@@ -450,7 +450,8 @@ def render(payload: dict) -> str:
                 markdown_table(["N"] + [f"{v} prompt ms" for v in variants] + [f"{v} decode ms/step" for v in variants],
                                rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
-              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "match_moa_gcf_vs_moa_gc", "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "match_moa_gcf_vs_moa_gc",
+              "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     checks += [f"match_{g}_vs_{hf}" for g, hf in GRAPHED_TWINS if f"match_{g}_vs_{hf}" in payload["results"][0]]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]
     warm = [v for v in variants if v.endswith("_c") or v in GRAPHED]  # the *_sg twins reuse their plain variant's

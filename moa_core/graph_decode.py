@@ -269,8 +269,8 @@ class GraphDecoder:
     dtype, device) (StaticCaches): calls of alternating batch sizes each replay their own graphs. decode_graphs: how
     many decode steps to keep captured, one per (cache, key) (e.g. a MixtureModel's routed step and its folded one,
     `MixtureModel.fold_single_expert`), the least recently used dropped first. Graphs over a cache that `caches`
-    drops go with it, before its replacement is filled (they could never replay, yet hold memory). Capture needs a cache without sliding-window layers and sdpa or eager
-    attention (the others read tensor values on the host)."""
+    drops go with it, before its replacement is filled (they could never replay, yet hold memory). Capture needs a
+    cache without sliding-window layers and sdpa or eager attention (the others read tensor values on the host)."""
 
     def __init__(self, model: nn.Module, capture: bool | None = None, check_every: int = 8,
                  compile: bool = False, prompt_shapes: int = 0, decode_graphs: int = 4, cache_kinds: int = 2) -> None:

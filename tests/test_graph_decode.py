@@ -505,7 +505,8 @@ def test_a_failed_capture_falls_back_to_hf_generate_with_one_warning(tiny_cfg, t
     with pytest.raises(CaptureError, match=f"capturing the {failing}"):
         mm.generate_greedy(ids, mask, 5, pad_token_id=0)
     kept_prompts = [g.graph for g in mm.graph_decoder._prompts.values()]  # the captured one only
-    assert not mm.graph_decoder._decodes and len(kept_prompts) == (failing == "decode step") and None not in kept_prompts
+    assert not mm.graph_decoder._decodes and None not in kept_prompts
+    assert len(kept_prompts) == (failing == "decode step")
     with pytest.warns(UserWarning, match="HF's generate from now on") as caught:
         out, expert = mm.generate(ids, mask, **gen)
     assert len(caught) == 1 and torch.equal(out, ref) and torch.equal(expert, ref_expert)

@@ -250,7 +250,8 @@ def expert_token_shares(expert: Tensor, labels: Tensor, num_experts: int) -> Ten
     return per_expert / per_expert.sum().clamp(min=1.0)
 
 
-def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], max_norm: float, shares: Tensor) -> None:
+def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], max_norm: float, shares: Tensor,
+                          foreach: bool | None = None) -> None:
     """Give each expert the clipped gradient its own training job would have.
 
     stacked: parameters whose first dimension indexes the experts (A [E, r, d_in], B [E, d_out, r]); expert e's
@@ -260,7 +261,11 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
     (over all of e's slices) clipped to `max_norm`, as the job clips. With the routers' loss on (router.eta > 0),
     which also reaches the experts of earlier layers through the hidden states, that part is scaled alike.
     An expert without rows (share 0) has no gradient from them and is left as it is. `shared` (routers, a
-    universal expert, a shared A) are clipped together to `max_norm`."""
+    universal expert, a shared A) are clipped together to `max_norm`. foreach: the norms and the multiply through
+    torch's multi-tensor ops, per expert over its slices of every gradient (as clip_grad_norm_ does), instead of one
+    norm and one multiply per gradient; None (default): on an accelerator, where the loop's ~5 kernels per gradient
+    (~1,700 per step on a 24-layer model with 7 projections) weigh on a step that is host-bound there. On the CPU
+    the loop is faster (its norms cover all experts of a gradient at once)."""
     grads = [p.grad for p in stacked if p.grad is not None]
     if grads:
         E = shares.shape[0]
@@ -268,13 +273,24 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
             raise ValueError(f"every stacked parameter must hold {E} experts along its first dimension, got "
                              f"{sorted({g.shape[0] for g in grads})}")
         shares = shares.to(grads[0].device, torch.float32)
-        sq = torch.zeros(E, dtype=torch.float32, device=grads[0].device)
-        for g in grads:
-            sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
+        if foreach is None:
+            foreach = grads[0].device.type != "cpu" and len({(g.device, g.dtype) for g in grads}) == 1
+        slices = list(zip(*(g.unbind(0) for g in grads))) if foreach else []  # [E][n]: expert e's slice of each
+        if foreach:
+            sq = torch.stack([torch.stack(torch._foreach_norm(mine, 2, dtype=torch.float32)).square().sum()
+                              for mine in slices])
+        else:
+            sq = torch.zeros(E, dtype=torch.float32, device=grads[0].device)
+            for g in grads:
+                sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
         own = sq.sqrt() / shares.clamp(min=1e-12)  # [E] the norm of each expert's own-rows gradient
         scale = torch.where(shares > 0, (max_norm / (own + 1e-6)).clamp(max=1.0) / shares.clamp(min=1e-12), 1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+        if foreach:
+            for mine, s in zip(slices, scale.to(grads[0].dtype).unbind(0)):
+                torch._foreach_mul_(list(mine), s)
+        else:
+            for g in grads:
+                g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
     rest = [p for p in shared if p.grad is not None]
     if rest:
         torch.nn.utils.clip_grad_norm_(rest, max_norm)

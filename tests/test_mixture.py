@@ -169,7 +169,8 @@ def test_moa_stage2_gradients_only_on_routers_and_gold_experts(tiny_cfg, tiny_ba
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in mm.routers)
 
 
-def test_per_expert_clipping_clips_each_expert_as_its_own_job():
+@pytest.mark.parametrize("foreach", [False, True])  # the CPU's loop, and the multi-tensor ops used on accelerators
+def test_per_expert_clipping_clips_each_expert_as_its_own_job(foreach):
     """Expert e's gradient in a mixed batch is share_e x its own rows' gradient, spread over its A and B slices; after
     the clip it must be what clipping that own-rows gradient alone (its job) gives, its norm taken over A and B
     together: expert 0 is over the limit, expert 1 under, expert 2 idle."""
@@ -182,7 +183,7 @@ def test_per_expert_clipping_clips_each_expert_as_its_own_job():
     B.grad = torch.stack([sh * g for sh, g in zip(shares, own_B, strict=True)])
     router = torch.nn.Parameter(torch.zeros(3, 8))
     router.grad = torch.full((3, 8), 5.0)
-    clip_grads_per_expert([A, B], [router], 1.0, shares)
+    clip_grads_per_expert([A, B], [router], 1.0, shares, foreach=foreach)
     for e in range(2):
         norm = float(torch.cat([own_A[e].flatten(), own_B[e].flatten()]).norm())
         k = min(1.0, 1.0 / (norm + 1e-6))
@@ -193,7 +194,7 @@ def test_per_expert_clipping_clips_each_expert_as_its_own_job():
     with pytest.raises(ValueError, match="3 experts"):  # a layer with another expert count (MoSLD): not this clip
         C = torch.nn.Parameter(torch.zeros(2, 4))
         C.grad = torch.ones(2, 4)
-        clip_grads_per_expert([A, C], [], 1.0, shares)
+        clip_grads_per_expert([A, C], [], 1.0, shares, foreach=foreach)
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, 4], [-100, 5, 6, 7]])  # 2, 2, 3 loss tokens
     torch.testing.assert_close(expert_token_shares(torch.tensor([0, 2, 0]), labels, 3), torch.tensor([5 / 7, 0.0, 2 / 7]))
 

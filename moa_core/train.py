@@ -250,6 +250,7 @@ def expert_token_shares(expert: Tensor, labels: Tensor, num_experts: int) -> Ten
     return per_expert / per_expert.sum().clamp(min=1.0)
 
 
+@torch.no_grad()  # as clip_grad_norm_: in place on the gradients, also after a backward with create_graph
 def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], max_norm: float, shares: Tensor,
                           foreach: bool | None = None) -> None:
     """Give each expert the clipped gradient its own training job would have.
@@ -265,7 +266,8 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
     torch's multi-tensor ops, per expert over its slices of every gradient (as clip_grad_norm_ does), instead of one
     norm and one multiply per gradient; None (default): on an accelerator, where the loop's ~5 kernels per gradient
     (~1,700 per step on a 24-layer model with 7 projections) weigh on a step that is host-bound there. On the CPU
-    the loop is faster (its norms cover all experts of a gradient at once)."""
+    the loop is faster (its norms cover all experts of a gradient at once). Gradients of several dtypes or devices
+    always take the loop."""
     grads = [p.grad for p in stacked if p.grad is not None]
     if grads:
         E = shares.shape[0]
@@ -274,15 +276,16 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
                              f"{sorted({g.shape[0] for g in grads})}")
         shares = shares.to(grads[0].device, torch.float32)
         if foreach is None:
-            foreach = grads[0].device.type != "cpu" and len({(g.device, g.dtype) for g in grads}) == 1
+            foreach = grads[0].device.type != "cpu"
+        foreach = foreach and len({(g.device, g.dtype) for g in grads}) == 1  # one scale tensor serves them all
         slices = list(zip(*(g.unbind(0) for g in grads))) if foreach else []  # [E][n]: expert e's slice of each
         if foreach:
             sq = torch.stack([torch.stack(torch._foreach_norm(mine, 2, dtype=torch.float32)).square().sum()
                               for mine in slices])
         else:
             sq = torch.zeros(E, dtype=torch.float32, device=grads[0].device)
-            for g in grads:
-                sq += torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())), dtype=torch.float32).square()
+            for g in grads:  # [E, n] views: a gradient of shape [E] too (dim=() would reduce over the experts)
+                sq += torch.linalg.vector_norm(g.reshape(E, -1), dim=1, dtype=torch.float32).square()
         own = sq.sqrt() / shares.clamp(min=1e-12)  # [E] the norm of each expert's own-rows gradient
         scale = torch.where(shares > 0, (max_norm / (own + 1e-6)).clamp(max=1.0) / shares.clamp(min=1e-12), 1.0)
         if foreach:

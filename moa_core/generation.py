@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from . import lora_kernels
 from .graph_decode import (
-    CaptureError, GraphDecoder, StaticCaches, prefill, prompt_inputs, prompt_positions, weight_addresses,
+    CaptureError, GraphDecoder, StaticCaches, prefill, prompt_inputs, prompt_positions, tensor_addresses,
+    weight_addresses,
 )
 from .routing import Routing
 
@@ -292,7 +293,7 @@ class RoutedGeneration:
         context = self._decode_routing
         if fused and sequence and self._folds(expert):
             folded = self.lora_fusion.fold(int(expert[0]))
-            key += ("folded", tuple((w.data_ptr(), tuple(w.shape)) for w in folded))  # read at those addresses
+            key += ("folded", tensor_addresses(folded))  # the step reads them at those addresses
             statics, context = {}, self._folded_routing
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                                         key=key, statics=statics, context=context)

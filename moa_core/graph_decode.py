@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,11 +136,16 @@ def prompt_inputs(input_ids: Tensor, attention_mask: Tensor, cache: Any, dtype: 
             "attention": prompt_attention(attention_mask, L, dtype)}
 
 
+def tensor_addresses(tensors: Iterable[Tensor]) -> tuple:
+    """Where, and in what shape, each tensor lives (see `weight_addresses`)."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+
 def weight_addresses(module: nn.Module, extra: list[Tensor] | tuple[Tensor, ...] = ()) -> tuple:
     """Where (and in what shape) every parameter and buffer of `module`, and each tensor of `extra`, lives: part of a
     captured step's key. A captured step reads those addresses; a weight moved elsewhere (`p.data = ...`,
     `load_state_dict(assign=True)`, a new expert) needs a new capture; one changed in place needs none."""
-    return tuple((t.data_ptr(), tuple(t.shape)) for t in (*module.parameters(), *module.buffers(), *extra))
+    return tensor_addresses((*module.parameters(), *module.buffers(), *extra))
 
 
 def eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
@@ -206,6 +211,14 @@ class _Saved:
     def restore(self) -> None:
         for t, before in self.saved:
             t.copy_(before)
+
+
+@dataclass
+class _DecodeGraph:
+    """One decode step kept: the cache it writes, its buffers (and graph, once captured)."""
+
+    cache: Any
+    buffers: _Buffers
 
 
 @dataclass
@@ -284,9 +297,9 @@ class GraphDecoder:
         self.prompt_shapes = prompt_shapes
         self._prompts: OrderedDict[tuple, _PromptGraph] = OrderedDict()  # least recently used first
         self.decode_graphs = decode_graphs
-        # (full key) -> (cache, buffers and graph), least recently used first: a key past `decode_graphs` drops the
-        # oldest, so a graph whose weights moved is freed with its memory pool
-        self._decodes: OrderedDict[tuple, tuple[Any, _Buffers]] = OrderedDict()
+        # (full key) -> decode step, least recently used first: a key past `decode_graphs` drops the oldest, so a
+        # graph whose weights moved is freed with its memory pool
+        self._decodes: OrderedDict[tuple, _DecodeGraph] = OrderedDict()
         self.capture = capture
         self.check_every = check_every
         self.compiled = compile
@@ -300,8 +313,8 @@ class GraphDecoder:
         """The most recently used decode step: (key, cache, buffers and graph), or None."""
         if not self._decodes:
             return None
-        full, (cache, buf) = next(reversed(self._decodes.items()))
-        return full, cache, buf
+        full, kept = next(reversed(self._decodes.items()))
+        return full, kept.cache, kept.buffers
 
     def clear(self) -> None:
         """Drop the captured graphs, their buffers and the static caches."""
@@ -344,14 +357,8 @@ class GraphDecoder:
             return run(inputs)
         # id(cache): the graph writes that cache's tensors (an entry holds its cache, so the id is not reused meanwhile)
         full = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())), str(device), key, id(cache))
-        for old in [k for k, g in self._prompts.items() if not self._live(g.cache, cache)]:
-            del self._prompts[old]
-        kept = self._prompts.pop(full, None)
-        if kept is None:
-            while len(self._prompts) >= self.prompt_shapes:
-                self._prompts.popitem(last=False)  # its memory goes before the new capture's is taken
-            kept = _PromptGraph(inputs={k: torch.empty_like(v) for k, v in inputs.items()}, cache=cache)
-        self._prompts[full] = kept
+        kept = self._entry(self._prompts, full, cache, self.prompt_shapes, lambda: _PromptGraph(
+            inputs={k: torch.empty_like(v) for k, v in inputs.items()}, cache=cache))
         for name, value in inputs.items():
             kept.inputs[name].copy_(value)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -482,30 +489,36 @@ class GraphDecoder:
 
     def _forget(self, cache: Any) -> None:
         """Drop the graphs over `cache` (`caches` dropped it: they can never replay, yet hold it and their pools)."""
-        for old in [k for k, (c, _) in self._decodes.items() if c is cache]:
-            del self._decodes[old]
-        for old in [k for k, g in self._prompts.items() if g.cache is cache]:
-            del self._prompts[old]
+        for table in (self._decodes, self._prompts):
+            for old in [k for k, kept in table.items() if kept.cache is cache]:
+                del table[old]
 
     def _live(self, cache: Any, current: Any) -> bool:
         """Whether graphs over `cache` may replay again: it is this call's, or one `caches` still holds (a cache the
         caller or `caches` dropped is never given again, yet its graphs would keep it in memory)."""
         return cache is current or self.caches.holds(cache)
 
+    def _entry(self, table: OrderedDict, full: tuple, cache: Any, limit: int, make: Callable[[], Any]) -> Any:
+        """`table`'s entry (a _DecodeGraph or _PromptGraph) for key `full`, now the most recently used; else `make()`
+        in its place. Entries over a cache no longer live (`_live`) go first, then the least recently used past
+        `limit`, so that their memory is freed before the new entry's is taken."""
+        for old in [k for k, kept in table.items() if not self._live(kept.cache, cache)]:
+            del table[old]
+        kept = table.pop(full, None)
+        if kept is None:
+            while len(table) >= limit:
+                table.popitem(last=False)
+            kept = make()
+        table[full] = kept
+        return kept
+
     def _buffers_for(self, cache: Any, B: int, L: int, E: int, device: torch.device, key: tuple,
                      statics: dict[str, Tensor]) -> _Buffers:
         """The kept buffers (and graph) of the call's key and cache, else new ones (see `_decodes`)."""
         full = (B, L, E, str(device), key, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(statics.items())),
                 id(cache))  # as in `prompt`
-        for old in [k for k, (c, _) in self._decodes.items() if not self._live(c, cache)]:
-            del self._decodes[old]
-        kept = self._decodes.pop(full, None)
-        if kept is None:
-            while len(self._decodes) >= self.decode_graphs:
-                self._decodes.popitem(last=False)  # the old graph's memory goes before the new one's is taken
-            kept = (cache, _Buffers.allocate(B, L, E, device, statics))
-        self._decodes[full] = kept
-        return kept[1]
+        return self._entry(self._decodes, full, cache, self.decode_graphs,
+                           lambda: _DecodeGraph(cache, _Buffers.allocate(B, L, E, device, statics))).buffers
 
     def _step(self, buf: _Buffers, cache: Any) -> None:
         """One token for every row (see the module docstring); only in-place writes to `buf` and `cache`."""

@@ -629,7 +629,6 @@ class LoraGroup:
             return compute()
         return self._member_part(member, x, index, compute)
 
-
     @torch.no_grad()
     def fold(self, e: int) -> None:
         """W_folded = W + B_bd[e] A[e]: the group's base weights with expert e's LoRA added, every member's s B A in

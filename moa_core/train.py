@@ -278,8 +278,8 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
         if foreach is None:
             foreach = grads[0].device.type != "cpu"
         foreach = foreach and len({(g.device, g.dtype) for g in grads}) == 1  # one scale tensor serves them all
-        slices = list(zip(*(g.unbind(0) for g in grads))) if foreach else []  # [E][n]: expert e's slice of each
         if foreach:
+            slices = [list(mine) for mine in zip(*(g.unbind(0) for g in grads))]  # [E][n]: e's slice of each
             sq = torch.stack([torch.stack(torch._foreach_norm(mine, 2, dtype=torch.float32)).square().sum()
                               for mine in slices])
         else:
@@ -290,7 +290,7 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
         scale = torch.where(shares > 0, (max_norm / (own + 1e-6)).clamp(max=1.0) / shares.clamp(min=1e-12), 1.0)
         if foreach:
             for mine, s in zip(slices, scale.to(grads[0].dtype).unbind(0)):
-                torch._foreach_mul_(list(mine), s)
+                torch._foreach_mul_(mine, s)
         else:
             for g in grads:
                 g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))

@@ -532,7 +532,7 @@ def test_alternating_batch_sizes_replay_their_own_graphs_while_their_caches_are_
         graphs.append(dec._kept[2].graph)
         caches.append(dec.caches.last)
         live = [c for c in caches if dec.caches.holds(c)]
-        assert all(any(c is k for k in live) for c, _ in dec._decodes.values()), "a graph outlived its cache"
+        assert all(any(d.cache is k for k in live) for d in dec._decodes.values()), "a graph outlived its cache"
         assert all(any(g.cache is k for k in live) for g in dec._prompts.values()), "a prompt graph outlived its cache"
     assert (graphs[2] is graphs[0] and graphs[3] is graphs[1]) == (cache_kinds == 2)
     assert (caches[2] is caches[0]) == (cache_kinds == 2)

@@ -8,12 +8,16 @@ Same tokens, same rank, same optimiser, same training loop (`moa_core.train.trai
                  --steps steps of --batch rows.
   (b) moa        one MixtureModel (method moa, N experts, same r/alpha/dropout/targets) trained like
                  `train_mixture(route="gold", train_experts=True, train_routers=False)`: mixed-domain
-                 batches, each row through its own domain's expert (per-expert gradients through the
-                 gathered A/B), --steps steps of N x --batch rows. Step s holds exactly the rows job k
+                 batches, each row through its own domain's expert (per-expert gradients), --steps steps of N x --batch rows. Step s holds exactly the rows job k
                  sees at its step s, for every k: each expert sees the same rows, in the same number of
-                 optimiser steps, as its own PEFT job.
+                 optimiser steps, as its own PEFT job. The rows are one block per domain, as train_mixture
+                 orders a batch the domains divide, so each expert applies to its block's view
+                 (`expert_blocks=True`: no per-row gathers).
+  (b'') moa_gather  the same pass and batches with each row's A and B gathered (what any row order takes): the
+                 blocked path's gain.
   (b') moa_b     the same pass with the PEFT jobs' batch shape: N x --steps steps of --batch mixed rows
-                 (each expert then sees its rows in smaller slices, over more steps).
+                 (each expert then sees its rows in smaller slices, over more steps), rows interleaved
+                 across domains, each row's expert gathered.
 
 Fair baselines for (b), which owes most of its tokens/s to its larger batch:
 
@@ -59,7 +63,7 @@ from _common import (  # noqa: I001
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-VARIANTS = ["peft_seq", "moa", "moa_b", "peft_one", "peft_par"]
+VARIANTS = ["peft_seq", "moa", "moa_gather", "moa_b", "peft_one", "peft_par"]
 DROPOUT = 0.05  # params.yaml lora.dropout
 # PEFT's adapters in the base's dtype (bf16 on the GPU, as MoA's experts), not PEFT's default of upcasting them to
 # float32 (`autocast_adapter_dtype=True`), which adds casts and fp32 products to every wrapped projection: the same
@@ -183,10 +187,12 @@ def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, dev
             "final_loss": res.final_loss, "trainable_params": n_params}
 
 
-def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int,
-             seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
+def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, seed: int = 0,
+             blocks: bool = True) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
     """One mixed-domain pass's model, set up as moa_core.train.train_mixture does for route='gold', experts only
-    -> (MixtureModel, trainable params, step_fn(batch with "expert") -> (loss, {}))."""
+    -> (MixtureModel, trainable params, step_fn(batch with "expert") -> (loss, {})). `blocks`: the batches are
+    `moa_batches`' (one equal block of rows per expert, in expert order, as train_mixture orders a batch that
+    the experts divide), so the experts take the blocked path (`forward(expert_blocks=True)`)."""
     from moa_core.model import MixtureModel
 
     torch.manual_seed(seed)
@@ -199,16 +205,17 @@ def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int,
     params = {nm: p for nm, p in mm.named_parameters() if id(p) in chosen}
 
     def step_fn(b):
-        return mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"]).loss, {}
+        return mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"],
+                  expert_blocks=blocks).loss, {}
 
     return mm, params, step_fn
 
 
 def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batches: list[dict[str, Tensor]],
-                   lr: float, device: torch.device) -> dict:
+                   lr: float, device: torch.device, blocks: bool = True) -> dict:
     """One mixed-domain pass (model set-up + train_loop), see `moa_pass`."""
     def setup():
-        mm, params, step_fn = moa_pass(base_copy, base_for_spec, n)
+        mm, params, step_fn = moa_pass(base_copy, base_for_spec, n, blocks=blocks)
         return params, step_fn, moa_clip(mm, params)
 
     return _timed_training(setup, batches, lr, device)
@@ -299,9 +306,9 @@ def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], 
         rec["final_loss"] = [j["final_loss"] for j in jobs]
     else:
         copy = clone(base)
-        batches = (moa_batches if v == "moa" else moa_small_batches)(data, steps, B, device)
+        batches = (moa_small_batches if v == "moa_b" else moa_batches)(data, steps, B, device)
         with PeakMemory(device) as pmem:
-            rec = train_moa_pass(copy, base, n, batches, lr, device)
+            rec = train_moa_pass(copy, base, n, batches, lr, device, blocks=v == "moa")
         peak, method = pmem.peak_bytes, pmem.method
         del copy, batches
     gc.collect()

@@ -6,7 +6,10 @@ Three steps on the same mixed-domain rows (one row per domain, --tokens each), o
 
   base   the frozen base model, gradients of the activations only (what any adapter's step pays at least);
   peft   one PEFT LoRA adapter on the same targets (r, alpha, dropout as bench_training.py);
-  moa    moa_core's MixtureModel with --experts experts, each row through its domain's expert (stage 1's step).
+  moa    moa_core's MixtureModel with --experts experts, each row through its domain's expert (stage 1's step),
+         each row's A and B gathered (any row order);
+  moa_blocks  the same step with the rows in expert-major blocks (`expert_blocks=True`, as train_mixture orders
+         them when the experts divide the batch): each expert applied to its block's view, no gathers.
 
 The count depends on the layer count and the wrapped projections, not on the widths, so the model is the SmolLM2
 layout (30 layers, 7 wrapped projections each) at a small width. The optimiser step is not counted; the gradient
@@ -37,17 +40,24 @@ class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.views = 0  # of which only views and allocations
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func.overloadpacket)] += 1
+        if func.is_view or func.overloadpacket in NO_KERNEL:
+            self.views += 1
         return func(*args, **(kwargs or {}))
 
 
-def count(step) -> collections.Counter[str]:
+# operators that only make a tensor header (no kernel on an accelerator), besides those torch marks as views
+NO_KERNEL = {torch.ops.aten._unsafe_view, torch.ops.aten.empty_like, torch.ops.aten.empty, torch.ops.aten.detach}
+
+
+def count(step) -> OpCounter:
     step()  # warm-up: lazy initialisation is not part of a steady-state step
     with OpCounter() as c:
         step()
-    return c.counts
+    return c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,15 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     def moa_step():
         mm(ids, mask, labels=labels, expert=batch["expert"]).loss.backward()
 
+    def moa_blocks_step():
+        mm(ids, mask, labels=labels, expert=batch["expert"], expert_blocks=True).loss.backward()
+
     totals = {}
     print(f"aten operators per training step (forward + backward), {len(mm.wrapped)} wrapped projections, "
           f"{args.experts} rows x {args.tokens} tokens:")
-    for name, step in (("base", base_step), ("peft", peft_step), ("moa", moa_step)):
+    steps = {"base": base_step, "peft": peft_step, "moa": moa_step, "moa_blocks": moa_blocks_step}
+    for name, step in steps.items():
         c = count(step)
-        totals[name] = sum(c.values())
-        top = ", ".join(f"{k.removeprefix('aten.')} {v}" for k, v in c.most_common(5))
-        print(f"  {name:5s} {totals[name]:6d}   ({top})")
-    for name in ("peft", "moa"):
+        totals[name] = sum(c.counts.values())
+        top = ", ".join(f"{k.removeprefix('aten.')} {v}" for k, v in c.counts.most_common(5))
+        print(f"  {name:10s} {totals[name]:6d}, {totals[name] - c.views:6d} not views or allocations   ({top})")
+    for name in ("peft", "moa", "moa_blocks"):
         extra = totals[name] - totals["base"]
         print(f"  {name} adds {extra} operators to the base's, {extra / len(mm.wrapped):.1f} per wrapped projection")
     # after the backward, the one pass clips each expert's gradient on its own (train.clip_per_expert): its loop
@@ -109,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     print("aten operators of the gradient clip after that step:")
     for foreach in (False, True):
         c = count(lambda: clip_grads_per_expert(stacked, [], 1.0, shares, foreach=foreach))  # noqa: B023
-        print(f"  moa per-expert clip, {'multi-tensor' if foreach else 'loop'}: {sum(c.values())}")
+        print(f"  moa per-expert clip, {'multi-tensor' if foreach else 'loop'}: {sum(c.counts.values())}")
     lora = [p for p in pm.parameters() if p.requires_grad]
     c = count(lambda: torch.nn.utils.clip_grad_norm_(lora, 1.0))
-    print(f"  peft clip_grad_norm_ (foreach): {sum(c.values())}")
+    print(f"  peft clip_grad_norm_ (foreach): {sum(c.counts.values())}")
     return 0
 
 

@@ -92,12 +92,14 @@ def _reshuffled(n: int, rng: random.Random) -> Iterator[int]:
 
 
 def _collated(draws: Iterator[tuple[int, dict[str, list[int]]]], batch_size: int, pad_id: int,
-              start_step: int) -> Iterator[dict[str, Tensor]]:
-    """Batches of `batch_size` (domain, example) draws; those before `start_step` are drawn and dropped, so a
-    resumed run sees the batches an uninterrupted run would have seen."""
+              start_step: int, by_domain: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Batches of `batch_size` (domain, example) draws, ordered by domain (stably) with `by_domain`; those before
+    `start_step` are drawn and dropped, so a resumed run sees the batches an uninterrupted run would have seen."""
     step = 0
     while True:
         drawn = [next(draws) for _ in range(batch_size)]
+        if by_domain:
+            drawn.sort(key=lambda kr: kr[0])
         if step >= start_step:
             yield collate([row for _, row in drawn], pad_id, [k for k, _ in drawn])
         step += 1
@@ -110,12 +112,16 @@ def _check_domains(encoded: Sequence[Sequence[Any]]) -> None:
 
 def balanced_batches(
     encoded: Sequence[Sequence[dict[str, list[int]]]], batch_size: int, seed: int, pad_id: int,
-    start_step: int = 0,
+    start_step: int = 0, expert_major: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Endless mixed-domain batches: `encoded[k]` holds domain k's examples. Each batch draws the
     domains round-robin (so every domain is equally represented however large it is), each domain's
     examples in a reshuffled order per epoch. Deterministic in (seed, step): a resumed run at
-    `start_step` sees the batches an uninterrupted run would have seen."""
+    `start_step` sees the batches an uninterrupted run would have seen.
+
+    expert_major: each batch's rows ordered by domain (the same rows; the drawing order within a domain kept).
+    When the domains divide `batch_size` every batch is then one equal block per domain, in domain order: what
+    `MixtureModel.forward(expert_blocks=True)` takes (see `expert_blocks`)."""
     _check_domains(encoded)
     rng = random.Random(seed)
     orders = [_reshuffled(len(d), rng) for d in encoded]
@@ -125,7 +131,12 @@ def balanced_batches(
             for k, d in enumerate(encoded):
                 yield k, d[next(orders[k])]
 
-    return _collated(draws(), batch_size, pad_id, start_step)
+    return _collated(draws(), batch_size, pad_id, start_step, by_domain=expert_major)
+
+
+def expert_blocks(n_domains: int, batch_size: int) -> bool:
+    """Whether `balanced_batches(expert_major=True)` gives every batch as one equal block per domain."""
+    return batch_size % n_domains == 0
 
 
 def natural_batches(

@@ -46,6 +46,9 @@ class Route:
 
     index: Tensor | None = None
     gates: Tensor | None = None
+    # index is E equal expert-major blocks (rows [k*b, (k+1)*b) use expert k, for every expert k; b = B / E), as
+    # MixtureModel.forward(expert_blocks=True) vouches: the experts apply to views of the blocks, without gathers
+    blocks: bool = False
     # gathered (A, s*B) per wrapped projection, filled only when autograd is off; lives as long as the route
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -169,11 +172,25 @@ class ExpertMixtureLinear(nn.Module):
             return self.fused_group.apply(self, x, route.index, y)  # one kernel per group of projections
         if x.shape[1] == 1 and not self.shared_a and torch.compiler.is_compiling():
             return self._indexed_decode(x, route.index, y)
+        if route.blocks and not self.shared_a:
+            return self._blocked(x, y)
         A_g, B_g = self._gathered(route)
         h = x @ A_g if self.shared_a else torch.bmm(x, A_g)  # [B, T, r]
         if self.residual:
             h = F.leaky_relu(h, self.leaky_slope)
         return torch.baddbmm(y, h, B_g)  # y + h (s B)^T, one kernel
+
+    def _blocked(self, x: Tensor, y: Tensor) -> Tensor:
+        """Rows in E equal expert-major blocks (`Route.blocks`): x [E*b, T, d_a], y [E*b, T, d_out] -> y + delta.
+        Block k is multiplied by expert k's own A and s*B (one bmm each over [E, b*T, .] views): no gather of a
+        weight per row, and so no index_add in the backward either; a mixed-domain training step dispatches about
+        a third fewer operators per wrapped projection than through `_gathered`."""
+        E = self.lora_B.shape[0]
+        h = torch.bmm(x.reshape(E, -1, x.shape[-1]), self._expert_A().transpose(1, 2))  # [E, b*T, r]
+        if self.residual:
+            h = F.leaky_relu(h, self.leaky_slope)
+        sB = self.lora_B * self.scaling.view(-1, 1, 1)  # [E, d_out, r]
+        return torch.baddbmm(y.reshape(E, -1, y.shape[-1]), h, sB.transpose(1, 2)).view(y.shape)
 
     def _indexed_decode(self, x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """One decode step (T = 1) under torch.compile: gather, multiply and reduce instead of bmm, which

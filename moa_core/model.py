@@ -106,6 +106,7 @@ class _Context:
     folded: bool = False  # every row's expert is folded into the weights (lora_kernels.LoraFusion.fold): no routing
     experts_off: bool = False
     forced: Tensor | None = None
+    blocks: bool = False  # `forced` is E equal expert-major blocks (forward's expert_blocks): see experts.Route
     pool_mask: Tensor | None = None
     token_mask: Tensor | None = None
     router_logits: list[Tensor] = field(default_factory=list)
@@ -229,14 +230,14 @@ class MixtureModel(RoutedGeneration, nn.Module):
                 ctx.router_logits.append(logits)
             if ctx.forced is not None:
                 if slot.route.index is not ctx.forced:  # keep the route (and its gathered weights) across decode steps
-                    slot.route = Route(index=ctx.forced)
+                    slot.route = Route(index=ctx.forced, blocks=ctx.blocks)
             elif logits is not None:
                 slot.route = Route(index=logits.argmax(-1))
             else:
                 raise RuntimeError("sequence routing needs a prompt mask or a forced expert (use generate())")
             return
         if ctx.forced is not None:  # staged training of one expert (MoDULA stages 1-2)
-            slot.route = Route(index=ctx.forced)
+            slot.route = Route(index=ctx.forced, blocks=ctx.blocks)
             return
         logits = router(h)  # [B, T, E]
         if self.spec.routing == Routing.TOPK:
@@ -275,16 +276,26 @@ class MixtureModel(RoutedGeneration, nn.Module):
         adapters_off: bool = False,
         experts_off: bool = False,
         num_items_in_batch: Tensor | None = None,
+        expert_blocks: bool = False,
     ) -> MixtureOutput:
         """input_ids, attention_mask, labels: [B, T]; expert: [B] forced (gold) expert per row.
 
         pool_mask [B, T] marks the prompt tokens the sequence router pools (default: labels == -100 and
         attention_mask, i.e. the prompt of a training row). `eta` weights the MoA domain cross-entropy
         (mean over layers); `balance_coef` the MoSLD balance loss (mean over layers). `num_items_in_batch`
-        makes the LM loss a sum over label tokens divided by it (data-parallel training: see train_loop)."""
-        if pool_mask is None and self.spec.routing == Routing.SEQUENCE:
+        makes the LM loss a sum over label tokens divided by it (data-parallel training: see train_loop).
+
+        With a gold `expert` and `eta` = 0 the sequence routers are not run (nothing reads their logits; pass
+        `pool_mask` to get them all the same). `expert_blocks` vouches that the rows come in E equal expert-major
+        blocks, rows [k*B/E, (k+1)*B/E) through expert k for every k (what `balanced_batches(expert_major=True)`
+        yields when E divides the batch): the experts then apply to views of the blocks instead of gathering a
+        weight per row (`ExpertMixtureLinear._blocked`), the same sums with fewer operators. The layout is checked
+        on the CPU, and asserted on the device without waiting for it (a wrong one stops the process there)."""
+        if pool_mask is None and self.spec.routing == Routing.SEQUENCE and (expert is None or eta > 0):
             pool_mask = attention_mask if labels is None else attention_mask * (labels == -100)
-        with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert,
+        if expert_blocks:
+            self._check_blocks(expert)
+        with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert, blocks=expert_blocks,
                            pool_mask=pool_mask, token_mask=attention_mask) as ctx:
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
@@ -298,6 +309,22 @@ class MixtureModel(RoutedGeneration, nn.Module):
             lm = out.loss
             loss = None if lm is None else (lm if aux is None else lm + aux)
             return MixtureOutput(loss, lm, aux, out.logits, list(ctx.router_logits))
+
+    def _check_blocks(self, expert: Tensor | None) -> None:
+        """forward(expert_blocks=True)'s contract: expert [B] == [0]*b + [1]*b + ... + [E-1]*b, in every layer."""
+        counts = set(self.spec.experts_per_layer)
+        if expert is None or len(counts) != 1 or expert.shape[0] % next(iter(counts)):
+            raise ValueError(f"expert_blocks needs a gold expert per row and a batch that splits into one equal block "
+                             f"per expert (experts per layer: {sorted(counts)}, rows: "
+                             f"{None if expert is None else expert.shape[0]})")
+        E = next(iter(counts))
+        ok = (expert.view(E, -1) == torch.arange(E, device=expert.device).view(E, 1)).all()
+        if expert.device.type == "cpu":
+            if not ok:
+                raise ValueError("expert_blocks: the rows are not in expert-major blocks (row i must use expert "
+                                 "i // (B / E)); order them so, or leave expert_blocks off")
+        else:
+            torch._assert_async(ok, "expert_blocks: the rows are not in expert-major blocks")
 
     @torch.no_grad()
     def route(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,7 +26,7 @@ from peft import get_peft_model
 from torch import Tensor, nn
 
 from .atomic import atomic_dir_write, atomic_write
-from .batching import BATCHES, autocast, balanced_batches, encode, fixed_batches, to_device
+from .batching import BATCHES, autocast, balanced_batches, encode, expert_blocks, fixed_batches, to_device
 from .config import MoAConfig, TrainConfig
 from .distributed import DataParallel, check_sums_loss
 from .incremental import sort_adapter_config
@@ -470,9 +470,15 @@ def train_mixture(
             return b["expert"]
         return torch.full_like(b["expert"], route) if isinstance(route, int) else None
 
+    # gold-routed rows in one equal block per expert let the experts skip their per-row gathers (one process only:
+    # data-parallel ranks take strided rows of each batch)
+    blocks = (route == TrainRoute.GOLD and dp is None and set(mm.spec.experts_per_layer) == {len(encoded)}
+              and expert_blocks(len(encoded), cfg.train.batch_size))
+
     def step_fn(b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         out = runner(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=forced_expert(b), eta=eta,
-                     balance_coef=balance_coef, experts_off=route == TrainRoute.EXPERTS_OFF, num_items_in_batch=b.get(LM_TOKENS))
+                     balance_coef=balance_coef, experts_off=route == TrainRoute.EXPERTS_OFF,
+                     num_items_in_batch=b.get(LM_TOKENS), expert_blocks=blocks)
         extra = {"lm_loss": float(out.lm_loss.detach())}
         if out.aux_loss is not None:
             extra["aux_loss"] = float(out.aux_loss.detach())
@@ -508,7 +514,8 @@ def train_mixture(
     tcfg = cfg.train.model_copy(update={"weight_decay": 0.0}) if isinstance(route, int) or frozen else cfg.train
     try:
         result = train_loop(
-            params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s),
+            params, lambda s: balanced_batches(encoded, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id, s,
+                                               expert_major=blocks),
             step_fn, steps, lr, tcfg, ckpt_dir, on_log, fingerprint,
             lr_for=lambda name: cfg.router.lr if name.startswith("routers.") else lr, dp=dp,
             validate=validate if val else None, clip=clip,

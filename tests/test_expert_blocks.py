@@ -1,0 +1,141 @@
+"""Gold-routed training with the rows in expert-major blocks, and the routers left out where nothing reads them."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import toy_records
+from moa_core.batching import balanced_batches, collate, encode, expert_blocks
+from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
+from moa_core.methods import build_mixture
+from moa_core.train import train_mixture
+
+
+@pytest.mark.parametrize("residual", [False, True])  # MoA's parallel experts; MoDULA-Res's, reading h
+def test_blocked_experts_equal_gathered_ones_in_value_and_gradients(residual):
+    """Block k of the rows through expert k's views == each row's gathered expert: output, dx, dA, dB."""
+    torch.manual_seed(0)
+    E, b, T = 3, 2, 5
+    lin = torch.nn.Linear(6, 10)
+    w = ExpertMixtureLinear(lin, LayerSlot(0), num_experts=E, r=4, scaling=2.0, dropout=0.2,
+                            universal_r=3 if residual else 0)
+    w.train()
+    with torch.no_grad():
+        torch.nn.init.normal_(w.lora_B)
+        w.scaling.copy_(torch.tensor([0.5, 2.0, 3.0]))  # experts of different alpha / r
+        if residual:
+            torch.nn.init.normal_(w.universal_B)
+    x0 = torch.randn(E * b, T, 6)
+    index = torch.arange(E).repeat_interleave(b)
+    got = {}
+    for blocks in (False, True):
+        w.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        w.slot.route = Route(index=index, blocks=blocks)
+        torch.manual_seed(1)  # the same dropout mask on both paths
+        y = w(x)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        got[blocks] = (y.detach(), x.grad, w.lora_A.grad.clone(), w.lora_B.grad.clone())
+    assert got[False][2].abs().min() > 0 or residual, "every expert must get a gradient for the test to mean much"
+    for a, c in zip(got[False], got[True], strict=True):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    calls = []
+    w._gathered = lambda route: calls.append(route) or ExpertMixtureLinear._gathered(w, route)
+    w.slot.route = Route(index=index, blocks=True)
+    w(x0)
+    assert calls == [], "the blocked path gathers nothing"
+
+
+def _rows(tok, n_domains: int, per_domain: int):
+    recs = toy_records(n_domains, per_domain)
+    enc = [encode(tok, recs[k][i], 64) for k in range(n_domains) for i in range(per_domain)]
+    return collate(enc, tok.pad_token_id, [k for k in range(n_domains) for _ in range(per_domain)])
+
+
+def test_forward_with_expert_blocks_gives_the_same_loss_and_gradients(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    with torch.no_grad():
+        for w in mm.wrapped.values():
+            torch.nn.init.normal_(w.lora_B, std=0.05)
+    mm.set_trainable(experts=True)
+    mm.train()
+    E = len(tiny_cfg.domain_names)
+    b = _rows(tiny_tok, E, 2)  # experts [0, 0, 1, 1, 2, 2, ...]
+    results = []
+    for blocks in (False, True):
+        mm.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the experts' dropout draws the same masks on both paths
+        out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"], expert_blocks=blocks)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="expert-major blocks"):
+        mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"].flip(0), expert_blocks=True)
+    with pytest.raises(ValueError, match="one equal block per expert"):
+        k = 2 * E - 2
+        mm(b["input_ids"][:k], b["attention_mask"][:k], labels=b["labels"][:k], expert=b["expert"][:k],
+           expert_blocks=True)
+    with pytest.raises(ValueError, match="gold expert per row"):
+        mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert_blocks=True)
+
+
+def test_routers_run_only_where_their_logits_are_read(tiny_cfg, tiny_base, tiny_tok):
+    """Gold-routed without the routing loss (MoA stage 1 in one pass, the eta = 0 ablation, validation with the
+    gold expert), the sequence routers' logits feed nothing: they are not computed. With the loss on, or a pool
+    mask asked for, they are."""
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    mm.train()
+    calls = []
+    for r in mm.routers:
+        r.register_forward_hook(lambda *_: calls.append(1))
+    b = _rows(tiny_tok, len(tiny_cfg.domain_names), 1)
+    L = len(mm.routers)
+    out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"])
+    assert (calls, out.router_logits, out.aux_loss) == ([], [], None)
+    out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"], eta=0.5)
+    assert len(calls) == L and len(out.router_logits) == L and out.aux_loss > 0
+    out = mm(b["input_ids"], b["attention_mask"], expert=b["expert"], pool_mask=b["attention_mask"])
+    assert len(out.router_logits) == L
+    out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"])  # no gold expert: the routers decide
+    assert len(out.router_logits) == L
+
+
+def _domains(sizes: list[int]) -> list[list[dict[str, list[int]]]]:
+    return [[{"input_ids": [100 * k + i, 7], "labels": [-100, 7]} for i in range(n)] for k, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("batch_size", [6, 4])
+def test_expert_major_batches_hold_the_same_rows_ordered_by_domain(batch_size):
+    data = _domains([5, 3, 4])
+    plain = list(itertools.islice(balanced_batches(data, batch_size, seed=3, pad_id=0), 7))
+    major = list(itertools.islice(balanced_batches(data, batch_size, seed=3, pad_id=0, expert_major=True), 7))
+    for p, m in zip(plain, major, strict=True):
+        order = torch.sort(p["expert"], stable=True).indices
+        for key in ("input_ids", "attention_mask", "labels", "expert"):
+            assert torch.equal(m[key], p[key][order])
+        if batch_size % 3 == 0:
+            assert torch.equal(m["expert"], torch.arange(3).repeat_interleave(batch_size // 3))
+    assert expert_blocks(3, batch_size) == (batch_size % 3 == 0)
+    resumed = next(balanced_batches(data, batch_size, seed=3, pad_id=0, start_step=5, expert_major=True))
+    assert torch.equal(resumed["input_ids"], major[5]["input_ids"])
+
+
+@pytest.mark.parametrize("batch_size,blocked", [(8, True), (6, False)])
+def test_gold_routed_training_takes_the_blocked_path_when_the_experts_divide_the_batch(
+        tiny_cfg, tiny_base, tiny_tok, monkeypatch, batch_size, blocked):
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"batch_size": batch_size})})
+    mm = build_mixture(cfg, "moa", tiny_base, "tiny")
+    seen = []
+    real = ExpertMixtureLinear._blocked
+    monkeypatch.setattr(ExpertMixtureLinear, "_blocked", lambda self, x, y: seen.append(x.shape[0]) or real(self, x, y))
+    res = train_mixture(mm, tiny_tok, toy_records(len(cfg.domain_names), 6), cfg, steps=2, lr=1e-2, train_experts=True,
+                        train_routers=False)
+    assert res.final_loss == res.final_loss  # finite, trained
+    assert bool(seen) == blocked
+    assert set(seen) <= {batch_size}

@@ -9,7 +9,11 @@ Three steps on the same mixed-domain rows (one row per domain, --tokens each), o
   moa    moa_core's MixtureModel with --experts experts, each row through its domain's expert (stage 1's step),
          each row's A and B gathered (any row order);
   moa_blocks  the same step with the rows in expert-major blocks (`expert_blocks=True`, as train_mixture orders
-         them when the experts divide the batch): each expert applied to its block's view, no gathers.
+         them when the experts divide the batch): each expert applied to its block's view, no gathers, and the
+         projections that read one input (q/k/v, gate/up) run together (lora_kernels.blocked_group).
+
+Operators that only make a tensor header (views, empty allocations) are counted apart: on an accelerator the others
+each launch a kernel.
 
 The count depends on the layer count and the wrapped projections, not on the widths, so the model is the SmolLM2
 layout (30 layers, 7 wrapped projections each) at a small width. The optimiser step is not counted; the gradient

@@ -143,6 +143,8 @@ class ExpertMixtureLinear(nn.Module):
             return self.fused_group.folded(self, x)  # every row's expert is in the weights already
         if self._fused_here(x) and self.fused_group.takes_whole(x):
             return self.fused_group.whole(self, x, self.slot.route.index)  # base and LoRA in the group's kernels
+        if self._blocked_group_here():
+            return self.fused_group.blocked(self, x, self.slot.route.index)  # the group's members in one pass
         # plain nn.Linear: call F.linear directly (one module call less per projection and decode step)
         y = F.linear(x, self.base.weight, self.base.bias) if type(self.base) is nn.Linear else self.base(x)
         if self.slot.adapters_off:
@@ -166,6 +168,13 @@ class ExpertMixtureLinear(nn.Module):
         return (slot.fused and self.fused_group is not None and slot.route.index is not None and not slot.adapters_off
                 and not self.training and x.dtype == self.fused_group.dtype)
 
+    def _blocked_group_here(self) -> bool:
+        """Whether this forward runs with its group's other members (lora_kernels.blocked_group): training, rows in
+        expert-major blocks, in a group that may (same rank and dropout, base weights stacked)."""
+        slot = self.slot
+        return (self.training and slot.route.blocks and not slot.adapters_off and self.fused_group is not None
+                and self.fused_group.trains_blocked())
+
     def _indexed(self, x: Tensor, route: Route, y: Tensor) -> Tensor:
         """Sequence-level top-1: x [B, T, d_a], route.index [B], y = W0 x [B, T, d_out] -> y + delta."""
         if self._fused_here(x):
@@ -183,8 +192,8 @@ class ExpertMixtureLinear(nn.Module):
     def _blocked(self, x: Tensor, y: Tensor) -> Tensor:
         """Rows in E equal expert-major blocks (`Route.blocks`): x [E*b, T, d_a], y [E*b, T, d_out] -> y + delta.
         Block k is multiplied by expert k's own A and s*B (one bmm each over [E, b*T, .] views): no gather of a
-        weight per row, and so no index_add in the backward either; a mixed-domain training step dispatches about
-        a third fewer operators per wrapped projection than through `_gathered`."""
+        weight per row, and so no index_add in the backward either (a projection that is alone in its group, or
+        whose group cannot run its members together: lora_kernels.LoraGroup.blocked)."""
         E = self.lora_B.shape[0]
         h = torch.bmm(x.reshape(E, -1, x.shape[-1]), self._expert_A().transpose(1, 2))  # [E, b*T, r]
         if self.residual:

@@ -41,8 +41,10 @@ W_cat, one shrink, then each member's expand added into its columns of that resu
 
 Under torch.compile the kernels are reached through the custom ops `moa::routed_lora` and
 `moa::routed_linear`, each one opaque call in the graph.
-Only inference uses this path (no autograd, eval mode, MoA-style experts: no shared A, no universal
-expert); training keeps the reference path.
+Only inference uses these kernels (no autograd, eval mode, MoA-style experts: no shared A, no universal
+expert). A training step whose rows come in expert-major blocks (`Route.blocks`) uses the groups too, through
+`blocked_group` (torch, with autograd): one base GEMM and one shrink for the group, each member's own dropout mask
+and expand, about half the operators of the members' separate forwards and backwards.
 """
 
 from __future__ import annotations
@@ -297,6 +299,30 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs_m[:, None] * som + offs_n[None, :] * son, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def blocked_group(x: Tensor, W: Tensor, bias: Optional[Tensor], A: list[Tensor], B: list[Tensor],
+                  scaling: list[Tensor], p: float, sizes: list[int]) -> tuple[Tensor, ...]:
+    """The training forward of a group's members at once, rows in E expert-major blocks (block k through expert k).
+
+    x [Bsz, T, K] (Bsz = E b); W [N, K] and bias [N] (or None): the members' base weights stacked (N = sum of
+    sizes); per member i: A[i] [E, r, K], B[i] [E, n_i, r], scaling[i] [E]; p: the experts' dropout on the LoRA
+    input (a mask per member, as each member's own LoRA draws one). -> each member's output [Bsz, T, n_i], equal to
+    base_i(x) + s_i[e] B_i[e] A_i[e] dropout_i(x) on block e.
+
+    One GEMM for the base projections and one batched matmul for every member's shrink; the split and the unbind
+    keep each backward to one kernel (a cat, a stack) where slicing would zero-fill per member."""
+    m, E = len(A), A[0].shape[0]
+    Bsz, T, K = x.shape
+    ys = torch.nn.functional.linear(x, W, bias).split(sizes, dim=-1)  # m x [Bsz, T, n_i]
+    xb = x.reshape(E, 1, -1, K)  # [E, 1, b*T, K]
+    if p > 0:  # each member its own mask: m dropped copies of the blocks
+        xb = torch.nn.functional.dropout(xb.expand(E, m, xb.shape[2], K), p, training=True)  # [E, m, bT, K]
+    A_all = torch.stack(A, dim=1)  # [E, m, r, K]
+    h = torch.matmul(xb, A_all.transpose(-1, -2))  # [E, m, bT, r]
+    h = h * torch.stack(scaling, dim=1).view(E, m, 1, 1)
+    return tuple(torch.baddbmm(y.reshape(E, -1, n), h_i, B_i.transpose(1, 2)).view(Bsz, T, n)
+                 for y, h_i, B_i, n in zip(ys, h.unbind(1), B, sizes))
+
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
@@ -525,6 +551,7 @@ class LoraGroup:
         # expert it holds, None when it is stale (a refresh: some weight changed)
         self.W_folded: Tensor | None = None
         self.folded_expert: int | None = None
+        self._base_ptrs: list[int] | None = None  # the members' base weight addresses when W was stacked
 
     def _weights_key(self) -> tuple:
         """What `refresh` compares: each weight's identity, in-place version and storage. A new dtype, device or
@@ -592,8 +619,8 @@ class LoraGroup:
         if self.W.is_cuda:
             torch._dynamo.mark_static_address(self.W)
 
-    def _member_part(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, compute) -> Tensor:
-        """member's columns of the group's result on input x, computed (`compute()`) by the first member called."""
+    def _shared(self, x: Tensor, index: Optional[Tensor], compute):
+        """The group's result on input x, computed (`compute()`) by the first member called, kept for the others."""
         st = self.stash
         if st is not None and st[0] is x and st[1] is index:
             full = st[2]
@@ -601,8 +628,39 @@ class LoraGroup:
         else:
             full = compute()
             self.stash = (x, index, full, len(self.members) - 1)
+        return full
+
+    def _member_part(self, member: "ExpertMixtureLinear", x: Tensor, index: Optional[Tensor], compute) -> Tensor:
+        """member's columns of the group's result on input x (see `_shared`)."""
         start, stop = member.fused_columns
-        return full[..., start:stop]
+        return self._shared(x, index, compute)[..., start:stop]
+
+    def trains_blocked(self) -> bool:
+        """Whether a training step in expert-major blocks may run this group's members together (`blocked`): two
+        or more members over stacked base weights, with one rank and one dropout rate."""
+        ms = self.members
+        return (len(ms) > 1 and self.W is not None and len({m.r for m in ms}) == 1
+                and len({_dropout_p(m) for m in ms}) == 1)
+
+    def blocked(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor) -> Tensor:
+        """member's output in a training step whose rows are in expert-major blocks (`blocked_group`, computed once
+        for the group by the first member called on x); x [Bsz, T, K] -> [Bsz, T, d_out]."""
+        ms = self.members
+
+        def compute() -> tuple[Tensor, ...]:
+            p = _dropout_p(ms[0]) if ms[0].training else 0.0
+            return blocked_group(x, self.W, self.bias, [m._expert_A() for m in ms], [m.lora_B for m in ms],
+                                 [m.scaling for m in ms], p, [m.out_features for m in ms])
+        return self._shared(x, index, compute)[ms.index(member)]
+
+    def stack_base(self) -> None:
+        """Make sure W stacks the members' current base weights (after a move to another device or dtype too);
+        a check of their addresses when it does."""
+        ms = self.members
+        if len(ms) > 1 and (self.W is None or self._base_ptrs != [m.base.weight.data_ptr() for m in ms]):
+            with torch.no_grad():
+                self._merge_base_weights()
+            self._base_ptrs = [m.base.weight.data_ptr() for m in ms] if self.W is not None else None
 
     def apply(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """member's y + its LoRA delta; x [Bsz, T, K], index [Bsz], y [Bsz, T, d_out]."""
@@ -657,6 +715,10 @@ class LoraGroup:
         return self._member_part(member, x, None, compute)
 
 
+def _dropout_p(m: "ExpertMixtureLinear") -> float:
+    return m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0
+
+
 class LoraFusion:
     """The fused path of one MixtureModel: its groups, and whether it is on.
 
@@ -700,6 +762,11 @@ class LoraFusion:
         weights are stacked (plain nn.Linear) and whose experts share a rank. Call after `ready()`."""
         return (sum(len(g.members) for g in self.groups) == wrapped
                 and all(g.W is not None and g.Bt is not None for g in self.groups))
+
+    def stack_bases(self) -> None:
+        """Every group's base weights stacked (`LoraGroup.stack_base`), for the blocked training path."""
+        for g in self.groups:
+            g.stack_base()
 
     def unfold(self) -> None:
         """Free the folded weights (`fold` makes them again when next asked)."""

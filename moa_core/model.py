@@ -295,6 +295,8 @@ class MixtureModel(RoutedGeneration, nn.Module):
             pool_mask = attention_mask if labels is None else attention_mask * (labels == -100)
         if expert_blocks:
             self._check_blocks(expert)
+            if self.training:
+                self.lora_fusion.stack_bases()  # the groups' blocked training path runs over the stacked base weights
         with self._routing(adapters_off=adapters_off, experts_off=experts_off, forced=expert, blocks=expert_blocks,
                            pool_mask=pool_mask, token_mask=attention_mask) as ctx:
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}

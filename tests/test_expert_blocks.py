@@ -49,6 +49,96 @@ def test_blocked_experts_equal_gathered_ones_in_value_and_gradients(residual):
     assert calls == [], "the blocked path gathers nothing"
 
 
+def _group(E: int, b: int, dropout: float):
+    """q/k/v-like members (one input, outputs 8/4/4 wide, biases) of one layer, experts' B and scalings set."""
+    from moa_core.lora_kernels import LoraGroup
+
+    slot = LayerSlot(0)
+    members = [ExpertMixtureLinear(torch.nn.Linear(6, n), slot, num_experts=E, r=3, scaling=2.0, dropout=dropout)
+               for n in (8, 4, 4)]
+    with torch.no_grad():
+        for i, w in enumerate(members):
+            w.base.requires_grad_(False)
+            torch.nn.init.normal_(w.lora_B)
+            w.scaling.copy_(torch.arange(1, E + 1) * (i + 1) / 4)
+    group = LoraGroup(members)
+    for w in members:
+        w.fused_group = group
+        w.train()
+    slot.route = Route(index=torch.arange(E).repeat_interleave(b), blocks=True)
+    return members, group
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_group_trains_its_members_at_once(dropout, monkeypatch):
+    """lora_kernels.blocked_group == each member's own blocked forward (base + s B A dropout(x) per block), in value
+    and in the gradients of x, A and B, given the same dropout masks; each member draws its own mask."""
+    import moa_core.lora_kernels as lk
+
+    torch.manual_seed(0)
+    E, b, T = 3, 2, 4
+    members, group = _group(E, b, dropout)
+    group.stack_base()
+    assert group.trains_blocked() and all(w._blocked_group_here() for w in members)
+    x0 = torch.randn(E * b, T, 6)
+    masks = []
+    real_dropout = torch.nn.functional.dropout
+
+    def recorded(t, p, training=True, inplace=False):
+        out = real_dropout(t, p, training, inplace)
+        masks.append(out != 0)
+        return out
+    monkeypatch.setattr(lk.torch.nn.functional, "dropout", recorded)
+    x = x0.clone().requires_grad_()
+    outs = [w(x) for w in members]  # q computes the group's outputs; k and v take theirs
+    assert len(masks) == (1 if dropout else 0)
+    sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+    got = [x.grad] + [t.grad for w in members for t in (w.lora_A, w.lora_B)]
+    # the reference: each member alone, its input dropped with its own mask from the group's draw
+    for w in members:
+        w.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    want_outs = []
+    for i, w in enumerate(members):
+        xd = x if not dropout else x * masks[0][:, i].reshape(x.shape) / (1 - dropout)
+        y = w.base(x)
+        h = torch.bmm(xd.reshape(E, -1, 6), w.lora_A.transpose(1, 2))
+        want_outs.append(torch.baddbmm(y.reshape(E, -1, y.shape[-1]), h,
+                                       (w.lora_B * w.scaling.view(-1, 1, 1)).transpose(1, 2)).view(y.shape))
+    sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in want_outs).backward()
+    want = [x.grad] + [t.grad for w in members for t in (w.lora_A, w.lora_B)]
+    for o, wo in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(o, wo, atol=1e-5, rtol=1e-5)
+    for g, wg in zip(got, want, strict=True):
+        torch.testing.assert_close(g, wg, atol=1e-5, rtol=1e-5)
+    if dropout:
+        m = masks[0]  # [E, members, b*T, d_in]
+        assert not torch.equal(m[:, 0], m[:, 1]) and not torch.equal(m[:, 1], m[:, 2]), "a mask per member"
+        assert 0.3 < m.float().mean() < 0.7
+
+
+def test_a_group_falls_back_to_its_members_where_it_may_not_run_them_together():
+    members, group = _group(2, 1, 0.1)
+    assert not group.trains_blocked(), "no stacked base weights yet: each member alone"
+    group.stack_base()
+    assert group.trains_blocked()
+    members[1].dropout = torch.nn.Dropout(0.2)
+    assert not group.trains_blocked(), "another dropout rate"
+    members[1].dropout = torch.nn.Dropout(0.1)
+    members[0].slot.route = Route(index=torch.arange(2), blocks=False)
+    assert not members[0]._blocked_group_here(), "rows not in blocks"
+    members[0].slot.route = Route(index=torch.arange(2), blocks=True)
+    members[0].eval()
+    assert not members[0]._blocked_group_here(), "inference"
+    members[0].train()
+    old = [w.base.weight.data_ptr() for w in members]
+    for w in members:  # a move (here: a new dtype and back) gives each base weight its own storage again
+        w.base.weight = torch.nn.Parameter(w.base.weight.detach().clone(), requires_grad=False)
+    assert [w.base.weight.data_ptr() for w in members] != old
+    group.stack_base()
+    assert all(w.base.weight.data_ptr() == group.W[s].data_ptr() for w, s in zip(members, group.out_slices))
+
+
 def _rows(tok, n_domains: int, per_domain: int):
     recs = toy_records(n_domains, per_domain)
     enc = [encode(tok, recs[k][i], 64) for k in range(n_domains) for i in range(per_domain)]
@@ -56,12 +146,18 @@ def _rows(tok, n_domains: int, per_domain: int):
 
 
 def test_forward_with_expert_blocks_gives_the_same_loss_and_gradients(tiny_cfg, tiny_base, tiny_tok):
+    """The whole model: blocks (q/k/v and gate/up as groups, o and down alone) against the gathers, dropout off (the
+    groups draw their masks in another order: `test_a_group_trains_its_members_at_once` checks them)."""
     mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
     with torch.no_grad():
         for w in mm.wrapped.values():
             torch.nn.init.normal_(w.lora_B, std=0.05)
+            w.dropout = torch.nn.Identity()
     mm.set_trainable(experts=True)
     mm.train()
+    grouped = []
+    for g in mm.lora_fusion.groups:
+        g.blocked = lambda member, x, index, _g=g, _f=type(g).blocked: grouped.append(member) or _f(_g, member, x, index)
     E = len(tiny_cfg.domain_names)
     b = _rows(tiny_tok, E, 2)  # experts [0, 0, 1, 1, 2, 2, ...]
     results = []
@@ -71,6 +167,8 @@ def test_forward_with_expert_blocks_gives_the_same_loss_and_gradients(tiny_cfg, 
         out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"], expert_blocks=blocks)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}))
+    assert {id(m) for m in grouped} == {id(w) for w in mm.wrapped.values() if len(w.fused_group.members) > 1}
+    assert len(grouped) == sum(len(g.members) for g in mm.lora_fusion.groups if len(g.members) > 1)  # one forward
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-6)
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, g in results[0][1].items():

@@ -38,16 +38,27 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
     raw = tiny_raw_params(model_dir)
     raw["domains"] = {d: {"source": {"kind": "builtin", "name": "humaneval"}} for d in ("alpha", "beta", "gamma")}
     cfg = parse_config(raw, profile="quick")
+    # 3 domains x 2 rows: MoA's gold-routed batches come in expert-major blocks (the groups' blocked path, its layout
+    # asserted on the device)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 6})})
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE)
+    import moa_core.lora_kernels as lk
+
+    real_group, grouped = lk.blocked_group, []
     for method in ("moa", "mosld", "modula-res"):
         mm = build_mixture(cfg, method, base if method == "moa" else
                            AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE), "tiny")
         assert all(p.device.type == DEVICE.type for p in mm.parameters()), method
         recs = toy_records(n=8)
-        res = train_mixture(mm, tok, recs, cfg, steps=2, lr=1e-2, train_experts=True, train_routers=True,
-                            route="gold" if method == "moa" else "learned", eta=0.1)
+        lk.blocked_group = lambda *a: grouped.append(a[0].device) or real_group(*a)
+        try:
+            res = train_mixture(mm, tok, recs, cfg, steps=2, lr=1e-2, train_experts=True, train_routers=True,
+                                route="gold" if method == "moa" else "learned", eta=0.1)
+        finally:
+            lk.blocked_group = real_group
         assert math.isfinite(res.final_loss), (method, res.final_loss)
+        assert bool(grouped) == (method == "moa") and all(d.type == DEVICE.type for d in grouped), method
         ids = tok(["alpha question 1", "beta question 2"], return_tensors="pt", padding=True).to(DEVICE)
         seqs, expert = mm.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=4, do_sample=False,
                                    pad_token_id=tok.pad_token_id)

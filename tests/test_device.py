@@ -51,6 +51,7 @@ def check_mixture_trains_and_evaluates_on_the_device(model_dir: Path) -> None:
                            AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE), "tiny")
         assert all(p.device.type == DEVICE.type for p in mm.parameters()), method
         recs = toy_records(n=8)
+        grouped.clear()
         lk.blocked_group = lambda *a: grouped.append(a[0].device) or real_group(*a)
         try:
             res = train_mixture(mm, tok, recs, cfg, steps=2, lr=1e-2, train_experts=True, train_routers=True,

@@ -326,7 +326,7 @@ class MixtureModel(RoutedGeneration, nn.Module):
                 raise ValueError("expert_blocks: the rows are not in expert-major blocks (row i must use expert "
                                  "i // (B / E)); order them so, or leave expert_blocks off")
         else:
-            torch._assert_async(ok, "expert_blocks: the rows are not in expert-major blocks")
+            torch._assert_async(ok)  # checked on the device, no wait for it: a wrong layout stops the process there
 
     @torch.no_grad()
     def route(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

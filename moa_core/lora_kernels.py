@@ -551,7 +551,7 @@ class LoraGroup:
         # expert it holds, None when it is stale (a refresh: some weight changed)
         self.W_folded: Tensor | None = None
         self.folded_expert: int | None = None
-        self._base_ptrs: list[int] | None = None  # the members' base weight addresses when W was stacked
+        self._base_key_seen: list | None = None  # `_base_key()` when W was stacked for the blocked training path
 
     def _weights_key(self) -> tuple:
         """What `refresh` compares: each weight's identity, in-place version and storage. A new dtype, device or
@@ -653,14 +653,32 @@ class LoraGroup:
                                  [m.scaling for m in ms], p, [m.out_features for m in ms])
         return self._shared(x, index, compute)[ms.index(member)]
 
+    def _base_key(self) -> list:
+        """What `stack_base` compares: each member's base weight and bias, by address and in-place version."""
+        return [(b.weight.data_ptr(), b.weight._version,
+                 None if b.bias is None else (b.bias.data_ptr(), b.bias._version)) for b in (m.base for m in self.members)]
+
     def stack_base(self) -> None:
-        """Make sure W stacks the members' current base weights (after a move to another device or dtype too);
-        a check of their addresses when it does."""
-        ms = self.members
-        if len(ms) > 1 and (self.W is None or self._base_ptrs != [m.base.weight.data_ptr() for m in ms]):
+        """Make sure W and bias stack the members' current base weights and biases (after a move to another device
+        or dtype, or a bias loaded in place, too); a check of their addresses and versions when they do."""
+        if len(self.members) > 1 and (self.W is None or self._base_key_seen != self._base_key()):
             with torch.no_grad():
                 self._merge_base_weights()
-            self._base_ptrs = [m.base.weight.data_ptr() for m in ms] if self.W is not None else None
+            self._base_key_seen = self._base_key() if self.W is not None else None
+
+    def release_if_stale(self) -> None:
+        """Drop the stacked copies (W, bias, A, B, Bt, the folded weights) once the members' tensors they copy have
+        moved or changed (`Module.to`, a cast): stale, they would hold their old memory until the next refresh. The
+        members' weights keep W's storage alive where they are still views of it; the next forward that needs the
+        copies makes them anew."""
+        stale = ((self._key is not None and self._key != self._weights_key())
+                 or (self._base_key_seen is not None and self._base_key_seen != self._base_key())
+                 or (self.W is not None and any(m.base.weight.data_ptr() != self.W[ns].data_ptr()
+                                                for m, ns in zip(self.members, self.out_slices))))
+        if stale:
+            self.A = self.B = self.Bt = self.W = self.bias = self.W_folded = None
+            self.folded_expert = self._key = self._base_key_seen = self.dtype = None
+            self.stash = None
 
     def apply(self, member: "ExpertMixtureLinear", x: Tensor, index: Tensor, y: Tensor) -> Tensor:
         """member's y + its LoRA delta; x [Bsz, T, K], index [Bsz], y [Bsz, T, d_out]."""
@@ -762,6 +780,11 @@ class LoraFusion:
         weights are stacked (plain nn.Linear) and whose experts share a rank. Call after `ready()`."""
         return (sum(len(g.members) for g in self.groups) == wrapped
                 and all(g.W is not None and g.Bt is not None for g in self.groups))
+
+    def release_stale(self) -> None:
+        """Every group's stale stacked copies dropped (`LoraGroup.release_if_stale`)."""
+        for g in self.groups:
+            g.release_if_stale()
 
     def stack_bases(self) -> None:
         """Every group's base weights stacked (`LoraGroup.stack_base`), for the blocked training path."""

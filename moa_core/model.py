@@ -195,6 +195,13 @@ class MixtureModel(RoutedGeneration, nn.Module):
         ]
         self.eval()  # like from_pretrained: inference mode until a recipe calls train()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "MixtureModel":
+        """Module.to / .float() / .cuda() ...: the fused groups' stacked copies of weights that moved are dropped."""
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "lora_fusion"):
+            self.lora_fusion.release_stale()
+        return out
+
     # ----------------------------------------------------------------------------------- routing hook
     def _make_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:

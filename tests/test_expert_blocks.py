@@ -131,6 +131,16 @@ def test_a_group_falls_back_to_its_members_where_it_may_not_run_them_together():
     members[0].eval()
     assert not members[0]._blocked_group_here(), "inference"
     members[0].train()
+    for w in members:
+        w.dropout = torch.nn.Identity()
+    x = torch.randn(2, 3, 6)
+    before = [w(x).detach() for w in members]  # through the group (q computes, k and v take theirs)
+    with torch.no_grad():  # a bias loaded in place (load_state_dict): the stacked bias follows
+        members[0].base.bias += 1.0
+    group.stack_base()
+    after = [w(x).detach() for w in members]
+    torch.testing.assert_close(after[0], before[0] + 1.0)
+    torch.testing.assert_close(after[1], before[1])
     old = [w.base.weight.data_ptr() for w in members]
     for w in members:  # a move (here: a new dtype and back) gives each base weight its own storage again
         w.base.weight = torch.nn.Parameter(w.base.weight.detach().clone(), requires_grad=False)
@@ -217,11 +227,56 @@ def test_expert_major_batches_hold_the_same_rows_ordered_by_domain(batch_size):
         order = torch.sort(p["expert"], stable=True).indices
         for key in ("input_ids", "attention_mask", "labels", "expert"):
             assert torch.equal(m[key], p[key][order])
-        if batch_size % 3 == 0:
+        if expert_blocks(3, batch_size):  # what train_mixture reads before vouching for the layout
             assert torch.equal(m["expert"], torch.arange(3).repeat_interleave(batch_size // 3))
-    assert expert_blocks(3, batch_size) == (batch_size % 3 == 0)
+    assert expert_blocks(3, batch_size) == (batch_size == 6)
     resumed = next(balanced_batches(data, batch_size, seed=3, pad_id=0, start_step=5, expert_major=True))
     assert torch.equal(resumed["input_ids"], major[5]["input_ids"])
+
+
+def test_moving_the_model_drops_the_groups_stale_stacked_weights(tiny_cfg, tiny_base, tiny_tok):
+    mm = build_mixture(tiny_cfg, "moa", tiny_base, "tiny")
+    mm.train()
+    b = _rows(tiny_tok, len(tiny_cfg.domain_names), 1)
+    mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"], expert_blocks=True)
+    stacked = [g for g in mm.lora_fusion.groups if g.W is not None]
+    assert stacked, "the blocked step stacked the groups' base weights"
+    mm.to(torch.float64)
+    assert all(g.W is None and g.bias is None and g.A is None for g in mm.lora_fusion.groups), "no stale fp32 copy"
+    out = mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"], expert_blocks=True)
+    assert out.logits.dtype == torch.float64 and all(g.W.dtype == torch.float64 for g in stacked)
+    mm.to(torch.float64)  # no move: the copies stay
+    assert all(g.W is not None for g in stacked)
+
+
+def test_training_in_blocks_trains_the_experts_the_gathered_path_trains(tiny_cfg, tiny_model_dir, tiny_tok, monkeypatch):
+    """train_mixture end to end (routers and their loss on, per-expert clip, AdamW), dropout off: the blocked groups
+    and the gathers give the same experts and routers."""
+    import moa_core.train as train
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"batch_size": 8}),
+                                      "lora": tiny_cfg.lora.model_copy(update={"dropout": 0.0})})
+    trained = []
+    for blocks in (True, False):
+        monkeypatch.setattr(train, "expert_blocks", lambda n, bs, _b=blocks: _b and bs % n == 0)
+        torch.manual_seed(0)
+        mm = build_mixture(cfg, "moa", AutoModelForCausalLM.from_pretrained(tiny_model_dir), "tiny")
+        with torch.no_grad():
+            for w in mm.wrapped.values():
+                torch.nn.init.normal_(w.lora_B, std=0.05)
+        calls = []
+        for g in mm.lora_fusion.groups:
+            g.blocked = lambda member, x, index, _g=g, _f=type(g).blocked: calls.append(1) or _f(_g, member, x, index)
+        train_mixture(mm, tiny_tok, toy_records(len(cfg.domain_names), 6), cfg, steps=4, lr=1e-2, train_experts=True,
+                      train_routers=True, eta=0.1)
+        assert bool(calls) == blocks
+        trained.append({n: p.detach().clone() for n, p in mm.mixture_parameters().items()})
+    moved = max(float((trained[0][n] - trained[1][n]).abs().max()) for n in trained[0])
+    assert moved < 1e-4, moved
+    start = build_mixture(cfg, "moa", AutoModelForCausalLM.from_pretrained(tiny_model_dir), "tiny")
+    assert any(float((trained[0][n] - p.detach()).abs().max()) > 1e-3 for n, p in start.mixture_parameters().items()
+               if "routers" in n), "the runs trained"
 
 
 @pytest.mark.parametrize("batch_size,blocked", [(8, True), (6, False)])

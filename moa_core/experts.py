@@ -192,8 +192,8 @@ class ExpertMixtureLinear(nn.Module):
     def _blocked(self, x: Tensor, y: Tensor) -> Tensor:
         """Rows in E equal expert-major blocks (`Route.blocks`): x [E*b, T, d_a], y [E*b, T, d_out] -> y + delta.
         Block k is multiplied by expert k's own A and s*B (one bmm each over [E, b*T, .] views): no gather of a
-        weight per row, and so no index_add in the backward either (a projection that is alone in its group, or
-        whose group cannot run its members together: lora_kernels.LoraGroup.blocked)."""
+        weight per row, and so no index_add in the backward either. Serves the projections alone in their group (o,
+        down) and groups that cannot run their members together; the others go through LoraGroup.blocked."""
         E = self.lora_B.shape[0]
         h = torch.bmm(x.reshape(E, -1, x.shape[-1]), self._expert_A().transpose(1, 2))  # [E, b*T, r]
         if self.residual:

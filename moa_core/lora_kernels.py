@@ -44,7 +44,8 @@ Under torch.compile the kernels are reached through the custom ops `moa::routed_
 Only inference uses these kernels (no autograd, eval mode, MoA-style experts: no shared A, no universal
 expert). A training step whose rows come in expert-major blocks (`Route.blocks`) uses the groups too, through
 `blocked_group` (torch, with autograd): one base GEMM and one shrink for the group, each member's own dropout mask
-and expand, about half the operators of the members' separate forwards and backwards.
+and expand (a whole step's LoRA work: 24.6 operators per wrapped projection against 30.8 with each member apart,
+`bench/count_training_ops.py`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@
 # PEFT's best mode (peft_split: 8 sequential eager generate calls per round, ~28 s each at 64 new tokens) fits a call
 # with INF_VARIANTS=peft_split,moa INF_NEW_TOKENS=16 INF_PREFILL_ROUNDS=0. The graph test runs last; put it first in a tight call by giving T_INF less time. T_COMPILE (off by default, ~150 s
 # each of 2 processes) times the first calls with TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR fresh, in both orders.
+# 2026-12-05 afternoon: TRAIN_VARIANTS=moa,moa_gather,peft_one times training in expert-major blocks (moa) against
+# the gathered path (moa_gather) and one PEFT job at the same rows; GRAPH_PATHS=trains adds the device test that
+# trains MoA through the blocked groups.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}

@@ -58,6 +58,8 @@ and, to attribute the cost of (c):
                 a mixed batch decodes as moa_gc. Shares moa_gc's decoder (two decode graphs kept). The calls repeat
                 one prompt batch, so after the warm-up the fold is never redone: `fold_s` (median [min-max] of 5
                 folds alternating two experts) is what a call pays when its expert differs from the last call's
+  moa_gcpf      moa_gcp with `fold_single_expert` (the prompt's routing pass captured, the decode step folded): at
+                batch 1, MoA's whole call with both of its passes replayed from graphs, against base_gcp's
   moa_v0        (c) with the routed path moa_core had before this benchmark (bench/_legacy.py): gathers
                 and the scaling multiply every decode step instead of once per generate call.
 
@@ -102,9 +104,9 @@ from moa_core import lora_kernels  # noqa: E402
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
             "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr",
-            "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf"]
+            "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf"]
 # moa_core.graph_decode's decoder
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf")
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf")
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
@@ -201,7 +203,7 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
           ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"),
           ("base_gcp", "base_gc"), ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp"),
-          ("moa_gcf", "base_gc"), ("moa_gcf", "moa_gc")]
+          ("moa_gcf", "base_gc"), ("moa_gcf", "moa_gc"), ("moa_gcpf", "base_gcp"), ("moa_gcpf", "moa_gcp")]
 
 
 # variants that pin a decode layout
@@ -260,7 +262,7 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            # moa_gcr, moa_gcf, *_gcp, moa_gcpm decode with *_gc's decoder (the same step, one graph); *_gcp* also
+            # moa_gcr, moa_gcf, *_gcp, moa_gcpm, moa_gcpf decode with *_gc's decoder (the same step, one graph); *_gcp* also
             # capture the prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
             prompt_shapes = 2 if "_gcp" in v else 0
             v = v[: v.index("_gc") + 3] if "_gc" in v else v
@@ -277,13 +279,13 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v in ("base_g", "base_gc", "base_gcp"):
                     return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
-                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm", "moa_gcf"):
+                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf"):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     # eager, as base_g's prompt (moa_gcr: compiled)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"
                     layout_before = lora_kernels.PROMPT_LAYOUT
                     lora_kernels.PROMPT_LAYOUT = "merged" if v == "moa_gcpm" else "fused"
-                    mm.fold_single_expert = v == "moa_gcf"
+                    mm.fold_single_expert = v in ("moa_gcf", "moa_gcpf")
                     try:
                         return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
@@ -373,9 +375,12 @@ def run_shape(args: argparse.Namespace) -> dict:
         for g, hf in GRAPHED_TWINS:  # the decoder's tokens against HF's generate of the same model (greedy)
             if g in outs and hf in outs:
                 rec[f"match_{g}_vs_{hf}"] = float((outs[g][:, P:] == outs[hf][:, P:]).float().mean())
-        if "moa_gcf" in outs and "moa_gc" in outs:  # folded weights against the routed step: the same function
-            rec["match_moa_gcf_vs_moa_gc"] = float((outs["moa_gcf"][:, P:] == outs["moa_gc"][:, P:]).float().mean())
-        if "moa_gcf" in variants and n > 1:
+        for folded, routed in (("moa_gcf", "moa_gc"), ("moa_gcpf", "moa_gcp")):  # folded weights against the routed
+            if folded in outs and routed in outs:  # step: the same function
+                rec[f"match_{folded}_vs_{routed}"] = float((outs[folded][:, P:] == outs[routed][:, P:]).float().mean())
+        folds = ("moa_gcf" in variants or "moa_gcpf" in variants) and n > 1
+        mm.lora_fusion.enabled = FUSED[args.fused]
+        if folds and mm.lora_fusion.ready():  # only the fused path folds (CUDA with Triton, or --fused on)
             rec["fold_s"] = spread(fold_times(mm, device))
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
@@ -451,6 +456,7 @@ def render(payload: dict) -> str:
                                rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
               "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "match_moa_gcf_vs_moa_gc",
+              "match_moa_gcpf_vs_moa_gcp",
               "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     checks += [f"match_{g}_vs_{hf}" for g, hf in GRAPHED_TWINS if f"match_{g}_vs_{hf}" in payload["results"][0]]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]

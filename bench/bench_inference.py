@@ -109,6 +109,8 @@ VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0"
 GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf")
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
+# the variants that fold a batch of one expert (fold_single_expert), each with its routed twin (the same function)
+FOLDED_TWINS = {"moa_gcf": "moa_gc", "moa_gcpf": "moa_gcp"}
 GRAPHED_TWINS = [(g, hf) for g in GRAPHED for hf in ("base_c", "base", "moa_eager_route_c", "moa")
                  if g.split("_")[0] == hf.split("_")[0]]  # each against HF's generate of the same model
 SKIP_GUARDS = "_sg"  # suffix: the wrapped variant with dynamo's guard checks skipped
@@ -262,8 +264,9 @@ def run_shape(args: argparse.Namespace) -> dict:
         def graph_decoder(v: str, model: nn.Module):
             from moa_core.graph_decode import GraphDecoder
 
-            # moa_gcr, moa_gcf, *_gcp, moa_gcpm, moa_gcpf decode with *_gc's decoder (the same step, one graph); *_gcp* also
-            # capture the prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per layout, alternate)
+            # moa_gcr, moa_gcf, *_gcp, moa_gcpm, moa_gcpf decode with *_gc's decoder (the same step, one graph);
+            # *_gcp* also capture the prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per
+            # layout, alternate)
             prompt_shapes = 2 if "_gcp" in v else 0
             v = v[: v.index("_gc") + 3] if "_gc" in v else v
             if v not in decoders:
@@ -285,7 +288,7 @@ def run_shape(args: argparse.Namespace) -> dict:
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"
                     layout_before = lora_kernels.PROMPT_LAYOUT
                     lora_kernels.PROMPT_LAYOUT = "merged" if v == "moa_gcpm" else "fused"
-                    mm.fold_single_expert = v in ("moa_gcf", "moa_gcpf")
+                    mm.fold_single_expert = v in FOLDED_TWINS
                     try:
                         return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
@@ -375,12 +378,11 @@ def run_shape(args: argparse.Namespace) -> dict:
         for g, hf in GRAPHED_TWINS:  # the decoder's tokens against HF's generate of the same model (greedy)
             if g in outs and hf in outs:
                 rec[f"match_{g}_vs_{hf}"] = float((outs[g][:, P:] == outs[hf][:, P:]).float().mean())
-        for folded, routed in (("moa_gcf", "moa_gc"), ("moa_gcpf", "moa_gcp")):  # folded weights against the routed
-            if folded in outs and routed in outs:  # step: the same function
+        for folded, routed in FOLDED_TWINS.items():  # folded weights against the routed step: the same function
+            if folded in outs and routed in outs:
                 rec[f"match_{folded}_vs_{routed}"] = float((outs[folded][:, P:] == outs[routed][:, P:]).float().mean())
-        folds = ("moa_gcf" in variants or "moa_gcpf" in variants) and n > 1
         mm.lora_fusion.enabled = FUSED[args.fused]
-        if folds and mm.lora_fusion.ready():  # only the fused path folds (CUDA with Triton, or --fused on)
+        if n > 1 and FOLDED_TWINS.keys() & set(variants) and mm.lora_fusion.ready():  # only the fused path folds
             rec["fold_s"] = spread(fold_times(mm, device))
         if "peft" in outs and "moa_forced" in outs:
             rec["match_moa_forced_vs_peft"] = float((outs["peft"][:, P:] == outs["moa_forced"][:, P:]).float().mean())
@@ -455,8 +457,8 @@ def render(payload: dict) -> str:
                 markdown_table(["N"] + [f"{v} prompt ms" for v in variants] + [f"{v} decode ms/step" for v in variants],
                                rows)]
     checks = ["router_accuracy", "layers_agree", "routed_distinct_experts", "match_moa_forced_vs_peft",
-              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c", "match_moa_merged_c_vs_moa_c", "match_moa_gcf_vs_moa_gc",
-              "match_moa_gcpf_vs_moa_gcp",
+              "match_moa_vs_moa_norc", "match_moa_c_vs_moa", "match_moa_split_c_vs_moa_c",
+              "match_moa_merged_c_vs_moa_c", *(f"match_{f}_vs_{r}" for f, r in FOLDED_TWINS.items()),
               "logits_relerr_moa_vs_peft", "logits_reldiff_peft_vs_base"]
     checks += [f"match_{g}_vs_{hf}" for g, hf in GRAPHED_TWINS if f"match_{g}_vs_{hf}" in payload["results"][0]]
     rows = [[r["experts"]] + [r.get(c, "-") for c in checks] for r in payload["results"]]

@@ -118,16 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("peft", "moa", "moa_blocks"):
         extra = totals[name] - totals["base"]
         print(f"  {name} adds {extra} operators to the base's, {extra / len(mm.wrapped):.1f} per wrapped projection")
-    # after the backward, the one pass clips each expert's gradient on its own (train.clip_per_expert): its loop
-    # (the CPU's) against the multi-tensor ops it uses on an accelerator; PEFT's clip_grad_norm_ for comparison
+    # after the backward, the one pass clips each expert's gradient on its own (train.clip_per_expert); PEFT's
+    # clip_grad_norm_ for comparison
     from moa_core.train import clip_grads_per_expert, expert_token_shares
 
     stacked = mm.per_expert_parameters()
     shares = expert_token_shares(batch["expert"], labels, args.experts)
     print("aten operators of the gradient clip after that step:")
-    for foreach in (False, True):
-        c = count(lambda: clip_grads_per_expert(stacked, [], 1.0, shares, foreach=foreach))  # noqa: B023
-        print(f"  moa per-expert clip, {'multi-tensor' if foreach else 'loop'}: {sum(c.counts.values())}")
+    c = count(lambda: clip_grads_per_expert(stacked, [], 1.0, shares))
+    print(f"  moa per-expert clip: {sum(c.counts.values())}")
     lora = [p for p in pm.parameters() if p.requires_grad]
     c = count(lambda: torch.nn.utils.clip_grad_norm_(lora, 1.0))
     print(f"  peft clip_grad_norm_ (foreach): {sum(c.counts.values())}")

@@ -22,6 +22,7 @@
 # the gathered path (moa_gather) and one PEFT job at the same rows; GRAPH_PATHS=trains adds the device test that
 # trains MoA through the blocked groups.
 # T_PROFILE_TRAIN (off by default, ~60 s) profiles 3 training steps of MoA in blocks and of one PEFT job (bench/profile_training.py).
+# T_CLIP (off by default, ~20 s) times the per-expert gradient clip alone (bench/bench_clip.py).
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -34,6 +35,11 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; date -u;
   python3 -c "import torch,transformers,peft,triton;print(torch.__version__,transformers.__version__,peft.__version__,triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 t0=$SECONDS
+if (( ${T_CLIP:-0} > 0 )); then  # the per-expert gradient clip alone: one concatenation against its earlier forms
+  timeout ${T_CLIP} python3 bench/bench_clip.py --shape qwen0.5b --device cuda --experts 8 --json "$OUT/clip.json" 2>&1 \
+    | grep -v -i "warn" | tee "$OUT/clip.log"
+  echo "[clip done at +$((SECONDS - t0)) s]"
+fi
 if (( ${T_PROFILE_TRAIN:-0} > 0 )); then  # where a training step's time goes, MoA in blocks against one PEFT job
   timeout ${T_PROFILE_TRAIN} python3 bench/profile_training.py --shape qwen0.5b --device cuda --experts 8 --batch 8 \
     --seq-len ${TRAIN_SEQ_LEN:-128} --top 25 --json "$OUT/profile_training.json" 2>&1 | grep -v -i "warn\|USDT" > "$OUT/profile_training.log"

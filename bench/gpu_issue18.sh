@@ -22,6 +22,7 @@
 # the gathered path (moa_gather) and one PEFT job at the same rows; GRAPH_PATHS=trains adds the device test that
 # trains MoA through the blocked groups.
 # T_PROFILE_TRAIN (off by default, ~60 s) profiles 3 training steps of MoA in blocks and of one PEFT job (bench/profile_training.py).
+# PROFILE_VARIANTS=base_gcp,moa_gcp profiles the whole-step graph decoder (the variants of issue 18's 1.28x).
 # T_CLIP (off by default, ~20 s) times the per-expert gradient clip alone (bench/bench_clip.py).
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
@@ -48,7 +49,7 @@ fi
 if (( ${T_PROFILE:-0} > 0 )); then  # where a decode step's time goes: one profiled call per variant (host and GPU tables)
   TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout ${T_PROFILE} python3 bench/profile_generate.py --shape qwen0.5b --device cuda \
     --experts 8 --batch ${PROFILE_BATCH:-32} --prompt-len 128 --new-tokens 64 --routing-pass ${PROFILE_ROUTING:-eager} \
-    --top 25 --gpu-top 30 --json "$OUT/profile.json" 2>&1 | grep -v -i "warn" > "$OUT/profile.log"
+    --variants ${PROFILE_VARIANTS:-base_c,moa_c} --top 25 --gpu-top 30 --json "$OUT/profile.json" 2>&1 | grep -v -i "warn" > "$OUT/profile.log"
   echo "[profile done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_INF:-400} > 0 )); then  # INF_BATCH may list several batches (one process, JSON and log each; T_INF each)

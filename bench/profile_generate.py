@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, setup_shape, shape_args, write_json  # noqa: E402,I001
-from bench_inference import FUSED, build_moa, build_peft, domain_prompts, fit_routers, generation_args  # noqa: E402
+from bench_inference import (  # noqa: E402
+    FUSED, GREEDY_TO_THE_END, build_moa, build_peft, domain_prompts, fit_routers, generation_args,
+)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -32,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused", default="auto", choices=sorted(FUSED),
                     help="MoA's fused routed-LoRA path: auto = on CUDA; on = also on the CPU (its torch formulation, "
                          "to count a CUDA step's guards there)")
-    ap.add_argument("--variants", default="base_c,moa_c", type=lambda t: t.split(","))
+    ap.add_argument("--variants", default="base_c,moa_c", type=lambda t: t.split(","),
+                    help="of base_c, moa_c (HF's generate, reduce-overhead) and base_gcp, moa_gcp (moa_core's "
+                         "GraphDecoder: the compiled step and the prompt pass replayed from CUDA graphs, as "
+                         "bench_inference.py's variants of those names)")
     ap.add_argument("--top", default=20, type=int, help="rows of the profiler's operator table (0: none)")
     ap.add_argument("--gpu-top", default=0, type=int,
                     help="rows of a second table, by GPU time, for each whole call (0: none): which kernels a decode "
@@ -56,8 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     mm.compile_routing_pass = args.routing_pass == "compiled"
     cc = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default", fullgraph=True)
     cc._compile_all_devices = True
+    decoders = {}  # one GraphDecoder per model, as bench_inference's *_gcp variants (prompt graphs kept: 1 shape)
+
+    def graphed(model: torch.nn.Module):
+        from moa_core.graph_decode import GraphDecoder
+
+        if id(model) not in decoders:
+            decoders[id(model)] = GraphDecoder(model, compile=True)
+            decoders[id(model)].prompt_shapes = 1
+        return decoders[id(model)]
+
+    def moa_gcp(tokens: int) -> torch.Tensor:
+        mm.graph_decoder = graphed(mm.model)
+        routing_before, mm.compile_routing_pass = mm.compile_routing_pass, False  # moa_gcp's routing pass is eager
+        try:
+            return mm.generate_greedy(ids, mask, tokens, **GREEDY_TO_THE_END)[0]
+        finally:
+            mm.compile_routing_pass = routing_before
+
     calls = {"base_c": lambda t: base.generate(input_ids=ids, attention_mask=mask, **gen(t)),
-             "moa_c": lambda t: mm.generate(ids, mask, **gen(t))[0]}
+             "moa_c": lambda t: mm.generate(ids, mask, **gen(t))[0],
+             "base_gcp": lambda t: graphed(base).generate(ids, mask, t, **GREEDY_TO_THE_END),
+             "moa_gcp": moa_gcp}
+    unknown = set(args.variants) - set(calls)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(calls)}")
     calls = {v: calls[v] for v in args.variants}
 
     def gen(tokens: int) -> dict:

@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         c = count(lambda: clip_grads_per_expert(stacked, [], 1.0, shares, concat=concat))  # noqa: B023
         print(f"  moa per-expert clip, {'one concatenation (accelerators)' if concat else 'norms per gradient (CPU)'}: "
               f"{sum(c.counts.values())}, {sum(c.counts.values()) - c.views} not views or allocations")
-    print(f"    (its multi-tensor multiply counts once here but broadcasts an [E, 1, ...] scale, so it takes torch's "
-          f"per-tensor path: one kernel per gradient, {len(stacked)})")
     lora = [p for p in pm.parameters() if p.requires_grad]
     c = count(lambda: torch.nn.utils.clip_grad_norm_(lora, 1.0))
     print(f"  peft clip_grad_norm_ (foreach): {sum(c.counts.values())}")

@@ -294,8 +294,12 @@ def clip_grads_per_expert(stacked: Sequence[Tensor], shared: Sequence[Tensor], m
         own = sq.sqrt() / shares.clamp(min=1e-12)  # [E] the norm of each expert's own-rows gradient
         scale = torch.where(shares > 0, (max_norm / (own + 1e-6)).clamp(max=1.0) / shares.clamp(min=1e-12), 1.0)
         for (device, dtype), group in groups.items():
-            by_rank = {n: scale.to(device, dtype).view(-1, *[1] * (n - 1)) for n in {g.dim() for g in group}}
-            torch._foreach_mul_(group, [by_rank[g.dim()] for g in group])  # [E, 1, ...] broadcast over each slice
+            # the scale written out at each gradient shape (a handful: one per projection's A and B), since torch's
+            # multi-tensor multiply launches one kernel per tensor unless both tensors of each pair have one shape
+            mine = scale.to(device, dtype)
+            full = {shape: mine.view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
+                    for shape in {g.shape for g in group}}
+            torch._foreach_mul_(group, [full[g.shape] for g in group])
     rest = [p for p in shared if p.grad is not None]
     if rest:
         torch.nn.utils.clip_grad_norm_(rest, max_norm)

@@ -13,7 +13,7 @@ for each row b with expert e = index[b] ([B], the only routing metadata: a fixed
 CUDA graph captured once replays correctly for any assignment of experts to rows). The shrink is done
 once for the group (q's call computes q/k/v's deltas; k and v take theirs from `LoraGroup.stash`), each
 program reads its row's expert A and B (experts not in the batch are never read), and the kernel adds the
-base output y itself when the group has one member.
+base output y itself when the group has one member, and in a prompt pass (below) for a group of several too.
 
 `routed_lora_torch` is the same formulation in torch (what runs on the CPU, and the oracle of the kernel);
 `routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. A decode step (one token per
@@ -36,10 +36,10 @@ row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
 
 A prompt pass (many tokens per row) has two layouts, chosen by `PROMPT_LAYOUT`: "fused" (the group kernel above;
 for q/k/v and gate/up after one base GEMM over W_cat, whose output the kernel reads as y, so that base and delta
-leave in one pass and each member's output is a view of its columns: no delta tensor and no add per member; on
-an H100 at batch 32 x 128 tokens, strided elementwise kernels, 7 per layer with those adds, had taken 3.8 ms of the
-prompt pass's 22.7 ms of kernels) and "merged" (`merged_prompt`: cuBLAS throughout, the group's base projections as one GEMM over
-W_cat, one shrink, then each member's expand added into its columns of that result in place: no delta tensor).
+leave in one pass and each member's output is a view of its columns: no delta tensor and no add per member; on an
+H100 at batch 32 x 128 tokens, strided elementwise kernels, 7 per layer with those adds, had taken 3.8 ms of the
+prompt pass's 22.7 ms of kernels) and "merged" (`merged_prompt`: cuBLAS throughout, the group's base projections as
+one GEMM over W_cat, one shrink, then each member's expand added into its columns of that result in place).
 
 Under torch.compile the kernels are reached through the custom ops `moa::routed_lora` and
 `moa::routed_linear`, each one opaque call in the graph.
@@ -525,8 +525,8 @@ class LoraGroup:
     A [E, R, K], B [E, N, R] (block-diagonal) and Bt [E, r, N] are rebuilt by `refresh()` (outside any compiled
     region) when a member's weights changed, in place where the shapes allow, and marked as static addresses so
     that CUDA graphs neither copy them per replay nor re-record. W [N, K] is the members' base weights stacked for
-    the merged layout: the members' `base.weight` are made views of it (once), so it costs no memory; None when a
-    member's base is not a plain nn.Linear."""
+    the merged layouts and the fused prompt pass: the members' `base.weight` are made views of it (once), so it
+    costs no memory; None when a member's base is not a plain nn.Linear."""
 
     def __init__(self, members: list["ExpertMixtureLinear"]) -> None:
         self.members = members
@@ -598,9 +598,9 @@ class LoraGroup:
         self._key = self._weights_key()
 
     def _merge_base_weights(self) -> None:
-        """W [N, K] and bias [N] for the merged layout. Several members: their weights are copied once into one
-        tensor and each member's `base.weight` becomes a view of its rows (same values, no second copy); their
-        biases are stacked into a copy (zeros for a member without one)."""
+        """W [N, K] and bias [N] for the group's one base GEMM (see the class). Several members: their weights are
+        copied once into one tensor and each member's `base.weight` becomes a view of its rows (same values, no
+        second copy); their biases are stacked into a copy (zeros for a member without one)."""
         ms = self.members
         if any(type(m.base) is not nn.Linear or m.base.weight.stride(1) != 1 for m in ms) \
                 or len({(m.base.weight.device, m.base.weight.dtype) for m in ms}) != 1:

@@ -17,6 +17,7 @@ from moa_core.experts import ExpertMixtureLinear, LayerSlot, Route
 from moa_core.methods import build_mixture
 from moa_core.model import MixtureError, load_mixture, save_mixture
 from moa_core.routing import load_balance_loss, pool, top_k_gates
+from moa_core import train as train_module
 from moa_core.train import (NonFiniteLossError, clip_grads_per_expert, expert_token_shares, train_loop,
                             train_mixture)
 
@@ -171,8 +172,8 @@ def test_moa_stage2_gradients_only_on_routers_and_gold_experts(tiny_cfg, tiny_ba
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                     (torch.float32, torch.bfloat16)])  # one group, and one per dtype
-@pytest.mark.parametrize("concat", [False, True])  # the CPU's norms per gradient, an accelerator's one concatenation
-def test_per_expert_clipping_clips_each_expert_as_its_own_job(dtypes, concat):
+@pytest.mark.parametrize("concat", [False, True, "chunked"])  # the CPU's norms per gradient; an accelerator's
+def test_per_expert_clipping_clips_each_expert_as_its_own_job(dtypes, concat, monkeypatch):  # concatenation
     """Expert e's gradient in a mixed batch is share_e x its own rows' gradient, spread over its A and B slices; after
     the clip it must be what clipping that own-rows gradient alone (its job) gives, its norm taken over A and B
     together (also when A and B hold gradients of different dtypes): expert 0 is over the limit, expert 1 under,
@@ -188,7 +189,13 @@ def test_per_expert_clipping_clips_each_expert_as_its_own_job(dtypes, concat):
     idle = (A.grad[2].clone(), B.grad[2].clone())
     router = torch.nn.Parameter(torch.zeros(3, 8))
     router.grad = torch.full((3, 8), 5.0)
-    clip_grads_per_expert([A, B], [router], 1.0, shares, concat=concat)
+    if concat == "chunked":  # a bound below B's 60 elements: A and B concatenated apart, their norms summed
+        monkeypatch.setattr(train_module, "CLIP_CONCAT_ELEMENTS", 40)
+    cats = []
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, _f=torch.cat, **k: cats.append(len(ts)) or _f(ts, *a, **k))
+    clip_grads_per_expert([A, B], [router], 1.0, shares, concat=bool(concat))
+    one_group = dtypes[0] == dtypes[1]
+    assert cats == ([] if not concat else [2] if concat is True and one_group else [1, 1])
     tol = {} if dtypes == (torch.float32, torch.float32) else {"rtol": 2e-2, "atol": 1e-3}  # bf16 rounds once
     for e in range(2):
         norm = float(torch.cat([own_A[e].flatten(), own_B[e].flatten()]).norm())
@@ -198,10 +205,13 @@ def test_per_expert_clipping_clips_each_expert_as_its_own_job(dtypes, concat):
         torch.testing.assert_close(B.grad[e].float(), own_B[e] * k, **tol)
     assert torch.equal(A.grad[2], idle[0]) and torch.equal(B.grad[2], idle[1])
     assert float(router.grad.norm()) == pytest.approx(1.0, rel=1e-4)  # the shared group: clipped as one
+    cats.clear()
+    clip_grads_per_expert([A, B], [], 1.0, shares)  # the default on the CPU: the norms per gradient, no copy
+    assert cats == []
     with pytest.raises(ValueError, match="3 experts"):  # a layer with another expert count (MoSLD): not this clip
         C = torch.nn.Parameter(torch.zeros(2, 4))
         C.grad = torch.ones(2, 4)
-        clip_grads_per_expert([A, C], [], 1.0, shares, concat=concat)
+        clip_grads_per_expert([A, C], [], 1.0, shares, concat=bool(concat))
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, 4], [-100, 5, 6, 7]])  # 2, 2, 3 loss tokens
     torch.testing.assert_close(expert_token_shares(torch.tensor([0, 2, 0]), labels, 3), torch.tensor([5 / 7, 0.0, 2 / 7]))
 

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", default=5, type=int, help="interleaved rounds")
     ap.add_argument("--calls", default=20, type=int, help="timed calls of each variant per round")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.dtype)
     stacked = stacked_grads(args.shape, args.experts, device, dtype)

@@ -705,9 +705,10 @@ class LoraGroup:
         """member's whole output, base and LoRA delta (see `takes_whole`); x [Bsz, T, K], index [Bsz]. Only the
         tensors the chosen path reads enter the compiled graph (each one is a guard checked on every decode step)."""
         def compute() -> Tensor:
-            if x.shape[1] > 1 and PROMPT_LAYOUT == "merged":
-                return merged_prompt(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
-            if x.shape[1] > 1:  # fused: the group's one base GEMM, then the group kernel adds the delta as it copies
+            if x.shape[1] > 1:
+                if PROMPT_LAYOUT == "merged":
+                    return merged_prompt(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
+                # fused: the group's one base GEMM, then the group kernel adds the delta as it copies
                 return run_group(x, self.A, self.B, index, torch.nn.functional.linear(x, self.W, self.bias))
             fused_gemm = self.W.numel() <= MERGED_CONFIG["max_fused_weight"]
             return run_linear(x, self.W, self.bias, self.A, self.Bt if fused_gemm else self.B, index, self.bounds,

@@ -28,6 +28,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from moa_core import lora_kernels  # noqa: E402
 
 
+VARIANTS = ("base_c", "moa_c", "base_gcp", "moa_gcp")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = generation_args(shape_args(__doc__, experts="8"))
     ap.add_argument("--layout", default=lora_kernels.DECODE_LAYOUT, choices=lora_kernels.DECODE_LAYOUTS)
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="MoA's routing pass: compiled (bench_inference's moa_c) or eager (the library's default, "
                          "moa_eager_route_c)")
     args = ap.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:  # before any model is built
+        ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     if args.render:
         ap.error("--render is not supported here: the figures are printed, and written with --json")
     from transformers import CompileConfig
@@ -83,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
              "moa_c": lambda t: mm.generate(ids, mask, **gen(t))[0],
              "base_gcp": lambda t: graphed(base).generate(ids, mask, t, **GREEDY_TO_THE_END),
              "moa_gcp": moa_gcp}
-    unknown = set(args.variants) - set(calls)
-    if unknown:
-        ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(calls)}")
     calls = {v: calls[v] for v in args.variants}
 
     def gen(tokens: int) -> dict:

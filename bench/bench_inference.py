@@ -53,6 +53,10 @@ and, to attribute the cost of (c):
   moa_gcpm      moa_gcp with the prompt's LoRA in the merged prompt layout (lora_kernels.PROMPT_LAYOUT = "merged":
                 cuBLAS, each group's base projections as one GEMM, the expands added in place) instead of the group
                 kernel. Shares moa_gc's decoder
+  moa_gca, moa_gcpa  moa_gc and moa_gcp with the decode step in the augmented layout (lora_kernels.DECODE_LAYOUT
+                "augmented": per projection group, one kernel builds [x | each row's shrink in its expert's slot]
+                and one cuBLAS GEMM runs over [W | every expert's B]) instead of the library's default. Share
+                moa_gc's decoder (the layout is part of its key: a graph each)
   moa_gcf       moa_gc with `MixtureModel.fold_single_expert`: a batch whose rows all use one expert (batch 1
                 always) decodes with its LoRA folded into a copy of the base weights (no LoRA kernels in the step);
                 a mixed batch decodes as moa_gc. Shares moa_gc's decoder (two decode graphs kept). The calls repeat
@@ -104,9 +108,11 @@ from moa_core import lora_kernels  # noqa: E402
 VARIANTS = ["base", "peft", "peft_split", "moa", "moa_ref", "moa_norc", "moa_v0", "moa_off", "moa_forced", "base_c",
             "moa_c", "moa_split_c", "moa_merged_c", "moa_eager_route_c", "moa_ref_c", "moa_norc_c", "moa_forced_c",
             "base_c_sg", "moa_merged_c_sg", "moa_eager_route_c_sg", "base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr",
-            "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf"]
+            "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf", "moa_gca", "moa_gcpa"]
 # moa_core.graph_decode's decoder
-GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf")
+GRAPHED = ("base_g", "moa_g", "base_gc", "moa_gc", "moa_gcr", "base_gcp", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf",
+           "moa_gca", "moa_gcpa")
+AUGMENTED = ("moa_gca", "moa_gcpa")  # the graphed variants whose decode step runs DECODE_LAYOUT "augmented"
 # no eos: every row runs all G steps, as HF's generate with min_new_tokens=G (the same work and comparable tokens)
 GREEDY_TO_THE_END = dict(eos_token_id=[], pad_token_id=0)
 # the variants that fold a batch of one expert (fold_single_expert), each with its routed twin (the same function)
@@ -205,7 +211,8 @@ RATIOS = [("moa", "base"), ("moa_ref", "base"), ("moa_forced", "base"), ("peft",
           ("base_g", "base_c"), ("base_gc", "base_c"), ("moa_g", "base_c"), ("moa_gc", "base_c"),
           ("moa_gc", "moa_eager_route_c"), ("moa_gcr", "base_gc"), ("moa_gcr", "moa_gc"), ("moa_gcp", "base_gcp"),
           ("base_gcp", "base_gc"), ("moa_gcp", "moa_gc"), ("moa_gcpm", "base_gcp"), ("moa_gcpm", "moa_gcp"),
-          ("moa_gcf", "base_gc"), ("moa_gcf", "moa_gc"), ("moa_gcpf", "base_gcp"), ("moa_gcpf", "moa_gcp")]
+          ("moa_gcf", "base_gc"), ("moa_gcf", "moa_gc"), ("moa_gcpf", "base_gcp"), ("moa_gcpf", "moa_gcp"),
+          ("moa_gca", "base_gc"), ("moa_gca", "moa_gc"), ("moa_gcpa", "base_gcp"), ("moa_gcpa", "moa_gcp")]
 
 
 # variants that pin a decode layout
@@ -265,9 +272,9 @@ def run_shape(args: argparse.Namespace) -> dict:
             from moa_core.graph_decode import GraphDecoder
 
             # moa_gcr, moa_gcf, *_gcp, moa_gcpm, moa_gcpf decode with *_gc's decoder (the same step, one graph);
-            # *_gcp* also capture the prompt (two shapes kept: moa_gcp's and moa_gcpm's prompt graphs, one per
-            # layout, alternate)
-            prompt_shapes = 2 if "_gcp" in v else 0
+            # *_gcp* also capture the prompt (three kept: moa_gcp's, moa_gcpm's and moa_gcpa's prompt graphs, one
+            # per layout, alternate)
+            prompt_shapes = 3 if "_gcp" in v else 0
             v = v[: v.index("_gc") + 3] if "_gc" in v else v
             if v not in decoders:
                 decoders[v] = GraphDecoder(model, compile=v.endswith("_gc"))
@@ -282,18 +289,22 @@ def run_shape(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 if v in ("base_g", "base_gc", "base_gcp"):
                     return graph_decoder(v, base).generate(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)
-                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf"):
+                if v in ("moa_g", "moa_gc", "moa_gcr", "moa_gcp", "moa_gcpm", "moa_gcf", "moa_gcpf", *AUGMENTED):
                     mm.graph_decoder = graph_decoder(v, mm.model)
                     # eager, as base_g's prompt (moa_gcr: compiled)
                     routing_before, mm.compile_routing_pass = mm.compile_routing_pass, v == "moa_gcr"
                     layout_before = lora_kernels.PROMPT_LAYOUT
                     lora_kernels.PROMPT_LAYOUT = "merged" if v == "moa_gcpm" else "fused"
+                    decode_before = lora_kernels.DECODE_LAYOUT
+                    if v in AUGMENTED:
+                        lora_kernels.DECODE_LAYOUT = "augmented"
                     mm.fold_single_expert = v in FOLDED_TWINS
                     try:
                         return mm.generate_greedy(ids, mask, gen["max_new_tokens"], **GREEDY_TO_THE_END)[0]
                     finally:
                         mm.compile_routing_pass = routing_before
                         lora_kernels.PROMPT_LAYOUT = layout_before
+                        lora_kernels.DECODE_LAYOUT = decode_before
                         mm.fold_single_expert = False
                 if v == "base_c":
                     return base.generate(input_ids=ids, attention_mask=mask, **static, **gen)
@@ -342,6 +353,12 @@ def run_shape(args: argparse.Namespace) -> dict:
             raise ValueError(v)
 
         variants = list(args.variants) if args.given_order else [v for v in VARIANTS if v in args.variants]
+        if any(v in AUGMENTED for v in variants) and FUSED[args.fused] is not False:
+            # Wa first: it re-homes the base weights, so that the other variants' graphs read them where they stay
+            before, lora_kernels.DECODE_LAYOUT = lora_kernels.DECODE_LAYOUT, "augmented"
+            mm.lora_fusion.enabled = FUSED[args.fused]
+            mm.lora_fusion.ready()
+            lora_kernels.DECODE_LAYOUT = before
         warm: dict[str, float] = {}
         for v in variants:  # warm-up (allocator, cuBLAS handles, kernels' first launches, compilation)
             for _ in range(max(1, args.warmup) if warmed(v) else args.warmup):

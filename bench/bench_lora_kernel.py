@@ -12,6 +12,9 @@ experts = min(batch, E)). Variants:
   merged    a decode step's group as a shrink kernel and one GEMM computing base and LoRA together (the members'
             base linears skipped: DECODE_LAYOUT "merged"); with --merged-configs also merged:<i>, the same with
             the i-th launch configuration (lora_kernels.MERGED_CONFIG keys, e.g. "block_n=32,block_k=256");
+  augmented a decode step's group as one kernel building [x | the row's shrink in its expert's slot] and one cuBLAS
+            GEMM over [W | each expert's B] (DECODE_LAYOUT "augmented"; a group past lora_kernels.AUGMENT_MAX_EXTRA
+            runs the merged layout's kernels);
   reference + the routed LoRA through ExpertMixtureLinear's own path (the gathered A, s*B kept on the route,
             bmm + baddbmm): its best case, gathers done once before timing.
 
@@ -87,6 +90,9 @@ def measure(args) -> dict:
     for E in args.experts:
         slots, stack, fusion = build_stack(args.layers, args.hidden, args.kv, args.ff, E, args.r, device, dtype)
         fusion.enabled = True
+        if args.tokens == 1:  # Wa first: it re-homes the base weights, which the graphs captured below read
+            lora_kernels.DECODE_LAYOUT = "augmented"
+            assert fusion.ready()
         for B in args.batch:
             x = torch.randn(B, args.tokens, args.hidden, device=device, dtype=dtype) * 0.1
             index = torch.arange(B, device=device) % E
@@ -105,7 +111,8 @@ def measure(args) -> dict:
                 lora_kernels.MERGED_CONFIG = merged_configs.get(v, default_merged)
 
             # the layouts differ only in a decode step (one token per row)
-            variants = ["base", "fused", "split", "merged", *merged_configs, "reference"] if args.tokens == 1 \
+            variants = ["base", "fused", "split", "merged", *merged_configs, "augmented", "reference"] \
+                if args.tokens == 1 \
                 else ["base", "fused", "reference"]
             for v in variants:
                 configure(v)
@@ -181,7 +188,8 @@ def render(p: dict) -> str:
         return ratio(r["us"][v], r["us"]["base"]) if v in r["us"] else "-"
 
     variants = [v for v in ("fused", "split", "merged") if any(v in r["us"] for r in p["results"])]
-    variants += sorted({v for r in p["results"] for v in r["us"] if v.startswith("merged:")}) + ["reference"]
+    variants += sorted({v for r in p["results"] for v in r["us"] if v.startswith("merged:")})
+    variants += [v for v in ("augmented",) if any(v in r["us"] for r in p["results"])] + ["reference"]
     rows = [[r["experts"], r["batch"], r["tokens"], r["distinct_experts"], us(r, "base")] + [us(r, v) for v in variants]
             + [over_base(r, v) for v in variants]
             + [f"{r[k]:.2g}" if isinstance(r.get(k := f"{v}_vs_reference_relerr"), float) else "-" for v in variants[:-1]]

@@ -24,6 +24,8 @@
 # T_PROFILE_TRAIN (off by default, ~60 s) profiles 3 training steps of MoA in blocks and of one PEFT job (bench/profile_training.py).
 # PROFILE_VARIANTS=base_gcp,moa_gcp profiles the whole-step graph decoder (the variants of issue 18's 1.28x).
 # T_CLIP (off by default, ~20 s) times the per-expert gradient clip alone (bench/bench_clip.py).
+# 2026-12-05 evening: the augmented decode layout (DECODE_LAYOUT "augmented"): INF_VARIANTS=base_gcp,moa_gcp,moa_gcpa,
+# GRAPH_PATHS=augmented, its kernel's cases among the kernel tests (KERNEL_TESTS, a -k expression), the stack's column.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -78,7 +80,7 @@ if (( ${T_TRAIN:-0} > 0 )); then  # one MoA pass against one PEFT job at its row
   echo "[training done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_KERNEL:-150} > 0 )); then
-  timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k "triton or merged_kernel" 2>&1 | tail -5 | tee "$OUT/tests.log"
+  timeout ${T_KERNEL:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_lora_kernels.py -k "${KERNEL_TESTS:-triton or merged_kernel or augment_kernel}" 2>&1 | tail -5 | tee "$OUT/tests.log"
   echo "[kernel tests done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_MICRO:-120} > 0 )); then

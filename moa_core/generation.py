@@ -269,8 +269,9 @@ class RoutedGeneration:
         gen_kwargs = {"cache_implementation": "static", "max_new_tokens": max_new_tokens}
         sequence = self.spec.routing == Routing.SEQUENCE
         fused = self.lora_fusion.ready()  # refreshes the stacked expert weights first: their addresses are keyed
-        stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.bias) if t is not None]
+        stacked = [t for g in self.lora_fusion.groups for t in (g.A, g.B, g.Bt, g.W, g.Wa, g.bias) if t is not None]
         key = (self.training, fused, lora_kernels.DECODE_LAYOUT, tuple(sorted(lora_kernels.MERGED_CONFIG.items())),
+               lora_kernels.AUGMENT_MAX_EXTRA,
                weight_addresses(self, stacked))
         first = None
         if sequence and expert is None and self.graph_decoder.prompt_shapes and self._head_is_plain():

@@ -82,8 +82,11 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # batch (1-32) and expert count (8-64) (1.17-1.37x the base projections' time against 1.49-1.68x), ~6 % in the full
 # model under CUDA graphs. Read where torch.compile traces (`LoraGroup.takes_whole`, `run_group`), so a change
 # recompiles and re-captures instead of replaying another layout's CUDA graph.
-DECODE_LAYOUTS = ("fused", "split", "merged")
+DECODE_LAYOUTS = ("fused", "split", "merged", "augmented")
 DECODE_LAYOUT = "merged"
+# The augmented layout's reach: a group takes it while its experts' extra columns, E R N elements of Wa, are at most
+# this many (each replay reads them all, whichever experts the batch holds); a larger group runs the merged layout.
+AUGMENT_MAX_EXTRA = 2 ** 22
 # Prompt-pass layout (see the module docstring): "fused" or "merged"; read as DECODE_LAYOUT is.
 PROMPT_LAYOUTS = ("fused", "merged")
 PROMPT_LAYOUT = "fused"
@@ -113,6 +116,18 @@ def merged_prompt(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: T
     for m, (n0, n1) in enumerate(zip(edges, edges[1:])):
         out[..., n0:n1].baddbmm_(h[..., m * r:(m + 1) * r], Bg[..., n0:n1])
     return out
+
+
+def augment_torch(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    """The augmented layout's input: x [Bsz, T, K], A [E, R, K], index [Bsz] -> xa [Bsz, T, K + E R], x followed by
+    E slots of R columns, all zero but row b's expert's slot, which holds h = x A[e]^T (rounded to x's dtype, as the
+    reference rounds it). `F.linear(xa, Wa)` with Wa = [W | B_bd[0] | ... | B_bd[E-1]] ([N, K + E R]) is then the
+    group's base projections plus each row's routed LoRA delta, in one GEMM."""
+    Bsz, T, _ = x.shape
+    E, R, _ = A.shape
+    h = torch.bmm(x, A.index_select(0, index).transpose(1, 2))  # [Bsz, T, R]
+    slots = torch.nn.functional.one_hot(index, E).to(x.dtype)  # [Bsz, E]
+    return torch.cat([x, (slots.view(Bsz, 1, E, 1) * h.view(Bsz, T, 1, R)).view(Bsz, T, E * R)], dim=-1)
 
 
 def routed_linear_torch(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, Bt: Tensor, index: Tensor,
@@ -244,6 +259,33 @@ if HAVE_TRITON:
             ak = tl.load(a_ptr + e * sae + r * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
             acc += xk * ak
         tl.store(h_ptr + b * shb + r * shr, tl.sum(acc, axis=0).to(h_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _routed_augment_decode_kernel(
+        x_ptr, a_ptr, idx_ptr, xa_ptr, K, R, C,
+        sxb, sxk, sae, sar, sak, sab,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Program (row b, j): j < R: xa[b, K + e R + j] = x[b] . A[e, j] with e = index[b] (the shrink, written into
+        row b's slot); j >= R: a span of BLOCK_C columns of xa [Bsz, C] (C = K + E R), x[b] where they are x's,
+        zero in the other experts' slots (row b's own slot is left to the shrink's programs)."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        e = tl.load(idx_ptr + b).to(tl.int64)
+        if j < R:
+            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+                ak = tl.load(a_ptr + e * sae + j * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
+                acc += xk * ak
+            tl.store(xa_ptr + b * sab + K + e * R + j, tl.sum(acc, axis=0).to(xa_ptr.dtype.element_ty))
+        else:
+            offs = (j - R) * BLOCK_C + tl.arange(0, BLOCK_C)
+            xv = tl.load(x_ptr + b * sxb + offs * sxk, mask=offs < K, other=0.0)
+            own = (offs >= K + e * R) & (offs < K + (e + 1) * R)
+            tl.store(xa_ptr + b * sab + offs, xv.to(xa_ptr.dtype.element_ty), mask=(offs < C) & ~own)
 
     @triton.jit
     def _routed_expand_decode_kernel(
@@ -399,6 +441,21 @@ def _shrink_decode(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
     return h
 
 
+def augment_triton(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    """`augment_torch` for a decode step (one token per row) in one kernel: x [Bsz, 1, K] -> xa [Bsz, 1, K + E R]."""
+    Bsz, T, K = x.shape
+    if T != 1:
+        raise ValueError(f"the augmented layout serves decode steps (one token per row), got {T} tokens per row")
+    E, R, _ = A.shape
+    C = K + E * R
+    xa = torch.empty(Bsz, 1, C, device=x.device, dtype=x.dtype)
+    BLOCK_C = min(_pow2_at_least(C, 16), 1024)
+    _routed_augment_decode_kernel[(Bsz, R + triton.cdiv(C, BLOCK_C))](
+        x, A, index, xa, K, R, C, x.stride(0), x.stride(2), *A.stride(), xa.stride(0),
+        BLOCK_K=min(_pow2_at_least(K, 16), 2048), BLOCK_C=BLOCK_C, num_warps=4)
+    return xa
+
+
 def _launch_decode_split(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor], out: Tensor) -> Tensor:
     Bsz = x.shape[0]
     _, N, R = B.shape
@@ -484,6 +541,30 @@ def run_linear(x: Tensor, W: Tensor, bias: Optional[Tensor], A: Tensor, B: Tenso
     return _routed_linear_impl(x, W, bias, A, B, index, bounds, fused_gemm)
 
 
+def _augment_impl(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    if x.is_cuda and HAVE_TRITON and x.shape[1] == 1:
+        return augment_triton(x, A, index)
+    return augment_torch(x, A, index)
+
+
+@torch.library.custom_op("moa::routed_augment", mutates_args=())
+def routed_augment(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    """The augmented layout's input (`augment_torch`): the Triton kernel on CUDA for a decode step, else torch."""
+    return _augment_impl(x, A, index)
+
+
+@routed_augment.register_fake
+def _(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] + A.shape[0] * A.shape[1])
+
+
+def run_augment(x: Tensor, A: Tensor, index: Tensor) -> Tensor:
+    """`routed_augment` where torch.compile traces, eagerly its body (as `run_group`)."""
+    if torch.compiler.is_compiling():
+        return routed_augment(x, A, index)
+    return _augment_impl(x, A, index)
+
+
 @torch.library.custom_op("moa::routed_lora", mutates_args=())
 def routed_lora(x: Tensor, A: Tensor, B: Tensor, index: Tensor, y: Optional[Tensor] = None,
                 split: bool = False) -> Tensor:
@@ -546,6 +627,9 @@ class LoraGroup:
         self.Bt: Tensor | None = None
         self.W: Tensor | None = None
         self.bias: Tensor | None = None
+        # [N, K + E R]: W followed by each expert's block-diagonal s B (the augmented layout); W is then a view of its
+        # first K columns. None unless that layout is chosen and the group is within AUGMENT_MAX_EXTRA
+        self.Wa: Tensor | None = None
         self._key: tuple | None = None
         # (input, index, the group's result [Bsz, T, N], members still to take theirs): the first member called on
         # an input computes the whole group's result (one shrink for q/k/v), the others take their columns
@@ -570,10 +654,24 @@ class LoraGroup:
                 key.append(None if p is None else (id(p), p._version, p.data_ptr()))
         return tuple(key)
 
+    def _augment_columns(self, E: int) -> int:
+        """E R, the columns the augmented layout appends to W for E experts, when this group takes that layout
+        (`DECODE_LAYOUT`, `AUGMENT_MAX_EXTRA`); else 0."""
+        extra = E * self.rank_slices[-1].stop
+        return extra if DECODE_LAYOUT == "augmented" and extra * self.out_slices[-1].stop <= AUGMENT_MAX_EXTRA else 0
+
+    def augments(self) -> bool:
+        """Whether a decode step runs this group in the augmented layout (Wa built, the layout chosen, within reach).
+        Read where torch.compile traces: the layout and the reach are guards of the compiled step."""
+        return self.Wa is not None and self._augment_columns(self.Wa.shape[1] - self.W.shape[1]) > 0
+
     @torch.no_grad()
     def refresh(self) -> None:
+        """Rebuild the stacked weights when a member's changed, or when the augmented layout wants Wa and there is
+        none. Wa stays while another layout runs (a switch back replays the graphs captured over it); a rebuild under
+        another layout drops it, since its experts' columns would be stale."""
         key = self._weights_key()
-        if key == self._key:
+        if key == self._key and (self.Wa is not None or not self._augment_columns(self.members[0].lora_A.shape[0])):
             return
         # normal tensors, which a later refresh outside inference mode may write (inference_mode(False) alone would
         # turn autograd back on)
@@ -591,36 +689,60 @@ class LoraGroup:
         same_rank = len({m.r for m in ms}) == 1
         Bt = torch.cat([sb.transpose(1, 2) for sb in scaled], dim=2).contiguous() if same_rank else None  # [E, r, N]
         self.A, self.B, self.Bt = _keep_address(self.A, A), _keep_address(self.B, B), _keep_address(self.Bt, Bt)
-        self._merge_base_weights()
+        self._merge_base_weights(augment=True)
         self.dtype = A.dtype
         self.stash = None
         self.folded_expert = None
         self._key = self._weights_key()
 
-    def _merge_base_weights(self) -> None:
+    def _merge_base_weights(self, augment: bool = False) -> None:
         """W [N, K] and bias [N] for the group's one base GEMM (see the class). Several members: their weights are
         copied once into one tensor and each member's `base.weight` becomes a view of its rows (same values, no
-        second copy); their biases are stacked into a copy (zeros for a member without one)."""
+        second copy); their biases are stacked into a copy (zeros for a member without one). augment (a refresh for
+        the augmented layout, B rebuilt): that tensor is Wa [N, K + E R] instead, W its first K columns, and B's
+        current values are written into the rest."""
         ms = self.members
         if any(type(m.base) is not nn.Linear or m.base.weight.stride(1) != 1 for m in ms) \
                 or len({(m.base.weight.device, m.base.weight.dtype) for m in ms}) != 1:
-            self.W = self.bias = None
+            self.W = self.bias = self.Wa = None
             return
         weights = [m.base.weight for m in ms]
-        if len(ms) == 1:
+        extra = self._augment_columns(self.B.shape[0]) if augment else 0
+        if extra:
+            N, K = self.out_slices[-1].stop, weights[0].shape[1]
+            if not (self.Wa is not None and self.Wa.shape == (N, K + extra) and self._members_view(self.Wa)):
+                with torch.inference_mode(False):
+                    Wa = torch.empty(N, K + extra, device=weights[0].device, dtype=weights[0].dtype)
+                    for m, w, ns in zip(ms, weights, self.out_slices):
+                        Wa[ns, :K] = w.detach()
+                        m.base.weight = nn.Parameter(Wa[ns, :K], requires_grad=w.requires_grad)
+                self.Wa = Wa
+            self.Wa[:, K:] = self.B.permute(1, 0, 2).reshape(N, extra)  # [N, E R]: expert e's s B in columns e R...
+            self.W = self.Wa[:, :K]
+            if self.Wa.is_cuda:
+                torch._dynamo.mark_static_address(self.Wa)
+        elif len(ms) == 1:
             self.W = weights[0]
         elif not (self.W is not None and self.W.device == weights[0].device and self.W.dtype == weights[0].dtype
-                  and all(w.data_ptr() == self.W[ns].data_ptr() and w.shape == self.W[ns].shape
-                          for w, ns in zip(weights, self.out_slices))):
+                  and self._members_view(self.W)):
             with torch.inference_mode(False):  # normal tensors: the model may train or be versioned later
                 self.W = torch.cat([w.detach() for w in weights])
                 for m, w, ns in zip(ms, weights, self.out_slices):
                     m.base.weight = nn.Parameter(self.W[ns], requires_grad=w.requires_grad)
+        if augment and not extra:
+            self.Wa = None  # the members' weights may stay views of it (W too): their memory, not a second copy
         bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else self.W.new_zeros(m.out_features)
                           for m in ms]) if any(m.base.bias is not None for m in ms) else None
         self.bias = _keep_address(self.bias, bias)
         if self.W.is_cuda:
             torch._dynamo.mark_static_address(self.W)
+
+    def _members_view(self, W: Tensor) -> bool:
+        """Whether every member's base weight is (still) the view of its rows of W (W [N, K], or Wa's first K
+        columns)."""
+        K = self.members[0].base.weight.shape[1]
+        return all(w.data_ptr() == W[ns].data_ptr() and w.shape == W[ns, :K].shape and w.stride() == W[ns, :K].stride()
+                   for w, ns in ((m.base.weight, ns) for m, ns in zip(self.members, self.out_slices)))
 
     def _shared(self, x: Tensor, index: Optional[Tensor], compute):
         """The group's result on input x, computed (`compute()`) by the first member called, kept for the others."""
@@ -670,7 +792,7 @@ class LoraGroup:
             self._base_key_seen = self._base_key() if self.W is not None else None
 
     def release_if_stale(self) -> None:
-        """Drop the stacked copies (W, bias, A, B, Bt, the folded weights) once the members' tensors they copy have
+        """Drop the stacked copies (W, Wa, bias, A, B, Bt, the folded weights) once the members' tensors they copy have
         moved or changed (`Module.to`, a cast): stale, they would hold their old memory until the next refresh. The
         members' weights keep W's storage alive where they are still views of it; the next forward that needs the
         copies makes them anew."""
@@ -679,7 +801,7 @@ class LoraGroup:
                  or (self.W is not None and any(m.base.weight.data_ptr() != self.W[ns].data_ptr()
                                                 for m, ns in zip(self.members, self.out_slices))))
         if stale:
-            self.A = self.B = self.Bt = self.W = self.bias = self.W_folded = None
+            self.A = self.B = self.Bt = self.W = self.Wa = self.bias = self.W_folded = None
             self.folded_expert = self._key = self._base_key_seen = self.dtype = None
             self.stash = None
 
@@ -690,13 +812,13 @@ class LoraGroup:
         return y + self._member_part(member, x, index, lambda: run_group(x, self.A, self.B, index, None))
 
     def takes_whole(self, x: Tensor) -> bool:
-        """Whether member calls on x go to `whole`, skipping their base linear: the merged layouts (a decode step
-        under DECODE_LAYOUT, a prompt pass under PROMPT_LAYOUT), and a prompt pass in the fused layout of a group
+        """Whether member calls on x go to `whole`, skipping their base linear: the merged and augmented layouts (a
+        decode step under DECODE_LAYOUT, a prompt pass under PROMPT_LAYOUT), and a prompt pass in the fused layout of a group
         of several members over stacked base weights."""
         if self.W is None:
             return False
         if x.shape[1] == 1:
-            return DECODE_LAYOUT == "merged" and self.Bt is not None
+            return self.augments() or (DECODE_LAYOUT in ("merged", "augmented") and self.Bt is not None)
         if PROMPT_LAYOUT == "merged":
             return self.Bt is not None
         return len(self.members) > 1
@@ -710,6 +832,8 @@ class LoraGroup:
                     return merged_prompt(x, self.W, self.bias, self.A, self.Bt, index, self.bounds)
                 # fused: the group's one base GEMM, then the group kernel adds the delta as it copies
                 return run_group(x, self.A, self.B, index, torch.nn.functional.linear(x, self.W, self.bias))
+            if self.augments():  # one cuBLAS GEMM over [x | the routed shrink in the row's expert's slot]
+                return torch.nn.functional.linear(run_augment(x, self.A, index), self.Wa, self.bias)
             fused_gemm = self.W.numel() <= MERGED_CONFIG["max_fused_weight"]
             return run_linear(x, self.W, self.bias, self.A, self.Bt if fused_gemm else self.B, index, self.bounds,
                               fused_gemm)

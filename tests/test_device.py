@@ -111,7 +111,8 @@ def check_routed_generation_under_cuda_graphs(model_dir: Path, fused: bool | Non
     input, not captured state. fp32, experts far apart, routers fitted so that each row's domain decides its
     expert. fused: None = the fused kernels where they apply (CUDA with triton), False = the reference path.
     layout: the graphed calls' decode layout (`lora_kernels.DECODE_LAYOUT`); the eager ones always run the one-kernel
-    layout ("fused"), so the "split" and "merged" cases also say that those layouts generate the same tokens.
+    layout ("fused"), so the "split", "merged" and "augmented" cases also say that those layouts generate the same
+    tokens.
     merged_cublas: the merged layout's groups all take its cuBLAS path (on the tiny model they all take the Triton
     GEMM by default: their weights are small). decoder: the graphed calls are `generate_greedy` (moa_core.graph_decode:
     the whole step captured once, replayed for every later call) instead of HF's compiled generate; prompt_shapes:
@@ -277,8 +278,9 @@ def test_graph_decoder_replays_padded_prompts_and_eos(tiny_model_dir: Path, prom
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("path", ["kernels", "kernels-split", "kernels-merged", "kernels-merged-cublas", "reference",
-                                  "decoder-kernels-merged", "decoder-reference", "decoder-prompts-kernels-merged",
-                                  "decoder-folded-prompts-kernels-merged"])
+                                  "kernels-augmented", "decoder-kernels-merged", "decoder-reference",
+                                  "decoder-prompts-kernels-merged", "decoder-folded-prompts-kernels-merged",
+                                  "decoder-kernels-augmented", "decoder-prompts-kernels-augmented"])
 def test_routed_generation_under_cuda_graphs_equals_eager(tiny_model_dir: Path, path: str) -> None:
     decoder = path.startswith("decoder-")
     path = path.removeprefix("decoder-")

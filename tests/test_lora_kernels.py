@@ -18,9 +18,10 @@ from moa_core.experts import Route
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Counts the fused path's kernel calls (either custom op: `run_group`, `run_linear`) and still runs them."""
+    """Counts the fused path's kernel calls (any custom op: `run_group`, `run_linear`, `run_augment`) and still runs
+    them."""
     calls = []
-    for name in ("run_group", "run_linear"):
+    for name in ("run_group", "run_linear", "run_augment"):
         real = getattr(lora_kernels, name)
 
         def counting(*args, _real=real, _name=name):
@@ -31,10 +32,14 @@ def op_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("layout", lora_kernels.DECODE_LAYOUTS)
+@pytest.mark.parametrize("layout", [*lora_kernels.DECODE_LAYOUTS, "augmented-beyond-reach"])
 def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, monkeypatch, layout):
     """Forward, forced and routed generation: the fused path in each decode layout (on the CPU their torch
-    formulations: "merged" computes the base projections in its own op) gives the reference path's results."""
+    formulations: "merged" computes the base projections in its own op, "augmented" its input to one linear; a
+    group beyond AUGMENT_MAX_EXTRA takes the merged layout's op instead) gives the reference path's results."""
+    if layout == "augmented-beyond-reach":
+        layout = "augmented"
+        monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", 0)
     monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
     mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (6, 9))
@@ -54,7 +59,8 @@ def test_fused_formulation_equals_reference_path(tiny_cfg, tiny_base, op_calls, 
         if not fused:
             assert op_calls == [], "the reference path must not touch the kernels"
     assert op_calls, "the fused path was not taken"
-    assert {name for name, _ in op_calls} == ({"run_group", "run_linear"} if layout == "merged" else {"run_group"})
+    decode_op = {"merged": "run_linear", "augmented": "run_augment" if lora_kernels.AUGMENT_MAX_EXTRA else "run_linear"}
+    assert {name for name, _ in op_calls} == {"run_group", decode_op.get(layout, "run_group")}
     (l0, f0, r0, c0), (l1, f1, r1, c1) = results[False], results[True]
     assert torch.allclose(l0, l1, atol=1e-5, rtol=1e-5), float((l0 - l1).abs().max())
     assert torch.equal(c0, c1)
@@ -199,15 +205,17 @@ def test_a_folded_expert_gives_each_member_its_routed_output_from_one_weight(tin
             assert not torch.allclose(ref, torch.nn.functional.linear(x, m.base.weight, m.base.bias), atol=1e-3)
 
 
-@pytest.mark.parametrize("max_fused_weight", [2 ** 21, 0])  # every group on the Triton GEMM's formulation, or on cuBLAS's
-def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, op_calls, monkeypatch,
+# every group on the Triton GEMM's formulation, or on cuBLAS's; or the augmented layout's one linear
+@pytest.mark.parametrize("layout,max_fused_weight", [("merged", 2 ** 21), ("merged", 0), ("augmented", 2 ** 21)])
+def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, op_calls, monkeypatch, layout,
                                                                      max_fused_weight):
-    """Qwen2's q/k/v carry biases (the benchmarks' shape does not): the merged layout stacks them with the weights.
-    A Llama with biases on every projection: forward, forced and routed generation as the reference path gives them,
-    on each of the merged layout's two paths; the base model's own output is unchanged by the stacking."""
+    """Qwen2's q/k/v carry biases (the benchmarks' shape does not): the merged and augmented layouts stack them with
+    the weights. A Llama with biases on every projection: forward, forced and routed generation as the reference path
+    gives them, on each of the merged layout's two paths and the augmented one; the base model's own output is
+    unchanged by the stacking."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
     monkeypatch.setitem(lora_kernels.MERGED_CONFIG, "max_fused_weight", max_fused_weight)
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -233,7 +241,8 @@ def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, o
             off = mm(ids, mask, adapters_off=True).logits
         results[fused] = forced
     assert any(g.bias is not None for g in mm.lora_fusion.groups), "no group stacked biases"
-    assert "run_linear" in {name for name, _ in op_calls}, "the merged layout did not run"
+    ran = {"merged": "run_linear", "augmented": "run_augment"}[layout]
+    assert ran in {name for name, _ in op_calls}, f"the {layout} layout did not run"
     torch.testing.assert_close(off, plain)  # the base's own output, after its weights became views of W
     assert torch.equal(results[False].sequences, results[True].sequences)
     for a, b in zip(results[False].scores, results[True].scores):
@@ -241,11 +250,12 @@ def test_merged_layout_with_biased_projections_equals_reference_path(tiny_cfg, o
         assert torch.allclose(a[finite], b[finite], atol=1e-5)
 
 
-@pytest.mark.parametrize("tokens", [6, 1])
-def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch, tokens):
+@pytest.mark.parametrize("tokens,layout", [(6, "merged"), (1, "merged"), (1, "augmented")])
+def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch, tokens, layout):
     """The kernels read copies of the experts (stacked per group): loading or changing an expert in place,
-    or adding one, must reach them before the next forward (tokens = 1: a decode step, in the merged layout)."""
-    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
+    or adding one, must reach them before the next forward (tokens = 1: a decode step, in the merged layout, or in
+    the augmented one, whose Wa holds the experts' B beside the base weights)."""
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", layout)
     mm = distinct_experts(tiny_cfg, tiny_base)
     ids = torch.randint(3, 250, (3, tokens))
     mask = torch.ones_like(ids)
@@ -280,7 +290,7 @@ def test_stacked_weights_follow_expert_changes(tiny_cfg, tiny_base, monkeypatch,
     assert torch.allclose(ref, new, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,layout", [("aot_eager", "split"), ("aot_eager", "merged"),
+@pytest.mark.parametrize("backend,layout", [("aot_eager", "split"), ("aot_eager", "merged"), ("aot_eager", "augmented"),
                                             pytest.param("inductor", "merged", marks=pytest.mark.optin)])
 def test_fused_path_compiled_with_a_static_cache_matches_eager(tiny_cfg, tiny_base, monkeypatch, backend, layout):
     """HF's compiled decode step (static cache, torch.compile fullgraph) through the custom op: the same tokens as
@@ -358,6 +368,69 @@ def test_merged_kernel_matches_the_torch_formulation(Bsz, with_bias, K, outs, r)
         out = lora_kernels.routed_linear_triton(x, W, bias, A, Bt, index, bounds)
         err = float((out.double() - ref).norm() / ref.norm())
         assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, err)
+
+
+@pytest.mark.skipif(not lora_kernels.HAVE_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET")),
+                    reason="needs triton on CUDA, or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("Bsz", [1, 5])
+@pytest.mark.parametrize("K,E,R", [(96, 4, 24), (2500, 3, 16), (40, 8, 4)])  # x in one span or several; slots across spans
+def test_augment_kernel_matches_the_torch_formulation(Bsz, K, E, R):
+    """The augmented layout's input kernel: x, then every expert's slot zero but each row's own, which holds its
+    shrink; and the one linear over it equals the merged layout's formulation (base + routed LoRA)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        g = torch.Generator().manual_seed(Bsz + K)
+        x = torch.randn(Bsz, 1, K, generator=g).to(device, dtype)
+        A = (torch.randn(E, R, K, generator=g) / K ** 0.5).to(device, dtype)
+        index = torch.randint(0, E, (Bsz,), generator=g).to(device)
+        ref = lora_kernels.augment_torch(x.double(), A.double(), index)
+        out = lora_kernels.augment_triton(x, A, index)  # every column checked below: x, zero slots, the row's own
+        assert out.shape == ref.shape
+        assert torch.equal(out[..., :K], x)
+        slots = out[..., K:].view(Bsz, E, R).double()
+        for b in range(Bsz):
+            e = int(index[b])
+            assert not slots[b, torch.arange(E) != e].any(), "another expert's slot is not zero"
+            err = float((slots[b, e] - ref[b, 0, K:].view(E, R)[e]).norm() / ref[b, 0, K:].norm())
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, err)
+
+
+def test_augmented_weights_hold_the_base_weights_and_the_experts(tiny_cfg, tiny_base, monkeypatch):
+    """The augmented layout's Wa [N, K + E R]: the members' base weights are views of its first K columns (no second
+    copy), expert e's block-diagonal s B fills columns K + e R...; an expert changed in place is written into the same
+    tensor (a captured step keeps reading it). Beyond AUGMENT_MAX_EXTRA, or under another layout, no group takes it,
+    yet Wa stays (a switch back replays over the same tensor) until a rebuild under that layout drops it."""
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "augmented")
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    mm.lora_fusion.enabled = True
+    assert mm.lora_fusion.ready()
+    for g in mm.lora_fusion.groups:
+        E, N, R = g.B.shape
+        K = g.A.shape[2]
+        assert g.Wa is not None and g.Wa.shape == (N, K + E * R)
+        for m, ns in zip(g.members, g.out_slices):
+            assert m.base.weight.data_ptr() == g.Wa[ns].data_ptr() and torch.equal(m.base.weight, g.Wa[ns, :K])
+        for e in range(E):
+            assert torch.equal(g.Wa[:, K + e * R:K + (e + 1) * R], g.B[e])
+    g = mm.lora_fusion.groups[0]
+    address = g.Wa.data_ptr()
+    with torch.no_grad():
+        g.members[0].lora_B[1].add_(1.0)
+    assert mm.lora_fusion.ready() and g.Wa.data_ptr() == address
+    K, R = g.A.shape[2], g.A.shape[1]
+    assert torch.equal(g.Wa[:, K + R:K + 2 * R], g.B[1])
+    monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", 0)
+    assert mm.lora_fusion.ready() and not any(g.augments() for g in mm.lora_fusion.groups)
+    monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", 2 ** 22)
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
+    assert mm.lora_fusion.ready() and not any(g.augments() for g in mm.lora_fusion.groups)
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "augmented")
+    assert mm.lora_fusion.ready() and g.augments() and g.Wa.data_ptr() == address
+    monkeypatch.setattr(lora_kernels, "DECODE_LAYOUT", "merged")
+    with torch.no_grad():
+        g.members[0].lora_B[0].add_(1.0)
+    assert mm.lora_fusion.ready() and g.Wa is None, "a rebuild under another layout kept stale expert columns"
 
 
 def test_decode_layout_flag_is_a_compile_guard(monkeypatch):

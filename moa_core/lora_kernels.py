@@ -17,7 +17,7 @@ base output y itself when the group has one member, and in a prompt pass (below)
 
 `routed_lora_torch` is the same formulation in torch (what runs on the CPU, and the oracle of the kernel);
 `routed_lora_triton` is the Triton kernel, used on CUDA when triton is importable. A decode step (one token per
-row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
+row) has four kernel layouts, chosen by `DECODE_LAYOUT`:
 
 - "fused": one kernel per group (each program shrinks its row, then expands a span of columns in a loop), after
   the base projections;
@@ -33,6 +33,15 @@ row) has three kernel layouts, chosen by `DECODE_LAYOUT`:
   and the split layout's kernels serve instead (`MERGED_CONFIG`: Triton's GEMM was slower there). A decode
   step of a Qwen2-0.5B layer then runs 10 kernels for its 7 projections (q/k/v and o: a shrink and the GEMM;
   gate/up and down: cuBLAS, a shrink, an expand) where the base model runs 7 GEMMs.
+- "augmented" (the default): the routed expand folded into the base GEMM's reduction, by concatenation:
+
+      out = [x | s_0 | ... | s_{E-1}] @ Wa^T (+ bias_cat),   Wa = [W_cat | B_bd[0] | ... | B_bd[E-1]]  [N, K + E R]
+
+  where s_e = h = x A[e]^T in row b's slot e = index[b] and zero in the others (`augment_torch`; on CUDA one kernel,
+  `augment_triton`, writes x, the row's shrink and the zeros). One cuBLAS GEMM then does base and LoRA together at
+  cuBLAS's bandwidth, for the price of reading E R more columns of weights: a layer's decode step runs 8 kernels
+  (a pack and a GEMM per group). The members' base weights and W_cat are views of Wa's first K columns (no second
+  copy); a group whose E R N exceeds `AUGMENT_MAX_EXTRA` runs the merged layout instead.
 
 A prompt pass (many tokens per row) has two layouts, chosen by `PROMPT_LAYOUT`: "fused" (the group kernel above;
 for q/k/v and gate/up after one base GEMM over W_cat, whose output the kernel reads as y, so that base and delta
@@ -77,15 +86,18 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),
 )
 
-# Decode-step kernel layout (see the module docstring): "fused", "split" or "merged". On the H200 (BENCHMARKS.md)
-# "split" was 10-12 % faster than "fused" in the projection stack, and "merged" 17-24 % faster than "split" at every
-# batch (1-32) and expert count (8-64) (1.17-1.37x the base projections' time against 1.49-1.68x), ~6 % in the full
-# model under CUDA graphs. Read where torch.compile traces (`LoraGroup.takes_whole`, `run_group`), so a change
-# recompiles and re-captures instead of replaying another layout's CUDA graph.
+# Decode-step kernel layout (see the module docstring): "fused", "split", "merged" or "augmented". On the H200
+# (BENCHMARKS.md) "split" was 10-12 % faster than "fused" in the projection stack, and "merged" 17-24 % faster than
+# "split" at every batch (1-32) and expert count (8-64) (1.17-1.37x the base projections' time against 1.49-1.68x).
+# On an H100 "augmented" took 8-9 % less than "merged" in the same stack (1.10-1.25x the base's), and the whole
+# batch-32 call under CUDA graphs 0.946x merged's (bench/results/gpu_h100_aug_*). Read where torch.compile traces
+# (`LoraGroup.takes_whole`, `run_group`), so a change recompiles and re-captures instead of replaying another
+# layout's CUDA graph.
 DECODE_LAYOUTS = ("fused", "split", "merged", "augmented")
-DECODE_LAYOUT = "merged"
+DECODE_LAYOUT = "augmented"
 # The augmented layout's reach: a group takes it while its experts' extra columns, E R N elements of Wa, are at most
-# this many (each replay reads them all, whichever experts the batch holds); a larger group runs the merged layout.
+# this many (each replay reads them all, whichever experts the batch holds; 2^22 bf16 elements is 8 MiB, ~3 us of an
+# H100's bandwidth); a larger group (gate/up at 64 experts of rank 8 on Qwen2-0.5B) runs the merged layout.
 AUGMENT_MAX_EXTRA = 2 ** 22
 # Prompt-pass layout (see the module docstring): "fused" or "merged"; read as DECODE_LAYOUT is.
 PROMPT_LAYOUTS = ("fused", "merged")

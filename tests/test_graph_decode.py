@@ -239,6 +239,70 @@ def test_mixture_weights_moved_elsewhere_get_new_buffers(tiny_cfg, tiny_base):
     assert buffers() is not first
 
 
+def test_weight_addresses_change_when_a_tensor_moves_and_not_when_it_changes_in_place(tiny_cfg, tiny_base):
+    """The weights' part of a captured step's key (`weight_addresses`): the same while weights change in place; a new
+    one when any parameter, buffer or `extra` tensor is replaced, moved (`p.data = ...`) or reshaped, or a submodule
+    swapped; none left out (each tensor of a mixture, moved in turn, changes it); a module cycle is walked once."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, shared: nn.Module) -> None:
+            super().__init__()
+            self.shared = shared  # one submodule under two parents
+            self.proj = nn.Linear(4, 4, bias=False)  # a None slot in _parameters
+            self.register_buffer("scale", torch.ones(4))
+            self.register_buffer("absent", None)
+            self.add_module("gone", None)
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(Block(shared), nn.Sequential(Block(shared)), nn.Linear(4, 4, bias=False))
+    model[2].weight = model[0].proj.weight  # tied
+    extra = [torch.zeros(3)]
+
+    def key():
+        return weight_addresses(model, extra)
+
+    before = key()
+    assert key() == before
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers(), *extra]:
+            t.add_(1)
+    assert key() == before
+
+    def reshaped(t):  # the same storage and address, another shape
+        view = t.data.view(2, 8)
+        assert view.data_ptr() == t.data_ptr()
+        return view
+
+    moves = {
+        "a replaced parameter": lambda: setattr(model[1][0].proj, "weight", nn.Parameter(torch.ones(4, 4))),
+        "a replaced buffer": lambda: setattr(model[1][0], "scale", torch.ones(4)),
+        "a swapped submodule": lambda: model[1].__setitem__(0, Block(shared)),
+        "a parameter moved by p.data": lambda: setattr(shared.bias, "data", shared.bias.data.clone()),
+        "a buffer moved by b.data": lambda: setattr(model[0].scale, "data", model[0].scale.data.clone()),
+        "a tied parameter moved": lambda: setattr(model[2].weight, "data", model[2].weight.data.clone()),
+        "a reshaped parameter": lambda: setattr(shared.weight, "data", reshaped(shared.weight)),
+        "a replaced extra tensor": lambda: extra.__setitem__(0, torch.zeros(3)),
+    }
+    for what, move in moves.items():
+        old = key()
+        move()
+        assert key() != old, f"{what} left the key as it was"
+
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    tensors = [*mm.named_parameters(remove_duplicate=False), *mm.named_buffers(remove_duplicate=False)]
+    assert len(tensors) > 20
+    for name, t in tensors:
+        old = weight_addresses(mm)
+        t.data = t.data.clone()
+        assert weight_addresses(mm) != old, f"{name} is not in the key"
+
+    loop = nn.Module()
+    loop.inner = nn.Linear(2, 2)
+    loop.inner.outer = loop
+    assert weight_addresses(loop) == weight_addresses(loop)
+
+
 def test_token_routed_mixture_greedy_equals_its_generate(tiny_cfg, tiny_base):
     """MoSLD (token top-2 routing): the routers run inside each step."""
     from moa_core.methods import build_mixture

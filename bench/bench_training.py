@@ -40,7 +40,30 @@ time including wrapping the model and building the optimiser (`setup`; the copy 
 stands in for loading it from disk, is outside), and peak memory (GPU: max_memory_allocated; CPU: peak
 RSS growth, see _common.PeakMemory). Copies of the base are made before each measured section.
 
+--compile (off by default: both sides eager) compiles the model's forward on both sides the one way PEFT documents
+for LoRA training in a custom loop (its torch.compile guide: `model = torch.compile(model)` on the PEFT model, default
+settings; inductor, mode "default", no fullgraph, dynamic=None): `torch.compile(peft_model)` for peft_one and
+peft_seq, `torch.compile(mixture_model)` for moa, moa_gather and moa_b (the whole forward: routing hooks, experts,
+loss; the backward is compiled with it). The optimiser step and the gradient clip stay eager on both sides. peft_par
+is refused (each of its N processes would compile its own copy while the others wait at the common start); so is
+any unknown variant name, before a model is built. Each run's first COMPILE_STEPS (2) forward+backward passes on its
+first batch (not optimiser steps; train_loop drops their gradients) compile the model before its loop is timed:
+their time is `compile_s`, left out of `loop_s`, `wall_s` and `setup_s` (peak memory does cover them). The untimed
+--warmup runs stay eager (their shapes are not the measured ones), and a small function compiled first pays the
+process's one-time compile costs (`init_s`), so that neither side pays them for the other. Dynamo keeps one compiled
+model per code family (MixtureModel.forward, PeftModel.forward): a fresh model of the same variant and N reuses its
+graphs (its later runs' compile_s is then about two steps); another variant or N of the same family resets dynamo
+first (torch._dynamo.reset()), so that a shape change never turns on dynamic shapes, and so does a frame near
+dynamo's recompile limit (past it dynamo would run the frame eagerly). The first run of a graph compiles it from
+scratch unless inductor's on-disk caches hold it already. Per variant, the JSON holds the compile mode it ran
+in, compile_s (its first run's, the median, each run's) and dynamo's counts (`dynamo`): in the first run's first
+steps, the frames compiled, graphs, graph breaks (each site counted when it is traced, not per step) with their
+reasons and places, and recompiles; the frames compiled in the later runs' first steps (0 when they reused the
+graphs); and those compiled inside the timed loops (a recompile there would be timed: there should be none). One
+line per variant on stderr says the same, so that a GPU run's log tells it.
+
 Example:  python bench/bench_training.py --shape tiny --device cpu --experts 1,2,4,8 --steps 4
+          python bench/bench_training.py --shape tiny --device cpu --experts 2 --steps 2 --variants moa,peft_one --compile
 """
 
 from __future__ import annotations
@@ -69,6 +92,14 @@ DROPOUT = 0.05  # params.yaml lora.dropout
 # float32 (`autocast_adapter_dtype=True`), which adds casts and fp32 products to every wrapped projection: the same
 # precision on both sides. --peft-fp32-adapters measures PEFT's default instead.
 PEFT_FP32_ADAPTERS = False
+# --compile: the call PEFT's torch.compile guide documents for training a LoRA model in a custom loop (default settings),
+# made on both sides; COMPILE_STEPS forward+backward passes compile a run's model before its loop is timed
+COMPILE = False
+COMPILE_STEPS = 2
+COMPILE_MODE = {"call": "torch.compile(model)", "backend": "inductor", "mode": "default", "fullgraph": False,
+                "dynamic": None}
+COMPILE_VARIANTS = ("peft_seq", "moa", "moa_gather", "moa_b", "peft_one")  # not peft_par: see the docstring
+_DYNAMO_HOLDS: dict[str, tuple] = {}  # code family -> the (variant, N) whose compiled graphs dynamo holds
 
 
 def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> Any:
@@ -79,6 +110,113 @@ def loop_cfg(lr_warmup: float = 0.1, grad_clip: float = 1.0) -> Any:
     if HAVE_TRAIN:
         return TrainConfig(**fields)
     return types.SimpleNamespace(**fields, precision="fp32", seed=0, eval_every=0, patience=3, min_delta=0.0)
+
+
+def compiled(model: nn.Module, family: str, key: tuple) -> nn.Module:
+    """`torch.compile(model)` with default settings (COMPILE_MODE). `family` names the forward's code (models of one
+    family share dynamo's cache entries); when it last compiled for another `key` (variant, N), dynamo is reset first,
+    so that a new shape recompiles from scratch instead of turning on dynamic shapes (a fresh model of the same key
+    reuses the graphs). A frame compiled limit-1 times resets it too: past dynamo's recompile limit it runs eagerly."""
+    from torch._dynamo import convert_frame
+
+    limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+    if _DYNAMO_HOLDS.get(family, key) != key \
+            or max(getattr(convert_frame, "FRAME_COMPILE_COUNTER", {}).values(), default=0) >= limit - 1:
+        torch._dynamo.reset()
+        _DYNAMO_HOLDS.clear()
+    _DYNAMO_HOLDS[family] = key
+    return torch.compile(model)
+
+
+def dynamo_state() -> dict:
+    """Dynamo's running counts: frames it compiled (each compile of a frame once; a frame's second compile is a
+    recompile), graphs, graph breaks by reason, and the located breaks so far (torch._dynamo.utils.graph_break_reasons;
+    both it and the per-frame counts start again at a reset)."""
+    from torch._dynamo import convert_frame
+    from torch._dynamo.utils import counters, graph_break_reasons
+
+    per_frame = dict(getattr(convert_frame, "FRAME_COMPILE_COUNTER", {}))
+    return {"frame_compiles": sum(per_frame.values()), "recompiles": sum(max(0, c - 1) for c in per_frame.values()),
+            "graphs": counters["stats"]["unique_graphs"], "breaks": dict(counters["graph_break"]),
+            "located": list(graph_break_reasons)}
+
+
+def _where(stack: list) -> str:
+    """The innermost frame of a graph break's user stack, as path:line (function), the path from the repository or
+    site-packages."""
+    if not stack:
+        return "?"
+    fs = stack[-1]
+    name = fs.filename
+    for cut in ("site-packages/", str(Path(__file__).resolve().parent.parent) + "/"):
+        if cut in name:
+            name = name.split(cut, 1)[1]
+    return f"{name}:{fs.lineno} ({fs.name})"
+
+
+def dynamo_delta(before: dict, after: dict) -> dict:
+    """What dynamo did between two `dynamo_state()`s: frame compiles, recompiles, graphs, graph breaks (total, and
+    each reason's first line with its count) and where the located ones broke. A reset in between (another variant
+    of the family) is not expected: `compiled` runs before the first state is taken."""
+    reasons: dict[str, int] = {}
+    for k, v in after["breaks"].items():
+        d = v - before["breaks"].get(k, 0)
+        if d > 0:
+            first = k.strip().splitlines()[0][:120]
+            reasons[first] = reasons.get(first, 0) + d
+    located = after["located"][len(before["located"]):] if len(after["located"]) >= len(before["located"]) \
+        else after["located"]
+    return {"frame_compiles": after["frame_compiles"] - before["frame_compiles"],
+            "recompiles": after["recompiles"] - before["recompiles"],
+            "graphs": after["graphs"] - before["graphs"], "graph_breaks": sum(reasons.values()),
+            "break_reasons": reasons,
+            "break_sites": sorted({f"{_where(r.user_stack)}: {r.reason.strip().splitlines()[0][:100]}" for r in located})}
+
+
+def merge_dynamo(deltas: list[dict]) -> dict:
+    """Several `dynamo_delta`s as one: counts added (per reason too), break sites united."""
+    out: dict = {}
+    for d in deltas:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = {r: out.get(k, {}).get(r, 0) + v.get(r, 0) for r in {*out.get(k, {}), *v}}
+            elif isinstance(v, list):
+                out[k] = sorted(set(out.get(k, [])) | set(v))
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def compile_init(device: torch.device) -> float:
+    """--compile: compile one small function forward and backward on `device`, then reset dynamo -> seconds. The
+    process's one-time costs (importing inductor, starting its compile workers, the device's compiler) are paid here,
+    not by whichever variant compiles first."""
+    x = torch.randn(64, 64, device=device, requires_grad=True)
+    t0 = time.perf_counter()
+    torch.compile(lambda t: (t @ t).relu().sum())(x).backward()
+    sync(device)
+    torch._dynamo.reset()
+    _DYNAMO_HOLDS.clear()
+    return time.perf_counter() - t0
+
+
+def first_steps(params: dict[str, nn.Parameter], step_fn, batch: dict[str, Tensor], device: torch.device) -> dict:
+    """--compile: COMPILE_STEPS forward+backward passes of `step_fn` on `batch` (as train_loop runs a step, without
+    the optimiser), which compile the model; their gradients are dropped. -> {"compile_s", "dynamo": what dynamo did}."""
+    from moa_core.batching import autocast
+
+    before = dynamo_state()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(COMPILE_STEPS):
+        with autocast(loop_cfg(), device):
+            loss, _extra = step_fn(batch)
+        loss.backward()
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    for p in params.values():
+        p.grad = None
+    return {"compile_s": compile_s, "dynamo": dynamo_delta(before, dynamo_state())}
 
 
 def domain_rows(k: int, rows: int, T: int, V: int, device: torch.device) -> dict[str, Tensor]:
@@ -147,9 +285,10 @@ def moa_clip(mm: nn.Module, params: dict[str, nn.Parameter], grad_clip: float = 
     return per_expert_clip(mm, params.values(), grad_clip, lambda b: b["expert"])
 
 
-def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
+def peft_job(base_copy: nn.Module, seed: int = 0,
+             compile_key: tuple | None = None) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
     """One stage-1 job's model as moa_core.train.train_peft_lora builds it -> (peft model, trainable params,
-    step_fn(batch) -> (loss, {}))."""
+    step_fn(batch) -> (loss, {})). With `compile_key` (--compile), step_fn calls `torch.compile(peft model)`."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -158,41 +297,54 @@ def peft_job(base_copy: nn.Module, seed: int = 0) -> tuple[nn.Module, dict[str, 
                         autocast_adapter_dtype=PEFT_FP32_ADAPTERS)
     pm.train()
     params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    fwd = compiled(pm, "peft", compile_key) if compile_key is not None else pm
 
     def step_fn(b):
-        return pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
+        return fwd(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss, {}
 
     return pm, params, step_fn
 
 
-def train_peft_job(base_copy: nn.Module, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
-    """One stage-1 job as moa_core.train.train_peft_lora runs it (model set-up + train_loop)."""
-    return _timed_training(lambda: peft_job(base_copy)[1:], batches, lr, device)
+def train_peft_job(base_copy: nn.Module, batches: list[dict[str, Tensor]], lr: float, device: torch.device,
+                   compile_key: tuple | None = None) -> dict:
+    """One stage-1 job as moa_core.train.train_peft_lora runs it (model set-up + train_loop); `compile_key`: see
+    `peft_job`."""
+    return _timed_training(lambda: peft_job(base_copy, compile_key=compile_key)[1:], batches, lr, device)
 
 
 def _timed_training(setup: Any, batches: list[dict[str, Tensor]], lr: float, device: torch.device) -> dict:
     """Time `setup()` (model building, returns (params, step_fn)) plus the training loop over `batches`;
-    `wall_s` covers both, `loop_s` the loop alone."""
+    `wall_s` covers both, `loop_s` the loop alone. With --compile, the model's first passes (`first_steps`) run
+    between the two, and their time (`compile_s`) is in neither; `dynamo` says what dynamo did in them and in the loop."""
 
     def job():
         params, step_fn, *clip = setup()
+        first = first_steps(params, step_fn, batches[0], device) if COMPILE else None
+        before = dynamo_state() if COMPILE else None
         sync(device)
         t0 = time.perf_counter()
         res = run_loop(params, batches, step_fn, lr, clip=clip[0] if clip else None)
         sync(device)
-        return res, time.perf_counter() - t0, sum(p.numel() for p in params.values())
+        loop_s = time.perf_counter() - t0
+        if first is not None:
+            first["dynamo"] = {"first_steps": first["dynamo"], "loop": dynamo_delta(before, dynamo_state())}
+        return res, loop_s, sum(p.numel() for p in params.values()), first
 
-    wall, (res, loop_s, n_params) = timed(job, device)
-    return {"wall_s": wall, "loop_s": loop_s, "setup_s": wall - loop_s, "tokens": res.tokens,
-            "final_loss": res.final_loss, "trainable_params": n_params}
+    wall, (res, loop_s, n_params, first) = timed(job, device)
+    rec = {"tokens": res.tokens, "final_loss": res.final_loss, "trainable_params": n_params}
+    if first is not None:
+        wall -= first["compile_s"]
+        rec.update(first)
+    return {"wall_s": wall, "loop_s": loop_s, "setup_s": wall - loop_s, **rec}
 
 
-def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, seed: int = 0,
-             blocks: bool = True) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
+def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, seed: int = 0, blocks: bool = True,
+             compile_key: tuple | None = None) -> tuple[nn.Module, dict[str, nn.Parameter], Any]:
     """One mixed-domain pass's model, set up as moa_core.train.train_mixture does for route='gold', experts only
     -> (MixtureModel, trainable params, step_fn(batch with "expert") -> (loss, {})). `blocks`: the batches are
     `moa_batches`' (one equal block of rows per expert, in expert order, as train_mixture orders a batch that
-    the experts divide), so the experts take the blocked path (`forward(expert_blocks=True)`)."""
+    the experts divide), so the experts take the blocked path (`forward(expert_blocks=True)`). With `compile_key`
+    (--compile), step_fn calls `torch.compile(mixture model)`."""
     from moa_core.model import MixtureModel
 
     torch.manual_seed(seed)
@@ -203,19 +355,20 @@ def moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, seed: int =
         w.train()
     chosen = {id(p) for p in mm.set_trainable(experts=True)}
     params = {nm: p for nm, p in mm.named_parameters() if id(p) in chosen}
+    fwd = compiled(mm, "moa", compile_key) if compile_key is not None else mm
 
     def step_fn(b):
-        return mm(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"],
-                  expert_blocks=blocks).loss, {}
+        return fwd(b["input_ids"], b["attention_mask"], labels=b["labels"], expert=b["expert"],
+                   expert_blocks=blocks).loss, {}
 
     return mm, params, step_fn
 
 
 def train_moa_pass(base_copy: nn.Module, base_for_spec: nn.Module, n: int, batches: list[dict[str, Tensor]],
-                   lr: float, device: torch.device, blocks: bool = True) -> dict:
+                   lr: float, device: torch.device, blocks: bool = True, compile_key: tuple | None = None) -> dict:
     """One mixed-domain pass (model set-up + train_loop), see `moa_pass`."""
     def setup():
-        mm, params, step_fn = moa_pass(base_copy, base_for_spec, n, blocks=blocks)
+        mm, params, step_fn = moa_pass(base_copy, base_for_spec, n, blocks=blocks, compile_key=compile_key)
         return params, step_fn, moa_clip(mm, params)
 
     return _timed_training(setup, batches, lr, device)
@@ -281,11 +434,12 @@ def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], 
         rec = run_parallel_peft_jobs(args, n)
         gc.collect()
         return rec
+    key = (v, n) if COMPILE else None  # --compile: the key of the compiled graphs (see `compiled`)
     if v == "peft_one":
         copy = clone(base)
         batches = [{k: t for k, t in b.items() if k != "expert"} for b in moa_batches(data, steps, B, device)]
         with PeakMemory(device) as pmem:
-            rec = train_peft_job(copy, batches, lr, device)
+            rec = train_peft_job(copy, batches, lr, device, compile_key=key)
         rec["peak_bytes"], rec["memory_method"] = pmem.peak_bytes, pmem.method
         del copy, batches
         gc.collect()
@@ -298,17 +452,20 @@ def run_variant(v: str, base: nn.Module, n: int, data: list[dict[str, Tensor]], 
             copy = clone(base)
             batches = peft_batches(data[k], steps, B)
             with PeakMemory(device) as pmem:
-                jobs.append(train_peft_job(copy, batches, lr, device))
+                jobs.append(train_peft_job(copy, batches, lr, device, compile_key=key))
             peak, method = max(peak, pmem.peak_bytes), pmem.method
             del copy, batches
             gc.collect()
         rec = {k: sum(j[k] for j in jobs) for k in ("wall_s", "loop_s", "setup_s", "tokens", "trainable_params")}
         rec["final_loss"] = [j["final_loss"] for j in jobs]
+        if COMPILE:  # the jobs' compile times summed, dynamo's counts over all of them
+            rec["compile_s"] = sum(j["compile_s"] for j in jobs)
+            rec["dynamo"] = {part: merge_dynamo([j["dynamo"][part] for j in jobs]) for part in ("first_steps", "loop")}
     else:
         copy = clone(base)
         batches = (moa_small_batches if v == "moa_b" else moa_batches)(data, steps, B, device)
         with PeakMemory(device) as pmem:
-            rec = train_moa_pass(copy, base, n, batches, lr, device, blocks=v == "moa")
+            rec = train_moa_pass(copy, base, n, batches, lr, device, blocks=v == "moa", compile_key=key)
         peak, method = pmem.peak_bytes, pmem.method
         del copy, batches
     gc.collect()
@@ -325,11 +482,17 @@ def run_shape(args: argparse.Namespace) -> dict:
     data_all = make_rows(max(args.experts), S * B, T, V, device)
     emb = {id(p) for m in base.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     base_params = sum(p.numel() for p in base.parameters() if id(p) not in emb)
-    if args.warmup:  # kernels, cuBLAS handles, allocator; one tiny run of each variant, untimed
-        nw = min(2, max(args.experts))
-        for v in variants:
-            if v != "peft_par":  # its processes start cold every time by design
-                run_variant(v, base, nw, data_all[:nw], min(2, S), B, args.lr, device, args)
+    global COMPILE
+    if args.warmup:  # kernels, cuBLAS handles, allocator; one tiny run of each variant, untimed (eager: its shapes
+        nw = min(2, max(args.experts))  # are not the measured ones, so compiling it would only cost time)
+        on, COMPILE = COMPILE, False
+        try:
+            for v in variants:
+                if v != "peft_par":  # its processes start cold every time by design
+                    run_variant(v, base, nw, data_all[:nw], min(2, S), B, args.lr, device, args)
+        finally:
+            COMPILE = on
+    init_s = compile_init(device) if COMPILE else None
     results = []
     for n in args.experts:
         data = data_all[:n]
@@ -353,6 +516,14 @@ def run_shape(args: argparse.Namespace) -> dict:
             rec[v]["tokens_per_s_min"], rec[v]["tokens_per_s_max"] = min(tps), max(tps)
             rec[v]["model_tflops"] = 4 * base_params * rec[v]["tokens_per_s"] / 1e12
             assert all(r["tokens"] == rec["tokens"] for r in runs[v]), f"{v}: token counts differ"
+            rec[v]["compile_mode"] = compile_mode(v)
+            if "compile_s" in runs[v][0]:  # the first run compiled (unless inductor's caches held its graphs)
+                cs = [r["compile_s"] for r in runs[v]]
+                rec[v]["compile_s"], rec[v]["compile_s_median"], rec[v]["compile_s_runs"] = cs[0], median(cs), cs
+                rec[v]["dynamo"] = {"first_run": runs[v][0]["dynamo"]["first_steps"],
+                                    "later_runs": merge_dynamo([r["dynamo"]["first_steps"] for r in runs[v][1:]]),
+                                    "loops": merge_dynamo([r["dynamo"]["loop"] for r in runs[v]])}
+                print(f"  N={n}: {compile_line(v, rec[v])}", file=sys.stderr, flush=True)
         if "peft_seq" in variants:
             for v in variants[1:]:
                 rec[f"{v}_over_peft_seq_tokens_per_s"] = rec[v]["tokens_per_s"] / rec["peft_seq"]["tokens_per_s"]
@@ -368,10 +539,40 @@ def run_shape(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)
     return {"shape": args.shape, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "steps_per_expert": S, "batch_per_expert": B, "seq_len": T, "lr": args.lr, "repeats": args.repeats,
+            "compile": ({**COMPILE_MODE, "enabled": True, "variants": [v for v in variants if v in COMPILE_VARIANTS],
+                         "first_steps": COMPILE_STEPS, "init_s": init_s, "torch": torch.__version__}
+                        if COMPILE else {"enabled": False, "mode": "eager"}),
             "base_params_no_embeddings": base_params, "peak_tflops": args.peak_tflops,
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": DROPOUT, "targets": TARGETS,
                      "peft_adapters": "float32" if PEFT_FP32_ADAPTERS else "base dtype"},
             "machine": machine_info(device), "results": results}
+
+
+def compile_mode(v: str) -> str:
+    """The mode variant `v` ran in, for the payload."""
+    if COMPILE and v in COMPILE_VARIANTS:
+        return f"{COMPILE_MODE['call']}, mode {COMPILE_MODE['mode']}"
+    return "eager"
+
+
+def compile_line(v: str, r: dict) -> str:
+    """One line on what compiling variant v did (its record in run_shape's results)."""
+    f, later, lp = r["dynamo"]["first_run"], r["dynamo"].get("later_runs", {}), r["dynamo"]["loops"]
+    reasons = "; ".join(f"{k} x{c}" for k, c in sorted(f["break_reasons"].items()))
+    return (f"{v} [{r['compile_mode']}]: first run's first steps {r['compile_s']:.1f} s ({f['frame_compiles']} frame "
+            f"compiles, {f['graphs']} graphs, {f['graph_breaks']} graph breaks{' (' + reasons + ')' if reasons else ''}, "
+            f"{f['recompiles']} recompiles); median run's {r['compile_s_median']:.2f} s (later runs: "
+            f"{later.get('frame_compiles', 0)} frame compiles, {later.get('recompiles', 0)} recompiles); timed loops: "
+            f"{lp['frame_compiles']} frame compiles, {lp['recompiles']} recompiles"
+            + (" -- WARNING: dynamo compiled inside a timed loop, whose time includes it" if lp["frame_compiles"] else ""))
+
+
+def compiled_head(c: dict | None) -> str:
+    """The table heading's words on the compile mode (payloads from before --compile: eager)."""
+    if not c or not c.get("enabled"):
+        return "eager (not compiled)"
+    return (f"{', '.join(c['variants'])} compiled ({c['call']}, mode {c['mode']}; the others eager), compile time "
+            f"outside the timed loops")
 
 
 def render(p: dict) -> str:
@@ -379,7 +580,8 @@ def render(p: dict) -> str:
     variants = [v for v in VARIANTS if v in p["results"][0]]
     head = (f"### Training: shape `{p['shape']}`, {p['device']} {p['dtype']}, {p['steps_per_expert']} steps x "
             f"{p['batch_per_expert']} rows x {p['seq_len']} tokens per expert, r={p['lora']['r']}, PEFT adapters in "
-            f"{p['lora'].get('peft_adapters', 'float32')}, median of {p['repeats']} interleaved rounds [min-max]\n")
+            f"{p['lora'].get('peft_adapters', 'float32')}, median of {p['repeats']} interleaved rounds [min-max], "
+            f"{compiled_head(p.get('compile'))}\n")
     headers = ["N", "tokens"] + [f"{v} tok/s" for v in variants] + [f"{v} wall s" for v in variants]
     headers += [f"{v} peak MiB" for v in variants]
     rows = []
@@ -402,6 +604,25 @@ def render(p: dict) -> str:
                                   for v in variants] for r in p["results"]]
         out += [f"\nModel TFLOP/s (MFU against {p['peak_tflops']} TFLOP/s; a lower bound, see the docstring).\n",
                 markdown_table(["N"] + variants, rows)]
+    if p.get("compile", {}).get("enabled"):
+        rows = []
+        for r in p["results"]:
+            for v in variants:
+                if "dynamo" in r[v]:
+                    f, d = r[v]["dynamo"]["first_run"], r[v]["dynamo"]
+                    rows.append([r["experts"], v, r[v]["compile_s"], r[v]["compile_s_median"], f["frame_compiles"],
+                                 f["graphs"], f["graph_breaks"], f["recompiles"],
+                                 d["later_runs"].get("frame_compiles", 0), d["loops"]["frame_compiles"]])
+        out += [f"\nCompile: the first {p['compile']['first_steps']} forward+backward passes of each run, outside the "
+                f"timed loops: the first run's seconds and the median run's; what dynamo did in the first run's (frames "
+                f"compiled, graphs, graph breaks, recompiles), frames compiled in the later runs' (0: the first run's "
+                f"graphs reused) and inside the timed loops (should be 0). Process init: {p['compile']['init_s']:.1f} s.\n",
+                markdown_table(["N", "variant", "compile s", "median s", "frames", "graphs", "breaks", "recompiles",
+                                "later runs' frames", "loop frames"], rows)]
+        sites = sorted({f"{v}: {site}" for r in p["results"] for v in variants if "dynamo" in r[v]
+                        for site in r[v]["dynamo"]["first_run"]["break_sites"]})
+        if sites:
+            out.append("\nGraph breaks:\n\n" + "\n".join(f"- {x}" for x in sites))
     mem = p["results"][0]["runs"][variants[0]][0]["memory_method"]
     out.append(f"\nPeak memory: {mem}; peft_seq = the largest job's, peft_par = the sum of its processes'.\n")
     return "\n".join(out)
@@ -421,13 +642,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft-fp32-adapters", action="store_true",
                     help="PEFT's default float32 adapters on a bf16 base (autocast_adapter_dtype=True); by default "
                          "its adapters stay in the base's dtype, as MoA's experts do")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the model's forward on both sides as PEFT documents for LoRA training in a custom "
+                         "loop: torch.compile(model), default settings, for " + ", ".join(COMPILE_VARIANTS) +
+                         " (peft_par is refused); each run's first " + str(COMPILE_STEPS) + " forward+backward passes "
+                         "compile, and their time (compile_s) is reported apart, outside the timed loops; off: eager")
     ap.add_argument("--worker-domain", default=None, type=int, help=argparse.SUPPRESS)  # a peft_par process
     ap.add_argument("--worker-go", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global PEFT_FP32_ADAPTERS
+    global PEFT_FP32_ADAPTERS, COMPILE
     PEFT_FP32_ADAPTERS = args.peft_fp32_adapters
     if args.worker_domain is not None:
         return worker(args)
+    if not args.render:  # before any model is built
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown:
+            ap.error(f"unknown --variants {unknown}; known: {VARIANTS}")
+        refused = [v for v in args.variants if v not in COMPILE_VARIANTS]
+        if args.compile and refused:
+            ap.error(f"--compile does not support {refused}: peft_par's N processes would each compile their own copy "
+                     f"while the others wait at the common start. Compiled variants: {list(COMPILE_VARIANTS)}")
+    COMPILE = args.compile
     return run_shapes(args, "training", run_shape, render)
 
 

@@ -26,6 +26,8 @@
 # T_CLIP (off by default, ~20 s) times the per-expert gradient clip alone (bench/bench_clip.py).
 # 2026-12-05 evening: the augmented decode layout (DECODE_LAYOUT "augmented"): INF_VARIANTS=base_gcp,moa_gcp,moa_gcpa,
 # GRAPH_PATHS=augmented, its kernel's cases among the kernel tests (KERNEL_TESTS, a -k expression), the stack's column.
+# TRAIN_COMPILE=1 compiles both sides' model (bench_training.py --compile: torch.compile(model), as PEFT documents for
+# training); TRAIN_TAG suffixes the training step's file names, TRAIN_REPEATS its rounds.
 # It needs only pydantic and its four dependencies' wheels in .whl (the whole flow's .whl is 58 MB, near the carry limit).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -75,8 +77,8 @@ if (( ${T_COMPILE:-0} > 0 )); then  # compile time, firm: both caches fresh per 
 fi
 if (( ${T_TRAIN:-0} > 0 )); then  # one MoA pass against one PEFT job at its rows and 8 PEFT processes (bf16 adapters)
   timeout ${T_TRAIN} python3 bench/bench_training.py --shape qwen0.5b --device cuda --experts 8 --batch 8 --steps 8 \
-    --repeats 5 --seq-len ${TRAIN_SEQ_LEN:-128} --variants ${TRAIN_VARIANTS:-moa,peft_one,peft_par} \
-    --json "$OUT/training.json" 2>&1 | grep -v -i "warn" | tee "$OUT/training.log"
+    --repeats ${TRAIN_REPEATS:-5} --seq-len ${TRAIN_SEQ_LEN:-128} --variants ${TRAIN_VARIANTS:-moa,peft_one,peft_par} \
+    ${TRAIN_COMPILE:+--compile} --json "$OUT/training${TRAIN_TAG:-}.json" 2>&1 | grep -v -i "warn" | tee "$OUT/training${TRAIN_TAG:-}.log"
   echo "[training done at +$((SECONDS - t0)) s]"
 fi
 if (( ${T_KERNEL:-150} > 0 )); then

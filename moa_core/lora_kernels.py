@@ -677,13 +677,15 @@ class LoraGroup:
         Read where torch.compile traces: the layout and the reach are guards of the compiled step."""
         return self.Wa is not None and self._augment_columns(self.Wa.shape[1] - self.W.shape[1]) > 0
 
-    @torch.no_grad()
     def refresh(self) -> None:
         """Rebuild the stacked weights when a member's changed, or when the augmented layout wants Wa and there is
         none. Wa stays while another layout runs (a switch back replays the graphs captured over it); a rebuild under
-        another layout drops it, since its experts' columns would be stale."""
+        another layout drops it, since its experts' columns would be stale. (No no_grad decorator: entering and
+        leaving it was a third of the check's host time, paid per group on every generate call; the rebuild has
+        its own.)"""
         key = self._weights_key()
-        if key == self._key and (self.Wa is not None or not self._augment_columns(self.members[0].lora_A.shape[0])):
+        if key == self._key and (self.Wa is not None
+                                 or not self._augment_columns(self.members[0]._parameters["lora_A"].shape[0])):
             return
         # normal tensors, which a later refresh outside inference mode may write (inference_mode(False) alone would
         # turn autograd back on)

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +37,7 @@ from .atomic import atomic_dir_write
 from .experts import ExpertMixtureLinear, LayerSlot, Route
 from .generation import RoutedGeneration, prompt_positions  # noqa: F401  (prompt_positions: public here too)
 from .lora_kernels import LoraFusion
-from .routing import LayerRouter, Routing, load_balance_loss, pool, top_k_gates
+from .routing import LayerRouter, Routing, load_balance_loss, pooler, top_k_gates
 
 MIXTURE_WEIGHTS = "mixture.safetensors"
 MIXTURE_CONFIG = "mixture.json"
@@ -109,6 +110,7 @@ class _Context:
     blocks: bool = False  # `forced` is E equal expert-major blocks (forward's expert_blocks): see experts.Route
     pool_mask: Tensor | None = None
     token_mask: Tensor | None = None
+    pooled: tuple[torch.dtype, Callable[[Tensor], Tensor]] | None = None  # pool_mask's pooler, built at the first layer
     router_logits: list[Tensor] = field(default_factory=list)
     balance: list[Tensor] = field(default_factory=list)
 
@@ -233,7 +235,9 @@ class MixtureModel(RoutedGeneration, nn.Module):
         if self.spec.routing == Routing.SEQUENCE:
             logits = None
             if ctx.pool_mask is not None and ctx.pool_mask.shape[1] == h.shape[1]:
-                logits = router(pool(h, ctx.pool_mask, self.spec.pooling))  # [B, E]
+                if ctx.pooled is None or ctx.pooled[0] != h.dtype:
+                    ctx.pooled = (h.dtype, pooler(ctx.pool_mask, self.spec.pooling, h.dtype))
+                logits = router(ctx.pooled[1](h))  # [B, E]
                 ctx.router_logits.append(logits)
             if ctx.forced is not None:
                 if slot.route.index is not ctx.forced:  # keep the route (and its gathered weights) across decode steps

@@ -13,6 +13,7 @@ router without adding parameters (the paper's router is a plain linear, which th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 import torch
@@ -36,18 +37,27 @@ def _rms(h: Tensor, eps: float = 1e-6) -> Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def pooler(mask: Tensor, how: str = "mean", dtype: torch.dtype = torch.float32) -> Callable[[Tensor], Tensor]:
+    """The pooling of `pool` over prompts with this mask [B, T], its mask-only parts computed once: -> a function
+    hidden [B, T, H] (of `dtype`) -> [B, H]. A routing pass pools every layer's input over one mask: built once per
+    pass, it launches 3 kernels per layer (multiply, sum, divide) where `pool` launches 6 (the same values)."""
+    if how == "mean":
+        m = mask.to(dtype).unsqueeze(-1)  # [B, T, 1]
+        count = m.sum(1).clamp_min(1.0)  # [B, 1]
+        return lambda hidden: (hidden * m).sum(1) / count
+    if how == "last":
+        pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp_min(0)  # [B]
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        return lambda hidden: hidden[rows, last]
+    raise ValueError(f"unknown pooling {how!r}; use 'mean' or 'last'")
+
+
 def pool(hidden: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
     """hidden [B, T, H], mask [B, T] (1 = a prompt token to pool) -> [B, H].
 
     `last` takes the last masked position of each row (works for left or right padding)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    if how == "mean":
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    if how == "last":
-        pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(1).values.clamp_min(0)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {how!r}; use 'mean' or 'last'")
+    return pooler(mask, how, hidden.dtype)(hidden)
 
 
 class LayerRouter(nn.Module):

@@ -675,7 +675,10 @@ class LoraGroup:
     def augments(self) -> bool:
         """Whether a decode step runs this group in the augmented layout (Wa built, the layout chosen, within reach).
         Read where torch.compile traces: the layout and the reach are guards of the compiled step."""
-        return self.Wa is not None and self._augment_columns(self.Wa.shape[1] - self.W.shape[1]) > 0
+        if self.Wa is None:
+            return False
+        experts = (self.Wa.shape[1] - self.W.shape[1]) // self.rank_slices[-1].stop  # Wa holds E slots of R columns
+        return self._augment_columns(experts) > 0
 
     def refresh(self) -> None:
         """Rebuild the stacked weights when a member's changed, or when the augmented layout wants Wa and there is
@@ -684,7 +687,7 @@ class LoraGroup:
         leaving it was a third of the check's host time, paid per group on every generate call; the rebuild has
         its own.)"""
         key = self._weights_key()
-        if key == self._key and (self.Wa is not None
+        if key == self._key and (self.Wa is not None or self.W is None  # (None: the bases cannot be stacked)
                                  or not self._augment_columns(self.members[0]._parameters["lora_A"].shape[0])):
             return
         # normal tensors, which a later refresh outside inference mode may write (inference_mode(False) alone would

@@ -413,6 +413,14 @@ def test_augmented_weights_hold_the_base_weights_and_the_experts(tiny_cfg, tiny_
             assert m.base.weight.data_ptr() == g.Wa[ns].data_ptr() and torch.equal(m.base.weight, g.Wa[ns, :K])
         for e in range(E):
             assert torch.equal(g.Wa[:, K + e * R:K + (e + 1) * R], g.B[e])
+    # the reach: E R N elements of experts' columns (B's size), at most AUGMENT_MAX_EXTRA
+    biggest = max(mm.lora_fusion.groups, key=lambda g: g.B.numel())
+    assert biggest.A.shape[1] > 1
+    monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", biggest.B.numel())
+    assert all(g.augments() for g in mm.lora_fusion.groups)
+    monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", biggest.B.numel() - 1)
+    assert not biggest.augments() and any(g.augments() for g in mm.lora_fusion.groups)
+    monkeypatch.setattr(lora_kernels, "AUGMENT_MAX_EXTRA", 2 ** 22)
     g = mm.lora_fusion.groups[0]
     address = g.Wa.data_ptr()
     with torch.no_grad():

@@ -217,6 +217,7 @@ class RoutedGeneration:
         its last position's logits are generate's first step (see `_given_prefill`).
         `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback).
         A plain greedy call on CUDA runs as `generate_greedy` instead (see `graph_decoding`)."""
+        self._check_expert(expert, input_ids.shape[0])
         usual = reuse_routing_cache and not (adapters_off or experts_off)
         if self._decodes_in_graph(input_ids.device, gen_kwargs, usual):
             try:
@@ -262,6 +263,7 @@ class RoutedGeneration:
         prefill with those experts instead); the experts are copied into a buffer the captured step reads, so
         any mix of experts replays the same graph. Token routing: the routers run inside the step (with `expert`
         given, that expert in every layer instead, as `generate(expert=...)`)."""
+        self._check_expert(expert, input_ids.shape[0])
         if self.graph_decoder is None:
             self.graph_decoder = GraphDecoder(self.model)
         self.graph_decoder.captures(input_ids.device)  # a setting that cannot capture fails before the routing pass
@@ -299,6 +301,19 @@ class RoutedGeneration:
         new = self.graph_decoder.decode(cache, attention_mask, first, max_new_tokens, eos_token_id, pad_token_id,
                                         key=key, statics=statics, context=context)
         return torch.cat([input_ids, new], dim=1), expert
+
+    def _check_expert(self, expert: Tensor | None, rows: int) -> None:
+        """A caller's `expert` ([B] integer indices) checked before any work: the kernels index the stacked experts
+        with it unchecked (an index out of range would read, or in the augmented layout write, out of bounds)."""
+        if expert is None:
+            return
+        n = min(self.spec.experts_per_layer)
+        if expert.dim() != 1 or expert.shape[0] != rows or expert.dtype.is_floating_point or expert.dtype == torch.bool:
+            raise ValueError(f"expert must be an integer tensor with one index per prompt row ({rows}), got "
+                             f"{expert.dtype} of shape {tuple(expert.shape)}")
+        if expert.numel() and not (0 <= int(expert.min()) and int(expert.max()) < n):
+            raise ValueError(f"expert indices must lie in [0, {n}) (the mixture's experts: {self.spec.experts}), got "
+                             f"{sorted(set(expert.tolist()))}")
 
     def _folds(self, expert: Tensor | None) -> bool:
         """Whether generate_greedy's decode steps use the folded expert (see `fold_single_expert`): asked for, every

@@ -89,15 +89,16 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 # Decode-step kernel layout (see the module docstring): "fused", "split", "merged" or "augmented". On the H200
 # (BENCHMARKS.md) "split" was 10-12 % faster than "fused" in the projection stack, and "merged" 17-24 % faster than
 # "split" at every batch (1-32) and expert count (8-64) (1.17-1.37x the base projections' time against 1.49-1.68x).
-# On an H100 "augmented" took 8-9 % less than "merged" in the same stack (1.10-1.25x the base's), and the whole
-# batch-32 call under CUDA graphs 0.946x merged's (bench/results/gpu_h100_aug_*). Read where torch.compile traces
+# On an H100 the batch-32 call under CUDA graphs took 1.09x the base's time with every group "augmented", 1.17-1.20x
+# with o and down alone (a bug kept q/k/v and gate/up merged until d323612) and 1.24x all "merged"
+# (bench/results/gpu_h100_aug_*). Read where torch.compile traces
 # (`LoraGroup.takes_whole`, `run_group`), so a change recompiles and re-captures instead of replaying another
 # layout's CUDA graph.
 DECODE_LAYOUTS = ("fused", "split", "merged", "augmented")
 DECODE_LAYOUT = "augmented"
 # The augmented layout's reach: a group takes it while its experts' extra columns, E R N elements of Wa, are at most
 # this many (each replay reads them all, whichever experts the batch holds; 2^22 bf16 elements is 8 MiB, ~3 us of an
-# H100's bandwidth); a larger group (gate/up at 64 experts of rank 8 on Qwen2-0.5B) runs the merged layout.
+# H100's bandwidth); a larger group (on Qwen2-0.5B at rank 8: gate/up from 32 experts on) runs the merged layout.
 AUGMENT_MAX_EXTRA = 2 ** 22
 # Prompt-pass layout (see the module docstring): "fused" or "merged"; read as DECODE_LAYOUT is.
 PROMPT_LAYOUTS = ("fused", "merged")
@@ -619,7 +620,9 @@ class LoraGroup:
     region) when a member's weights changed, in place where the shapes allow, and marked as static addresses so
     that CUDA graphs neither copy them per replay nor re-record. W [N, K] is the members' base weights stacked for
     the merged layouts and the fused prompt pass: the members' `base.weight` are made views of it (once), so it
-    costs no memory; None when a member's base is not a plain nn.Linear."""
+    costs no memory; None when a member's base is not a plain nn.Linear. Under the augmented decode layout, Wa
+    [N, K + E R] holds W in its first K columns (W and the members' weights are then views of it) and each expert's
+    block-diagonal s B after them (`augments`)."""
 
     def __init__(self, members: list["ExpertMixtureLinear"]) -> None:
         self.members = members

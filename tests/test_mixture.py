@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -520,3 +521,21 @@ def test_router_and_expert_list_mismatch_is_a_clear_error(tiny_cfg, tiny_base, t
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(MixtureError, match="do not fit the spec's experts"):
         load_mixture(fresh, out)
+
+
+def test_an_expert_index_out_of_range_is_a_clear_error_before_any_work(tiny_cfg, tiny_base):
+    """generate(expert=...) and generate_greedy: the kernels index the stacked experts unchecked, so a caller's
+    expert out of range, of the wrong length or of a float dtype is refused with the range to use."""
+    mm = distinct_experts(tiny_cfg, tiny_base)
+    ids = torch.randint(3, 250, (2, 5))
+    mask = torch.ones_like(ids)
+    n = len(mm.spec.experts)
+    for bad, words in ((torch.tensor([0, n]), f"[0, {n})"), (torch.tensor([-1, 0]), f"[0, {n})"),
+                       (torch.tensor([0]), "one index per prompt row (2)"), (torch.tensor([0.0, 1.0]), "integer")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            mm.generate(ids, mask, expert=bad, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            mm.generate_greedy(ids, mask, 2, expert=bad)
+    out, used = mm.generate(ids, mask, expert=torch.tensor([0, n - 1]), max_new_tokens=2, do_sample=False,
+                            pad_token_id=0)
+    assert out.shape == (2, 7) and used.tolist() == [0, n - 1]

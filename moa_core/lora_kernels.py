@@ -255,6 +255,18 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _shrink_one(x_ptr, a_ptr, b, e, r, K, sxb, sxk, sae, sar, sak, BLOCK_K: tl.constexpr):
+        """x[b] . A[e, r] over K in blocks of BLOCK_K, accumulated in fp32 (one token per row) -> a scalar."""
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)
+            ak = tl.load(a_ptr + e * sae + r * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
+            acc += xk * ak
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
     def _routed_shrink_decode_kernel(
         x_ptr, a_ptr, idx_ptr, h_ptr, K,
         sxb, sxk, sae, sar, sak, shb, shr,
@@ -264,14 +276,8 @@ if HAVE_TRITON:
         b = tl.program_id(0)
         r = tl.program_id(1)
         e = tl.load(idx_ptr + b).to(tl.int64)
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)
-            ak = tl.load(a_ptr + e * sae + r * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
-            acc += xk * ak
-        tl.store(h_ptr + b * shb + r * shr, tl.sum(acc, axis=0).to(h_ptr.dtype.element_ty))
+        h = _shrink_one(x_ptr, a_ptr, b, e, r, K, sxb, sxk, sae, sar, sak, BLOCK_K)
+        tl.store(h_ptr + b * shb + r * shr, h.to(h_ptr.dtype.element_ty))
 
     @triton.jit
     def _routed_augment_decode_kernel(
@@ -286,14 +292,8 @@ if HAVE_TRITON:
         j = tl.program_id(1)
         e = tl.load(idx_ptr + b).to(tl.int64)
         if j < R:
-            acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
-                xk = tl.load(x_ptr + b * sxb + offs_k * sxk, mask=k_ok, other=0.0).to(tl.float32)
-                ak = tl.load(a_ptr + e * sae + j * sar + offs_k * sak, mask=k_ok, other=0.0).to(tl.float32)
-                acc += xk * ak
-            tl.store(xa_ptr + b * sab + K + e * R + j, tl.sum(acc, axis=0).to(xa_ptr.dtype.element_ty))
+            h = _shrink_one(x_ptr, a_ptr, b, e, j, K, sxb, sxk, sae, sar, sak, BLOCK_K)
+            tl.store(xa_ptr + b * sab + K + e * R + j, h.to(xa_ptr.dtype.element_ty))
         else:
             offs = (j - R) * BLOCK_C + tl.arange(0, BLOCK_C)
             xv = tl.load(x_ptr + b * sxb + offs * sxk, mask=offs < K, other=0.0)

@@ -217,7 +217,6 @@ class RoutedGeneration:
         its last position's logits are generate's first step (see `_given_prefill`).
         `experts_off`: the routed experts off, the universal expert of MoDULA-Res on (its fallback).
         A plain greedy call on CUDA runs as `generate_greedy` instead (see `graph_decoding`)."""
-        self._check_expert(expert, input_ids.shape[0])
         usual = reuse_routing_cache and not (adapters_off or experts_off)
         if self._decodes_in_graph(input_ids.device, gen_kwargs, usual):
             try:
@@ -229,6 +228,7 @@ class RoutedGeneration:
                               "params.yaml's serve.graph_decoding: false skips the attempt", stacklevel=3)
                 self.graph_decoding = False
                 self.graph_decoder.clear()
+        self._check_expert(expert, input_ids.shape[0])  # (generate_greedy checks it on its own path)
         first = None  # the first step's output, when the routing pass provides it (see _given_prefill)
         if self.spec.routing == Routing.SEQUENCE and expert is None and not (adapters_off or experts_off):
             if reuse_routing_cache and _cache_reusable(self.model, input_ids, gen_kwargs):
@@ -311,7 +311,8 @@ class RoutedGeneration:
         if expert.dim() != 1 or expert.shape[0] != rows or expert.dtype.is_floating_point or expert.dtype == torch.bool:
             raise ValueError(f"expert must be an integer tensor with one index per prompt row ({rows}), got "
                              f"{expert.dtype} of shape {tuple(expert.shape)}")
-        if expert.numel() and not (0 <= int(expert.min()) and int(expert.max()) < n):
+        lo, hi = torch.stack(torch.aminmax(expert)).tolist() if expert.numel() else (0, 0)  # one host sync
+        if not (0 <= lo and hi < n):
             raise ValueError(f"expert indices must lie in [0, {n}) (the mixture's experts: {self.spec.experts}), got "
                              f"{sorted(set(expert.tolist()))}")
 

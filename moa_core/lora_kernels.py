@@ -678,10 +678,7 @@ class LoraGroup:
     def augments(self) -> bool:
         """Whether a decode step runs this group in the augmented layout (Wa built, the layout chosen, within reach).
         Read where torch.compile traces: the layout and the reach are guards of the compiled step."""
-        if self.Wa is None:
-            return False
-        experts = (self.Wa.shape[1] - self.W.shape[1]) // self.rank_slices[-1].stop  # Wa holds E slots of R columns
-        return self._augment_columns(experts) > 0
+        return self.Wa is not None and self._augment_columns(self.A.shape[0]) > 0  # A and Wa are rebuilt together
 
     def refresh(self) -> None:
         """Rebuild the stacked weights when a member's changed, or when the augmented layout wants Wa and there is
@@ -691,7 +688,7 @@ class LoraGroup:
         its own.)"""
         key = self._weights_key()
         if key == self._key and (self.Wa is not None or self.W is None  # (None: the bases cannot be stacked)
-                                 or not self._augment_columns(self.members[0]._parameters["lora_A"].shape[0])):
+                                 or not self._augment_columns(self.A.shape[0])):
             return
         # normal tensors, which a later refresh outside inference mode may write (inference_mode(False) alone would
         # turn autograd back on)
@@ -727,7 +724,7 @@ class LoraGroup:
             self.W = self.bias = self.Wa = None
             return
         weights = [m.base.weight for m in ms]
-        extra = self._augment_columns(self.B.shape[0]) if augment else 0
+        extra = self._augment_columns(self.A.shape[0]) if augment else 0
         if extra:
             N, K = self.out_slices[-1].stop, weights[0].shape[1]
             if not (self.Wa is not None and self.Wa.shape == (N, K + extra) and self._members_view(self.Wa)):
@@ -761,8 +758,11 @@ class LoraGroup:
         """Whether every member's base weight is (still) the view of its rows of W (W [N, K], or Wa's first K
         columns)."""
         K = self.members[0].base.weight.shape[1]
-        return all(w.data_ptr() == W[ns].data_ptr() and w.shape == W[ns, :K].shape and w.stride() == W[ns, :K].stride()
-                   for w, ns in ((m.base.weight, ns) for m, ns in zip(self.members, self.out_slices)))
+        for m, ns in zip(self.members, self.out_slices):
+            w, rows = m.base.weight, W[ns, :K]
+            if w.data_ptr() != rows.data_ptr() or w.shape != rows.shape or w.stride() != rows.stride():
+                return False
+        return True
 
     def _shared(self, x: Tensor, index: Optional[Tensor], compute):
         """The group's result on input x, computed (`compute()`) by the first member called, kept for the others."""
@@ -818,8 +818,7 @@ class LoraGroup:
         copies makes them anew."""
         stale = ((self._key is not None and self._key != self._weights_key())
                  or (self._base_key_seen is not None and self._base_key_seen != self._base_key())
-                 or (self.W is not None and any(m.base.weight.data_ptr() != self.W[ns].data_ptr()
-                                                for m, ns in zip(self.members, self.out_slices))))
+                 or (self.W is not None and not self._members_view(self.W)))
         if stale:
             self.A = self.B = self.Bt = self.W = self.Wa = self.bias = self.W_folded = None
             self.folded_expert = self._key = self._base_key_seen = self.dtype = None
